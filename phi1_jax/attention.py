@@ -1,0 +1,63 @@
+"""The one attention switch: every layer calls `attend`, which picks the implementation.
+
+Implementations:
+  xla    plain einsums, softmax in fp32 (Hugging Face Phi's numerics); the reference, and the decode path always.
+  cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16). It takes no segment ids, so packed
+         documents go in as a dense [B, 1, T, S] mask; it has no dropout, so attention dropout > 0 is refused.
+
+`pallas` (the project's flash-attention kernel, kernels/flash_attention.py) arrives with the kernel issue.
+
+Shapes: q [B, T, N, H]; k, v [B, S, N, H]; q_segment_ids [B, T]; kv_segment_ids [B, S].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("xla", "cudnn")
+
+
+def make_mask(q_segment_ids, kv_segment_ids, q_offset=0):
+    """[B, 1, T, S] bool: key s is visible to query t iff s <= q_offset + t (causal) and both share a segment id.
+
+    `q_offset` is the slot of the first query in the key sequence (the cache index when decoding). Padding (segment
+    id 0) only sees padding, which keeps every softmax row finite; the loss masks those rows out.
+    """
+    t, s = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+    q_idx = q_offset + jnp.arange(t, dtype=jnp.int32)[:, None]  # [T, 1]
+    k_idx = jnp.arange(s, dtype=jnp.int32)[None, :]  # [1, S]
+    causal = k_idx <= q_idx  # [T, S]
+    same_segment = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]  # [B, T, S]
+    return (causal[None] & same_segment)[:, None]  # [B, 1, T, S]
+
+
+def xla_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
+    """Reference attention: fp32 logits and softmax, probabilities cast back to v's dtype as Hugging Face does."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
+    if dropout_rng is not None and dropout_rate > 0.0:
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
+
+
+def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
+    """`jax.nn.dot_product_attention` with the segment/causal mask; `implementation` is a parameter for tests."""
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation)
+
+
+def attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_offset=0, impl="xla", dropout_rate=0.0, dropout_rng=None):
+    """Causal, segment-masked attention. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in v's dtype."""
+    mask = make_mask(q_segment_ids, kv_segment_ids, q_offset)
+    if impl == "xla":
+        return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
+    if impl == "cudnn":
+        if dropout_rng is not None and dropout_rate > 0.0:
+            raise ValueError(
+                "attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use attention_impl='xla'"
+            )
+        return cudnn_attention(q, k, v, mask)
+    raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

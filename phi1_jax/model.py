@@ -1,0 +1,365 @@
+"""phi-1 in Flax NNX: the network only (no data, no optimizer, no mesh).
+
+Architecture (arXiv 2306.11644 §2.3; Hugging Face `models/phi`): token embedding, then N parallel blocks
+`h = LN(x); x + Attention(h) + MLP(h)`, then a final LayerNorm and an untied `lm_head` with bias. Attention applies
+rotary embeddings to the first `rotary_dim` dims of each head (NeoX `rotate_half` layout), scales by 1/sqrt(head_dim)
+and takes the softmax in fp32. The MLP is fc1 -> tanh-approximate GELU -> fc2.
+
+Shape letters used in every einsum and comment:
+  B batch, T query time, S key time (T, or the cache length), D d_model, N heads, H head_dim,
+  R rotary dims, F MLP hidden, V vocab, L layers.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `head_dim`, `mlp`) in its `out_sharding`
+metadata; `phi1_jax.sharding` maps them to mesh axes. They are created with `eager_sharding=False`, so a model can be
+built (or `nnx.eval_shape`d) without a mesh.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from phi1_jax import attention
+
+Array = jax.Array
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A model config that describes no valid Phi model; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PhiConfig:
+    """Shape and numerics of one Phi model. `configs/*.py` hold these fields under `config.model`."""
+
+    vocab_size: int = 51200
+    num_layers: int = 24
+    d_model: int = 2048
+    num_heads: int = 32
+    head_dim: int = 64
+    mlp_dim: int = 8192
+    rotary_dim: int = 32
+    rope_theta: float = 10000.0
+    max_seq_len: int = 2048
+    layer_norm_eps: float = 1e-5
+    embed_dropout: float = 0.0
+    resid_dropout: float = 0.0
+    attn_dropout: float = 0.0
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16 | float16
+    param_dtype: str = "float32"  # storage dtype of the weights (fp32 master weights by default)
+    attention_impl: str = "xla"  # see phi1_jax.attention.IMPLEMENTATIONS
+    init_std: float = 0.02
+
+    def __post_init__(self):
+        def need(ok, msg):
+            if not ok:
+                raise ConfigError(f"PhiConfig: {msg}")
+
+        for name in ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "max_seq_len"):
+            need(int(getattr(self, name)) > 0, f"{name} must be positive, got {getattr(self, name)!r}")
+        need(
+            self.num_heads * self.head_dim == self.d_model,
+            f"num_heads * head_dim must equal d_model (Hugging Face Phi's layout), got "
+            f"{self.num_heads} * {self.head_dim} != {self.d_model}",
+        )
+        need(
+            0 <= self.rotary_dim <= self.head_dim and self.rotary_dim % 2 == 0,
+            f"rotary_dim must be even and in [0, head_dim={self.head_dim}], got {self.rotary_dim}",
+        )
+        need(self.dtype in DTYPES, f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        need(self.param_dtype in DTYPES, f"param_dtype must be one of {sorted(DTYPES)}, got {self.param_dtype!r}")
+        need(
+            self.attention_impl in attention.IMPLEMENTATIONS,
+            f"attention_impl must be one of {attention.IMPLEMENTATIONS}, got {self.attention_impl!r}",
+        )
+        for name in ("embed_dropout", "resid_dropout", "attn_dropout"):
+            need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "PhiConfig":
+        """From a mapping (e.g. a ConfigDict's `model` field); unknown keys are an error that names them."""
+        d = dict(d)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"PhiConfig: unknown model config keys {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def compute_dtype(self):
+        return DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self):
+        return DTYPES[self.param_dtype]
+
+
+def _param(rngs: nnx.Rngs, init, shape, axes, cfg: PhiConfig) -> nnx.Param:
+    """A parameter with logical axis names, not sharded at creation (the trainer shards by rules)."""
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, cfg.weight_dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+class Projection(nnx.Module):
+    """`y = einsum(spec, x, kernel) + bias`, computed in the config's compute dtype."""
+
+    def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        self.spec = spec
+        self.dtype = cfg.compute_dtype
+        self.kernel = _param(rngs, nnx.initializers.normal(cfg.init_std), kernel_shape, kernel_axes, cfg)
+        self.bias = _param(rngs, nnx.initializers.zeros, bias_shape, bias_axes, cfg)
+
+    def __call__(self, x: Array) -> Array:
+        y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        return y + self.bias[...].astype(self.dtype)
+
+
+def _layer_norm(cfg: PhiConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # Flax computes the mean and variance in fp32 whatever the compute dtype, as torch's LayerNorm does.
+    meta = dict(out_sharding=("embed",), eager_sharding=False)
+    return nnx.LayerNorm(
+        cfg.d_model, epsilon=cfg.layer_norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+        scale_metadata=meta, bias_metadata=meta, rngs=rngs,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rotary position embedding (RoFormer; NeoX layout as in Hugging Face Phi), always in fp32
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def rotary_cos_sin(positions: Array, rotary_dim: int, theta: float) -> tuple[Array, Array]:
+    """positions [B, T] int -> cos, sin [B, T, R] fp32, with the R/2 frequencies repeated (`cat(freqs, freqs)`)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, rotary_dim, 2, dtype=jnp.float32) / rotary_dim))  # [R/2]
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, R/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, R]
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rotary(x: Array, cos: Array, sin: Array) -> Array:
+    """Rotates the first R dims of each head of x [B, T, N, H]; the other H - R dims pass through."""
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    x1, x2 = jnp.split(x_rot, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)  # rotate_half
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # [B, T, 1, R]
+    out = x_rot * cos + rotated * sin
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+def positions_from_segments(segment_ids: Array) -> Array:
+    """[B, T] segment ids -> positions that restart at 0 wherever the segment id changes."""
+    _, t = segment_ids.shape
+    idx = jnp.arange(t, dtype=jnp.int32)[None, :]
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], dtype=bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1
+    )
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# KV cache (functional: the model returns an updated cache, so decode loops can run inside jit / lax.while_loop)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer for `max_len` slots, plus the segment id of each slot.
+
+    Slots are filled left to right; `index` counts the filled ones. A slot's segment id is 0 while it is empty or
+    holds padding, so attention never reads it (queries carry segment ids >= 1).
+    """
+
+    k: tuple[Array, ...]  # L x [B, S, N, H]
+    v: tuple[Array, ...]  # L x [B, S, N, H]
+    segment_ids: Array  # [B, S] int32
+    index: Array  # [] int32
+
+    @classmethod
+    def init(cls, cfg: PhiConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
+        dtype = dtype or cfg.compute_dtype
+        shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+        layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
+        return cls(
+            k=layers(), v=layers(), segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32)
+        )
+
+    @property
+    def max_len(self) -> int:
+        return self.segment_ids.shape[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention, MLP, parallel block
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
+        qkv = lambda: Projection(  # noqa: E731
+            "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), (n, h), ("heads", "head_dim"), cfg, rngs=rngs
+        )
+        self.q_proj, self.k_proj, self.v_proj = qkv(), qkv(), qkv()
+        self.dense = Projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("embed",), cfg, rngs=rngs)
+
+    def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_index, *, deterministic, rngs):
+        q = apply_rotary(self.q_proj(x), cos, sin)  # [B, T, N, H]
+        k = apply_rotary(self.k_proj(x), cos, sin)  # [B, T, N, H]
+        v = self.v_proj(x)  # [B, T, N, H]
+        kv_segment_ids, q_offset = segment_ids, 0
+        if layer_cache is not None:
+            cache_k, cache_v, kv_segment_ids = layer_cache
+            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))  # [B, S, N, H]
+            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
+            layer_cache, q_offset = (k, v), cache_index
+        dropout_rng = None
+        if not deterministic and self.cfg.attn_dropout > 0.0:
+            dropout_rng = _require_rngs(rngs).dropout()
+        out = attention.attend(
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+            impl=self.cfg.attention_impl, dropout_rate=self.cfg.attn_dropout, dropout_rng=dropout_rng,
+        )  # [B, T, N, H]
+        return self.dense(out), layer_cache
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.mlp_dim
+        self.fc1 = Projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), cfg, rngs=rngs)
+        self.fc2 = Projection("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("embed",), cfg, rngs=rngs)
+
+    def __call__(self, x: Array) -> Array:
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_new = tanh approximation
+
+
+class ParallelBlock(nnx.Module):
+    """`h = LN(x); x + dropout(Attention(h)) + dropout(MLP(h))` (GPT-J style, one LayerNorm)."""
+
+    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        self.ln = _layer_norm(cfg, rngs)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs)
+        self.resid_dropout = nnx.Dropout(cfg.resid_dropout)
+
+    def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_index, *, deterministic, rngs):
+        h = self.ln(x)
+        a, layer_cache = self.attn(h, cos, sin, segment_ids, layer_cache, cache_index, deterministic=deterministic, rngs=rngs)
+        m = self.mlp(h)
+        a = self.resid_dropout(a, deterministic=deterministic, rngs=rngs)
+        m = self.resid_dropout(m, deterministic=deterministic, rngs=rngs)
+        return x + a + m, layer_cache
+
+
+def _require_rngs(rngs):
+    if rngs is None:
+        raise ValueError("dropout is on (deterministic=False) but no rngs were given: pass rngs=nnx.Rngs(dropout=key)")
+    return rngs
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class Phi(nnx.Module):
+    """The phi-1 decoder. Parameter layout mirrors Hugging Face Phi (see phi1_jax.convert)."""
+
+    def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = _param(rngs, nnx.initializers.normal(cfg.init_std), (cfg.vocab_size, cfg.d_model), ("vocab", "embed"), cfg)
+        self.embed_dropout = nnx.Dropout(cfg.embed_dropout)
+        self.layers = nnx.List([ParallelBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
+        self.final_ln = _layer_norm(cfg, rngs)
+        self.lm_head = Projection(
+            "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (cfg.vocab_size,), ("vocab",), cfg, rngs=rngs
+        )
+
+    def __call__(
+        self,
+        input_ids: Array,
+        *,
+        segment_ids: Array | None = None,
+        positions: Array | None = None,
+        cache: KVCache | None = None,
+        deterministic: bool = True,
+        rngs: nnx.Rngs | None = None,
+    ):
+        """input_ids [B, T] int -> logits [B, T, V] fp32, or (logits, updated cache) when `cache` is given.
+
+        segment_ids [B, T]: >= 1 for tokens, 0 for padding; attention stays within one segment id (packed documents
+        never see each other). Default: all ones. positions [B, T]: rotary positions; default: restart at 0 with
+        each new segment id, offset by the number of cached tokens when decoding. With a cache, the T new tokens are
+        written at slots [index, index + T) and attend to every filled slot of the same segment up to their own.
+        """
+        cfg = self.cfg
+        b, t = input_ids.shape
+        if segment_ids is None:
+            segment_ids = jnp.ones((b, t), jnp.int32)
+        segment_ids = segment_ids.astype(jnp.int32)
+        cache_index = None if cache is None else cache.index
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+            if cache is not None:
+                positions = positions + cache_index
+        cos, sin = rotary_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)  # [B, T, R]
+
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
+        x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
+
+        kv_segment_ids = segment_ids
+        if cache is not None:
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))  # [B, S]
+        new_k, new_v = [], []
+        for i, layer in enumerate(self.layers):
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_segment_ids)
+            x, layer_cache = layer(x, cos, sin, segment_ids, layer_cache, cache_index, deterministic=deterministic, rngs=rngs)
+            if cache is not None:
+                new_k.append(layer_cache[0])
+                new_v.append(layer_cache[1])
+
+        logits = self.lm_head(self.final_ln(x)).astype(jnp.float32)  # [B, T, V]
+        if cache is None:
+            return logits
+        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segment_ids, index=cache_index + t)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers that need no weights
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def abstract_model(cfg: PhiConfig) -> Phi:
+    """The model with `jax.ShapeDtypeStruct`s instead of arrays: nothing is allocated."""
+    return nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(0)))
+
+
+def count_params(model: Phi) -> int:
+    """Number of parameters (works on an abstract model)."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
+
+
+def logical_axes(model: Phi) -> dict:
+    """Flat {param path: logical axis names} for every parameter."""
+    out = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        out[path] = var.get_metadata().get("out_sharding")
+    return out

@@ -1,0 +1,233 @@
+"""The model on its own: parameter counts, logical axes, rotary by hand, KV cache, packing, dropout, configs."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import phi1, phi1_finetune, phi1_small, tiny
+from phi1_jax import attention
+from phi1_jax.model import (
+    ConfigError, KVCache, Phi, PhiConfig, abstract_model, apply_rotary, count_params, logical_axes,
+    positions_from_segments, rotary_cos_sin,
+)
+
+SMALL = PhiConfig(vocab_size=97, num_layers=2, d_model=48, num_heads=3, head_dim=16, mlp_dim=96, rotary_dim=8,
+                  max_seq_len=64)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return Phi(SMALL, rngs=nnx.Rngs(0))
+
+
+def _ids(shape, seed=0, vocab=SMALL.vocab_size):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab)
+
+
+# --- sizes and axes --------------------------------------------------------------------------------------------------
+
+
+def _hand_count(vocab, layers, d, f):
+    per_layer = 2 * d + 4 * (d * d + d) + (d * f + f) + (f * d + d)  # LN, q/k/v/dense, fc1, fc2
+    return vocab * d + layers * per_layer + 2 * d + (d * vocab + vocab)  # embed, blocks, final LN, lm_head
+
+
+def test_phi1_param_count_is_hugging_faces_without_allocating():
+    m = abstract_model(PhiConfig.from_dict(phi1.get_config().model))
+    leaves = jax.tree.leaves(nnx.state(m, nnx.Param))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)  # nothing allocated
+    assert count_params(m) == 1_418_270_720  # microsoft/phi-1 on Hugging Face
+    assert count_params(m) == _hand_count(51200, 24, 2048, 8192)
+
+
+def test_phi1_small_param_count_without_allocating():
+    m = abstract_model(PhiConfig.from_dict(phi1_small.get_config().model))
+    assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count_params(m) == 356_794_368 == _hand_count(51200, 20, 1024, 4096)
+
+
+def test_every_parameter_has_logical_axes(model):
+    allowed = {"vocab", "embed", "heads", "head_dim", "mlp"}
+    axes = logical_axes(model)
+    shapes = {p: v.shape for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+    # embed; per layer LN 2 + q/k/v/dense 8 + fc1/fc2 4; final LN 2; lm_head 2
+    assert len(axes) == 1 + 14 * SMALL.num_layers + 2 + 2
+    for path, names in axes.items():
+        assert names is not None and len(names) == len(shapes[path]), path
+        assert set(names) <= allowed, (path, names)
+    assert axes[("layers", 0, "attn", "q_proj", "kernel")] == ("embed", "heads", "head_dim")
+    assert axes[("lm_head", "kernel")] == ("embed", "vocab")
+
+
+# --- rotary ------------------------------------------------------------------------------------------------------
+
+
+def test_rotary_by_hand():
+    # head_dim 6, rotary 4: frequencies 1 and 10000^(-2/4) = 0.01; the last 2 dims pass through.
+    x = jnp.array([1.0, 0.0, 0.0, 2.0, 5.0, -7.0]).reshape(1, 1, 1, 6)
+    for p in (0, 1, 3):
+        cos, sin = rotary_cos_sin(jnp.array([[p]]), 4, 10000.0)
+        out = np.asarray(apply_rotary(x, cos, sin)).ravel()
+        # pairs (x0, x2) rotate by angle p*1, (x1, x3) by angle p*0.01: [x0 c0 - x2 s0, x1 c1 - x3 s1, x2 c0 + x0 s0, ...]
+        c0, s0, c1, s1 = math.cos(p), math.sin(p), math.cos(0.01 * p), math.sin(0.01 * p)
+        want = [1 * c0 - 0 * s0, 0 * c1 - 2 * s1, 0 * c0 + 1 * s0, 2 * c1 + 0 * s1, 5.0, -7.0]
+        np.testing.assert_allclose(out, want, atol=1e-6)
+
+
+def test_positions_restart_per_segment():
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 0, 0]])
+    np.testing.assert_array_equal(positions_from_segments(seg), [[0, 1, 2, 0, 1, 0, 0, 1]])
+
+
+# --- KV cache, packing, padding ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prefill", [1, 5, 11])
+def test_kv_cache_decoding_equals_full_forward(model, prefill):
+    ids = _ids((2, 12))
+    full = model(ids)
+    cache = KVCache.init(SMALL, batch=2, max_len=16)
+    out, cache = model(ids[:, :prefill], cache=cache)
+    pieces = [out]
+    for i in range(prefill, 12):
+        out, cache = model(ids[:, i:i + 1], cache=cache)
+        pieces.append(out)
+    assert int(cache.index) == 12
+    np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_kv_cache_under_jit(model):
+    ids = _ids((1, 8), seed=3)
+    step = nnx.jit(lambda m, x, c: m(x, cache=c))
+    cache = KVCache.init(SMALL, 1, 8)
+    a, cache = step(model, ids[:, :4], cache)
+    b, cache = step(model, ids[:, 4:8], cache)
+    np.testing.assert_allclose(jnp.concatenate([a, b], 1), model(ids), atol=1e-5)
+
+
+def test_packed_documents_equal_separate_documents(model):
+    doc1, doc2 = _ids((1, 7), seed=1), _ids((1, 5), seed=2)
+    packed = jnp.concatenate([doc1, doc2, jnp.zeros((1, 3), jnp.int32)], axis=1)  # plus 3 tokens of padding
+    seg = jnp.array([[1] * 7 + [2] * 5 + [0] * 3])
+    logits = model(packed, segment_ids=seg)
+    np.testing.assert_allclose(logits[:, 7:12], model(doc2), atol=1e-5)
+    np.testing.assert_allclose(logits[:, :7], model(doc1), atol=1e-5)
+    assert np.isfinite(np.asarray(logits)).all()  # padding rows stay finite
+
+
+def test_explicit_positions_match_derived_positions(model):
+    ids, seg = _ids((1, 9), seed=4), jnp.array([[1] * 4 + [2] * 5])
+    pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
+    np.testing.assert_array_equal(model(ids, segment_ids=seg, positions=pos), model(ids, segment_ids=seg))
+
+
+def test_left_padded_batch_decodes_like_each_row_alone(model):
+    """Prompts of different lengths in one cached batch: left padding (segment 0) is never attended to."""
+    long, short = _ids((1, 6), seed=5), _ids((1, 3), seed=6)
+    pad = 3
+    ids = jnp.concatenate([long, jnp.concatenate([jnp.zeros((1, pad), jnp.int32), short], 1)], 0)
+    seg = jnp.array([[1] * 6, [0] * pad + [1] * 3])
+    pos = jnp.array([list(range(6)), [0] * pad + [0, 1, 2]])
+    cache = KVCache.init(SMALL, 2, 8)
+    out, cache = model(ids, segment_ids=seg, positions=pos, cache=cache)
+    np.testing.assert_allclose(out[0], model(long)[0], atol=1e-5)
+    np.testing.assert_allclose(out[1, pad:], model(short)[0], atol=1e-5)
+    nxt = _ids((2, 1), seed=7)
+    step, _ = model(nxt, segment_ids=jnp.ones((2, 1), jnp.int32), positions=jnp.array([[6], [3]]), cache=cache)
+    np.testing.assert_allclose(step[1, 0], model(jnp.concatenate([short, nxt[1:]], 1))[0, -1], atol=1e-5)
+    np.testing.assert_allclose(step[0, 0], model(jnp.concatenate([long, nxt[:1]], 1))[0, -1], atol=1e-5)
+
+
+# --- dtypes and dropout ---------------------------------------------------------------------------------------------
+
+
+def test_bf16_compute_keeps_fp32_weights_and_is_close():
+    cfg16 = PhiConfig(**{**SMALL.to_dict(), "dtype": "bfloat16"})
+    m32, m16 = Phi(SMALL, rngs=nnx.Rngs(0)), Phi(cfg16, rngs=nnx.Rngs(0))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
+    ids = _ids((2, 10))
+    out16 = m16(ids)
+    assert out16.dtype == jnp.float32
+    # bf16 keeps 8 bits of mantissa: logits of std ~0.2 through 2 layers agree to a few 1e-3.
+    np.testing.assert_allclose(out16, m32(ids), atol=3e-2)
+
+
+def test_dropout_uses_call_time_rngs():
+    cfg = PhiConfig(**{**SMALL.to_dict(), "embed_dropout": 0.1, "resid_dropout": 0.1, "attn_dropout": 0.1})
+    m = Phi(cfg, rngs=nnx.Rngs(0))
+    ids = _ids((2, 10))
+    a = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    b = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
+    c = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert not np.allclose(a, m(ids))
+    np.testing.assert_array_equal(m(ids), m(ids, deterministic=True, rngs=nnx.Rngs(dropout=5)))
+    with pytest.raises(Exception, match="rngs"):
+        m(ids, deterministic=False)
+
+
+# --- the attention switch ----------------------------------------------------------------------------------------------
+
+
+def test_cudnn_path_builds_the_same_mask_as_xla():
+    """The cudnn branch passes segments as a dense mask; run that code with XLA's implementation on CPU."""
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    q, k, v = (jax.random.normal(kk, (2, 9, 3, 16)) for kk in (k1, k2, k3))
+    seg = jnp.array([[1] * 4 + [2] * 5, [1] * 9])
+    mask = attention.make_mask(seg, seg)
+    np.testing.assert_allclose(
+        attention.cudnn_attention(q, k, v, mask, implementation="xla"), attention.xla_attention(q, k, v, mask), atol=1e-5
+    )
+
+
+def test_cudnn_refuses_attention_dropout():
+    q = jnp.ones((1, 4, 1, 8))
+    seg = jnp.ones((1, 4), jnp.int32)
+    with pytest.raises(ValueError, match="dropout"):
+        attention.attend(q, q, q, q_segment_ids=seg, kv_segment_ids=seg, impl="cudnn", dropout_rate=0.1,
+                         dropout_rng=jax.random.key(0))
+
+
+@pytest.mark.gpu
+def test_cudnn_on_gpu_equals_xla():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU")
+    cfg = PhiConfig(**{**SMALL.to_dict(), "dtype": "bfloat16", "num_heads": 3})
+    ids, seg = _ids((2, 16)), jnp.array([[1] * 9 + [2] * 7, [1] * 16])
+    ref = Phi(cfg, rngs=nnx.Rngs(0))(ids, segment_ids=seg)
+    fast = Phi(PhiConfig(**{**cfg.to_dict(), "attention_impl": "cudnn"}), rngs=nnx.Rngs(0))(ids, segment_ids=seg)
+    np.testing.assert_allclose(fast, ref, atol=5e-2)
+
+
+# --- configs -------------------------------------------------------------------------------------------------------------
+
+
+def test_configs_load_and_are_locked():
+    c = phi1.get_config()
+    assert (c.batch_size, c.optimizer.learning_rate, c.optimizer.warmup_steps, c.optimizer.weight_decay, c.steps) == (
+        1024, 1e-3, 750, 0.1, 36_000)
+    assert (c.model.resid_dropout, c.model.attn_dropout, c.seq_len) == (0.1, 0.1, 2048)
+    f = phi1_finetune.get_config()
+    assert (f.batch_size, f.optimizer.learning_rate, f.optimizer.warmup_steps, f.optimizer.weight_decay, f.steps) == (
+        256, 1e-4, 50, 0.01, 6000)
+    for module in (phi1, phi1_small, phi1_finetune, tiny):
+        cfg = module.get_config()
+        PhiConfig.from_dict(cfg.model)  # every model section is a valid PhiConfig
+        with pytest.raises(AttributeError, match="d_model"):
+            cfg.model.dmodel = 3  # locked: a typo is an error that suggests the real key
+
+
+def test_bad_model_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="num_heads \\* head_dim"):
+        PhiConfig(d_model=100, num_heads=3, head_dim=32)
+    with pytest.raises(ConfigError, match="rotary_dim"):
+        PhiConfig(rotary_dim=7)
+    with pytest.raises(ConfigError, match="unknown model config keys \\['nlayers'\\]"):
+        PhiConfig.from_dict({"nlayers": 3})
+    with pytest.raises(ConfigError, match="attention_impl"):
+        PhiConfig(attention_impl="flash")
