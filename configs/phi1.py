@@ -61,6 +61,22 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.init_from = ""  # a workdir or Hugging Face directory to start from (finetuning)
 
+    # Data (phi1_jax.data): shard directories written by `python -m data_gen.shards`, mixed by weight per sequence.
+    # CodeTextbook = filtered Stack/StackOverflow (~6B tokens) + synthetic textbooks (<1B tokens), §2.
+    c.data = ml_collections.ConfigDict(
+        dict(
+            tokenizer="",  # SentencePiece .model or Hugging Face tokenizer.json (phi-1: CodeGen's, vocab 51200)
+            use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer
+            embedded_vocab_size=2048,
+            sources=ml_collections.ConfigDict(
+                dict(
+                    code=dict(path="", weight=0.86, loss_on="all"),
+                    textbooks=dict(path="", weight=0.14, loss_on="all"),
+                )
+            ),
+        )
+    )
+
     # Mesh: -1 takes all remaining devices.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
 

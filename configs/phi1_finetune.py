@@ -8,6 +8,8 @@ Expect:    ~7 more A100-hours in the paper; 50.6% HumanEval pass@1, 55.5% MBPP f
 Everything else is configs/phi1.py; the finetuning stage changes batch, schedule, weight decay and steps.
 """
 
+import ml_collections
+
 from configs import phi1
 
 
@@ -19,4 +21,7 @@ def get_config():
     c.optimizer.warmup_steps = 50
     c.optimizer.weight_decay = 0.01
     c.checkpoint_every = 1000  # "best of checkpoints saved every 1k steps"
+    with c.unlocked():
+        # CodeExercises: loss only on the solution, after each exercise's signature and docstring.
+        c.data.sources = ml_collections.ConfigDict(dict(exercises=dict(path="", weight=1.0, loss_on="solution")))
     return c

@@ -1,0 +1,20 @@
+"""Test-wide setup: a private cache for the embedded corpus (subprocesses inherit it), built once per session."""
+
+import os
+import tempfile
+
+os.environ.setdefault("PHI1_JAX_CACHE", tempfile.mkdtemp(prefix="phi1_jax_test_cache."))
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def embedded():
+    from phi1_jax import embedded_corpus
+
+    return embedded_corpus.build(2048, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tok(embedded):
+    return embedded.tokenizer()
