@@ -194,3 +194,15 @@ def test_quality_filter_reasons():
     table = "def f():\n    pass\n" + "    0x0041: 'A',\n" * 40
     assert embedded_corpus.quality_reason(Path("lib/foo.py"), table) == "data table"
     assert embedded_corpus.quality_reason(Path("lib/foo.py"), body + "def (:\n") == "does not parse"
+
+
+def test_hugging_face_dataset_input_streams_through_datasets(tmp_path, tok):
+    """`hf://NAME` goes through `datasets.load_dataset(NAME, streaming=True)`; a local data folder is a valid NAME."""
+    folder = tmp_path / "hfdata"
+    folder.mkdir()
+    _write_jsonl(folder / "train.jsonl", _exercises(12))
+    docs = list(iter_documents(f"hf://{folder}", prompt_field="prompt"))
+    assert [d.text for d in docs] == [r["text"] for r in _exercises(12)]
+    assert docs[3].prompt == _exercises(12)[3]["prompt"]
+    with pytest.raises(ShardError, match="hf://no/such-dataset-here: cannot open Hugging Face dataset"):
+        list(iter_documents("hf://no/such-dataset-here"))

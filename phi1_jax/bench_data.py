@@ -1,0 +1,87 @@
+"""Data benchmarks (a script, not a test): loader throughput, and shard writing against a `datasets.map` baseline.
+
+Command:  python -m phi1_jax.bench_data [--seq-len=2048] [--batch=8] [--batches=300] [--copies=4]
+Expect:   about a minute on 2 cores. Uses the embedded stdlib corpus (built and cached on first use).
+
+1. Loader: tokens/s out of `phi1_jax.data` (ArrayRecord shards -> shuffle -> decode -> pack -> mix -> batch) for one
+   source and for a three-source mixture, in this one process (no Grain worker processes).
+2. Shard writing: tokens/s of `data_gen.shards.write_shards` (SentencePiece batch encoding on all cores + ArrayRecord
+   writes) and of the common baseline, `datasets.Dataset.map(batched=True, num_proc=cores)` calling the same
+   tokenizer (no files written by the baseline beyond datasets' own cache), on the same texts, in the same run.
+"""
+
+import argparse
+import itertools
+import os
+import platform
+import tempfile
+import time
+
+from phi1_jax import data, embedded_corpus
+from data_gen.shards import Document, write_shards
+
+
+def bench_loader(corpus, tok, seq_len, batch, batches, n_sources):
+    sources = [data.Source(f"s{i}", str(corpus.shard_dir), 1.0) for i in range(n_sources)]
+    ds = data.make_dataset(sources, seq_len=seq_len, batch_size=batch, eos_id=tok.eos_id, seed=0,
+                           tokenizer_fingerprint=tok.fingerprint)
+    it = iter(ds)
+    for _ in range(10):  # warm up: open shards, fill packing buffers
+        next(it)
+    t0 = time.perf_counter()
+    tokens = sum(next(it)["inputs"].size for _ in range(batches))
+    return tokens / (time.perf_counter() - t0)
+
+
+_SP = None
+
+
+def _hf_map_tokenize(batch, model_path):
+    global _SP
+    if _SP is None:
+        import sentencepiece as spm
+
+        _SP = spm.SentencePieceProcessor(model_file=model_path)
+    return {"ids": _SP.encode(batch["text"])}
+
+
+def bench_writing(corpus, tok, copies):
+    import datasets
+
+    docs, _ = embedded_corpus.collect_documents(progress=False)
+    texts = [d.text for d in docs] * copies
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        m = write_shards((Document(t) for t in texts), tok, os.path.join(tmp, "shards"), source_name="bench",
+                         input_desc="bench", docs_per_shard=500, progress=False)
+        ours = m["tokens"] / (time.perf_counter() - t0)
+        ds = datasets.Dataset.from_dict({"text": texts})
+        t0 = time.perf_counter()
+        out = ds.map(_hf_map_tokenize, batched=True, batch_size=100, num_proc=os.cpu_count(), remove_columns=["text"],
+                     fn_kwargs={"model_path": str(tok.path)}, cache_file_name=os.path.join(tmp, "map.arrow"))
+        n = sum(len(x) for x in out["ids"])
+        baseline = n / (time.perf_counter() - t0)
+    assert n == m["tokens"], (n, m["tokens"])  # same tokenizer, same texts: the same tokens
+    return ours, baseline, m["tokens"]
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--batches", type=int, default=300)
+    p.add_argument("--copies", type=int, default=4, help="times the corpus is repeated for the writing benchmark")
+    args = p.parse_args()
+    corpus = embedded_corpus.build()
+    tok = corpus.tokenizer()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    for n in (1, 3):
+        tps = bench_loader(corpus, tok, args.seq_len, args.batch, args.batches, n)
+        print(f"loader, {n} source(s), seq {args.seq_len}, batch {args.batch}: {tps / 1e6:.2f}M tokens/s")
+    ours, baseline, tokens = bench_writing(corpus, tok, args.copies)
+    print(f"shard writing, {tokens:,} tokens: data_gen.shards {ours / 1e6:.2f}M tokens/s, "
+          f"datasets.map baseline {baseline / 1e6:.2f}M tokens/s, ratio {ours / baseline:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
