@@ -45,6 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.batch_size = 1024  # sequences per step (global)
     c.seq_len = 2048
     c.steps = 36_000  # planned; phi-1-base is the 24k-step checkpoint
+    c.grad_accum_steps = 32  # microbatches per step: batch 1024 = 32 x 32 sequences
     c.optimizer = ml_collections.ConfigDict(
         dict(
             name="adamw",
@@ -77,12 +78,21 @@ def get_config() -> ml_collections.ConfigDict:
         )
     )
 
-    # Mesh: -1 takes all remaining devices.
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    # Mesh: -1 takes all remaining devices. Rules map logical axes (model.py, and `batch`) to mesh axes.
+    c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.sharding_rules = (
+        ("batch", ("data", "fsdp")),
+        ("vocab", "tensor"),
+        ("embed", "fsdp"),
+        ("heads", "tensor"),
+        ("head_dim", None),
+        ("mlp", "tensor"),
+    )
 
     # Bookkeeping.
     c.log_every = 10
     c.checkpoint_every = 1000
+    c.keep_checkpoints = 3  # newest checkpoints kept; older ones are deleted
     c.dry_run = False
     c.lock()
     return c

@@ -27,6 +27,7 @@ def get_config():
     c.model.dtype = "float32"
     c.seq_len = 128
     c.batch_size = 8
+    c.grad_accum_steps = 1
     c.steps = 200
     c.optimizer.warmup_steps = 20
     c.log_every = 10

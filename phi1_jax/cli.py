@@ -5,6 +5,10 @@ import sys
 from absl import flags
 
 
+class UsageError(ValueError):
+    """A command line that cannot run as given; the message says what to change."""
+
+
 def parse_flags(argv):
     """absl flag parsing with errors as one clear message and exit code 2 instead of a traceback.
 
@@ -17,6 +21,11 @@ def parse_flags(argv):
         _fail(str(e))
     except (AttributeError, KeyError, TypeError, ValueError, FileNotFoundError) as e:
         msg = str(e).strip("'\"").replace("\\n", " ").replace("\\'", "'")
+        key = msg.split()[0].strip("'\"") if msg else ""
+        culprits = [a.split("=")[0] for a in argv if a.startswith("--config.") and key in a.split("=")[0].split(".")]
+        if culprits:
+            hint = msg.split(None, 1)[1] if len(msg.split(None, 1)) > 1 else ""  # ml_collections' "Did you mean ..."
+            _fail(f"{culprits[0]}: the config has no field {culprits[0][len('--config.'):]!r}. {hint}".rstrip())
         _fail(f"bad --config or --config.* flag: {msg}")
 
 
@@ -29,7 +38,7 @@ def run(main):
     def guarded(argv):
         try:
             return main(argv)
-        except ConfigError as e:
+        except (ConfigError, UsageError) as e:
             _fail(str(e))
         except OSError as e:
             # ml_collections defers a config file that failed to load until its first use.

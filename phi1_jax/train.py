@@ -1,0 +1,294 @@
+"""Trains Phi: `python -m phi1_jax.train --config=configs/<name>.py --workdir=DIR [--config.a.b=value ...]`.
+
+Rerunning the same command on the same DIR resumes from the newest complete checkpoint. Sections: mesh, model and
+optimizer (abstract first, then sharded), data, restore or init, step, loop. Writes DIR/metrics.jsonl (one JSON line
+per `log_every` steps), DIR/model_config.json and DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}.
+
+Multi-host: pass --coordinator_address, --num_processes and --process_id (or set JAX's cluster environment and
+--distributed) and run the same command on every host; JAX's runtime connects them and each process feeds its share
+of the batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import flags
+from flax import nnx
+from ml_collections import config_flags
+
+from phi1_jax import checkpoint, cli, data, optim, sharding
+from phi1_jax.model import Phi, PhiConfig, abstract_model, count_params, logical_axes
+from phi1_jax.tokenizer import TokenizerError
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (configs/*.py)")
+_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; rerunning on it resumes")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False, "call jax.distributed.initialize() from the cluster environment")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host)")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
+
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "rotary_dim")
+
+
+class TrainError(RuntimeError):
+    """A run that cannot start or go on; the message says why and what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def loss_sums(graphdef, params, batch, dropout_key):
+    """(sum of masked token cross-entropies, number of learned tokens) of one microbatch."""
+    model = nnx.merge(graphdef, params)
+    deterministic = dropout_key is None
+    rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   deterministic=deterministic, rngs=rngs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool):
+    """One optimizer update on a global batch, split into `grad_accum` microbatches whose gradients are summed."""
+
+    def train_step(params, opt_state, step, batch):
+        key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
+        # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its rows in every microbatch.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                             {k: v for k, v in batch.items() if k != "source_id"})
+
+        def accumulate(carry, xs):
+            grads, total, count = carry
+            i, mb = xs
+            k = None if key is None else jax.random.fold_in(key, i)
+            (s, n), g = jax.value_and_grad(lambda p: loss_sums(graphdef, p, mb, k), has_aux=True)(params)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over every learned token
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+
+    return train_step
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _check_batch(config, mesh):
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % config.grad_accum_steps:
+        raise TrainError(f"config.batch_size={config.batch_size} is not divisible by "
+                         f"config.grad_accum_steps={config.grad_accum_steps}")
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % batch_devices:
+        raise TrainError(f"the microbatch of {micro} sequences (batch_size / grad_accum_steps) does not divide over "
+                         f"the {batch_devices} data-parallel devices (mesh data x fsdp); change config.batch_size, "
+                         "config.grad_accum_steps or config.mesh")
+
+
+def _check_workdir_model(workdir: Path, cfg: PhiConfig):
+    """A workdir that holds another model's checkpoints is refused before anything is written."""
+    path = workdir / checkpoint.CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise TrainError(f"{path}: cannot be read ({e})") from None
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in SHAPE_FIELDS if saved.get(k) != getattr(cfg, k)}
+    if diff:
+        detail = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
+        raise TrainError(f"{workdir} holds checkpoints of another model ({detail}). Use another --workdir, or the "
+                         "config that wrote it.")
+
+
+def _abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _device_batch(batch, shardings):
+    return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
+
+
+def _print_memory(compiled, n_params):
+    mem = compiled.memory_analysis()
+    gib = 1024 ** 3
+    print(f"dry run: train step compiled for {jax.device_count()} devices; {n_params:,} parameters")
+    if mem is None:
+        print("  (this backend reports no memory analysis)")
+        return {}
+    fig = {k: getattr(mem, f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp", "generated_code")}
+    for k, v in fig.items():
+        print(f"  {k:>15}: {v / gib:8.2f} GiB per device")
+    print(f"  {'peak (approx)':>15}: {(fig['argument'] + fig['temp']) / gib:8.2f} GiB per device")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Train
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def train_and_evaluate(config, workdir: str):
+    workdir = Path(workdir).absolute()
+    primary = jax.process_index() == 0
+
+    # --- Mesh -------------------------------------------------------------------------------------------------------
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules_dict(config.sharding_rules)
+    except sharding.ShardingError as e:
+        raise TrainError(str(e)) from None
+    _check_batch(config, mesh)
+
+    # --- Model and optimizer: abstract shapes first, then shardings from the logical axes ------------------------------
+    cfg = PhiConfig.from_dict(config.model)
+    abstract = abstract_model(cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    abs_params = abs_state.to_pure_dict()
+    try:
+        p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
+    except sharding.ShardingError as e:
+        raise TrainError(str(e)) from None
+    tx = optim.make_optimizer(config.optimizer, config.steps)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
+    b_shard = {k: sharding.batch_sharding(rules, mesh, 1 if k == "source_id" else 2)
+               for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
+    step_fn = jax.jit(
+        make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout),
+        in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
+        donate_argnums=(0, 1),
+    )
+
+    if config.dry_run:
+        bs, t = config.batch_size, config.seq_len
+        abs_batch = {k: jax.ShapeDtypeStruct((bs,) if k == "source_id" else (bs, t),
+                                             jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_shard[k])
+                     for k in b_shard}
+        compiled = step_fn.lower(_abstract_with_shardings(abs_params, p_shard), _abstract_with_shardings(abs_opt, o_shard),
+                                 jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abs_batch).compile()
+        return _print_memory(compiled, count_params(abstract))
+
+    # --- Data ----------------------------------------------------------------------------------------------------------
+    ds, tokenizer = data.from_config(config)
+    it = iter(ds)
+
+    # --- Restore or init -----------------------------------------------------------------------------------------------
+    _check_workdir_model(workdir, cfg)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if primary and not (workdir / checkpoint.CONFIG_FILE).exists():
+        (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    import grain
+
+    manager = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=True),
+        item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                       "data_iter": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
+    start = manager.latest_step() or 0
+    if start:
+        restored = manager.restore(start, args=ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract_with_shardings(abs_params, p_shard)),
+            opt_state=ocp.args.StandardRestore(_abstract_with_shardings(abs_opt, o_shard)),
+            data_iter=grain.checkpoint.CheckpointRestore(it),
+        ))
+        params, opt_state = restored.params, restored.opt_state
+        print(f"resumed from {workdir / 'checkpoints' / str(start)}")
+    else:
+        init = jax.jit(lambda: nnx.split(Phi(cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict(), out_shardings=p_shard)
+        params = init()
+        opt_state = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
+
+    def save(step):
+        manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data_iter=grain.checkpoint.CheckpointSave(it), meta=ocp.args.JsonSave({"step": step})), force=True)
+
+    # --- Loop ----------------------------------------------------------------------------------------------------------
+    stop = {"signal": None}
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
+    flops = optim.flops_per_token(cfg, config.seq_len)
+    peak = optim.peak_flops(jax.devices()[0])
+    schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
+    metrics_file = open(workdir / "metrics.jsonl", "a") if primary else None
+    print(f"training {count_params(abstract):,} parameters on {jax.device_count()} devices, mesh "
+          f"{dict(mesh.shape)}, steps {start + 1}..{config.steps}, workdir {workdir}")
+    t_last, tokens_since = time.perf_counter(), 0
+    step = start
+    try:
+        while step < config.steps:
+            batch = _device_batch(next(it), b_shard)
+            params, opt_state, m = step_fn(params, opt_state, jnp.int32(step), batch)
+            step += 1
+            tokens_since += config.batch_size * config.seq_len
+            if step % config.log_every == 0 or step == config.steps:
+                loss = float(m["loss"])
+                if not math.isfinite(loss):
+                    raise TrainError(f"loss is {loss} at step {step}: stopping without saving this state. The last "
+                                     f"checkpoint is step {manager.latest_step()}; lower the learning rate or check "
+                                     "the data, then rerun to resume from it.")
+                now = time.perf_counter()
+                tps = tokens_since / (now - t_last)
+                t_last, tokens_since = now, 0
+                row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
+                       "tokens_per_sec": tps, "mfu": (tps * flops / (jax.device_count() * peak)) if peak else None}
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                    print(f"step {step:>7}/{config.steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "
+                          f"grad_norm {row['grad_norm']:.3f}  {tps:,.0f} tok/s", flush=True)
+            if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
+                save(step)
+            if stop["signal"]:
+                print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
+                break
+    finally:
+        manager.wait_until_finished()
+        manager.close()
+        if metrics_file:
+            metrics_file.close()
+    return {"step": step}
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    if _WORKDIR.value is None:
+        raise cli.UsageError("--workdir is required (rerunning on the same workdir resumes)")
+    if _DISTRIBUTED.value or _COORDINATOR.value:
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
+    try:
+        train_and_evaluate(config, _WORKDIR.value)
+    except (TrainError, data.DataError, TokenizerError, sharding.ShardingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,124 @@
+"""The trainer end to end on CPU: exact resume after SIGKILL, 8-device mesh parity, dry run, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+STEPS, N = 16, 8
+
+
+def _cmd(workdir, *overrides):
+    return [sys.executable, "-m", "phi1_jax.train", "--config=configs/tiny.py", f"--workdir={workdir}",
+            f"--config.steps={STEPS}", "--config.optimizer.warmup_steps=4", "--config.log_every=1",
+            f"--config.checkpoint_every={N}", *overrides]
+
+
+def _env(devices=1):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _losses(workdir):
+    """{step: loss}, the last line written for each step (a resumed run rewrites the steps after its checkpoint)."""
+    out = {}
+    for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        out[row["step"]] = row["loss"]
+    return out
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, embedded):
+    workdir = tmp_path_factory.mktemp("full")
+    r = subprocess.run(_cmd(workdir), env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    return workdir
+
+
+def test_loss_falls_and_files_are_written(uninterrupted):
+    losses = _losses(uninterrupted)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    assert losses[STEPS] < losses[1] - 0.3
+    row = json.loads((uninterrupted / "metrics.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(row)
+    assert sorted(int(p.name) for p in (uninterrupted / "checkpoints").iterdir() if p.name.isdigit()) == [N, STEPS]
+
+
+def test_resume_after_sigkill_is_bit_exact(uninterrupted, tmp_path):
+    workdir = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            cwd=Path(__file__).parents[1])
+    deadline = time.time() + 300
+    # Orbax renames a checkpoint into place only when it is complete.
+    while not (workdir / "checkpoints" / str(N)).exists() and time.time() < deadline:
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (workdir / "checkpoints" / str(N)).exists(), proc.stderr.read().decode()[-3000:]
+    r = subprocess.run(_cmd(workdir), env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"resumed from {workdir / 'checkpoints'}" in r.stdout
+    want, got = _losses(uninterrupted), _losses(workdir)
+    for step in range(N + 1, STEPS + 1):
+        assert got[step] == want[step], (step, got[step], want[step])  # bit for bit
+
+
+def test_8_device_mesh_matches_1_device(uninterrupted, tmp_path):
+    workdir = tmp_path / "mesh"
+    r = subprocess.run(_cmd(workdir, "--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
+                       env=_env(8), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "on 8 devices" in r.stdout
+    want, got = _losses(uninterrupted), _losses(workdir)
+    for step in range(1, STEPS + 1):
+        assert got[step] == pytest.approx(want[step], rel=1e-5), step
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, embedded):
+    workdir = tmp_path / "term"
+    proc = subprocess.Popen(_cmd(workdir, "--config.steps=100000", "--config.checkpoint_every=100000"), env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parents[1])
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((workdir / "metrics.jsonl").exists()
+                                          and len((workdir / "metrics.jsonl").read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()]
+    assert len(saved) == 1 and saved[0] >= 3 and "received signal" in out
+
+
+def _run(*args, devices=1):
+    return subprocess.run([sys.executable, "-m", "phi1_jax.train", *args], env=_env(devices), capture_output=True,
+                          text=True, cwd=Path(__file__).parents[1])
+
+
+def test_bad_input_is_a_clear_error(tmp_path, uninterrupted):
+    r = _run("--config=configs/tiny.py", f"--workdir={tmp_path / 'a'}", "--config.optimizer.lr=1")
+    assert r.returncode == 2 and "--config.optimizer.lr: the config has no field 'optimizer.lr'" in r.stderr
+    r = _run("--config=configs/tiny.py", f"--workdir={tmp_path / 'b'}", "--config.mesh.data=3", devices=8)
+    assert r.returncode == 2 and "does not divide the 8 devices" in r.stderr
+    r = _run("--config=configs/tiny.py", f"--workdir={tmp_path / 'c'}", "--config.mesh.data=8",
+             "--config.batch_size=12", devices=8)
+    assert r.returncode == 2 and "does not divide over the 8 data-parallel devices" in r.stderr
+    r = _run("--config=configs/phi1.py", f"--workdir={tmp_path / 'd'}", "--config.model.num_layers=1",
+             "--config.data.tokenizer=/nonexistent/tok.model", "--config.grad_accum_steps=1", "--config.batch_size=2")
+    assert r.returncode == 2 and "/nonexistent/tok.model: tokenizer file not found" in r.stderr
+    before = {p: p.stat().st_mtime for p in uninterrupted.rglob("*")}
+    r = _run("--config=configs/tiny.py", f"--workdir={uninterrupted}", "--config.model.d_model=32",
+             "--config.model.head_dim=8")
+    assert r.returncode == 2 and "holds checkpoints of another model (d_model 64 there, 32 now" in r.stderr
+    assert {p: p.stat().st_mtime for p in uninterrupted.rglob("*")} == before  # nothing written
+    r = _run("--config=configs/tiny.py")
+    assert r.returncode == 2 and "--workdir is required" in r.stderr
