@@ -32,6 +32,7 @@ def model_config() -> ml_collections.ConfigDict:
             param_dtype="float32",  # fp32 master weights
             attention_impl="xla",
             init_std=0.02,
+            remat="full",  # recompute each block in the backward pass: activations of 1 block, not 24
         )
     )
 
@@ -87,6 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
         ("heads", "tensor"),
         ("head_dim", None),
         ("mlp", "tensor"),
+        ("act_batch", ("data", "fsdp")),  # activations between blocks (model.ACTIVATION_AXES)
+        ("act_length", None),
+        ("act_embed", None),
+        ("act_heads", "tensor"),
+        ("act_head_dim", None),
+        ("act_mlp", "tensor"),
+        ("act_vocab", "tensor"),
     )
 
     # Bookkeeping.

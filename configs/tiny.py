@@ -25,6 +25,7 @@ def get_config():
     c.model.rotary_dim = 8
     c.model.max_seq_len = 128
     c.model.dtype = "float32"
+    c.model.remat = "none"
     c.seq_len = 128
     c.batch_size = 8
     c.grad_accum_steps = 1

@@ -11,7 +11,9 @@ Shape letters used in every einsum and comment:
 
 Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `head_dim`, `mlp`) in its `out_sharding`
 metadata; `phi1_jax.sharding` maps them to mesh axes. They are created with `eager_sharding=False`, so a model can be
-built (or `nnx.eval_shape`d) without a mesh.
+built (or `nnx.eval_shape`d) without a mesh. Activations between blocks are constrained to the logical axes
+ACTIVATION_AXES; the constraint is a no-op unless the caller sets `flax.linen.logical_axis_rules` (the trainer does),
+and it is what keeps XLA from replicating the batch when parameters are sharded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from flax import nnx
 
 from phi1_jax import attention
@@ -30,6 +33,16 @@ from phi1_jax import attention
 Array = jax.Array
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# Activations [B, T, D] between blocks. Activations have their own logical names (act_*), so the rules that shard
+# weights (e.g. embed -> fsdp) do not apply to them; projections' outputs use act_heads, act_head_dim, act_mlp, act_vocab.
+ACTIVATION_AXES = ("act_batch", "act_length", "act_embed")
+
+# What the backward pass keeps of each block (jax.checkpoint policies); "none" keeps everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -62,6 +75,7 @@ class PhiConfig:
     param_dtype: str = "float32"  # storage dtype of the weights (fp32 master weights by default)
     attention_impl: str = "xla"  # see phi1_jax.attention.IMPLEMENTATIONS
     init_std: float = 0.02
+    remat: str = "none"  # training memory: none | full (recompute each block) | dots (keep matmul outputs)
 
     def __post_init__(self):
         def need(ok, msg):
@@ -85,6 +99,7 @@ class PhiConfig:
             self.attention_impl in attention.IMPLEMENTATIONS,
             f"attention_impl must be one of {attention.IMPLEMENTATIONS}, got {self.attention_impl!r}",
         )
+        need(self.remat in REMAT_POLICIES, f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
         for name in ("embed_dropout", "resid_dropout", "attn_dropout"):
             need(0.0 <= getattr(self, name) < 1.0, f"{name} must be in [0, 1), got {getattr(self, name)!r}")
 
@@ -117,17 +132,22 @@ def _param(rngs: nnx.Rngs, init, shape, axes, cfg: PhiConfig) -> nnx.Param:
 
 
 class Projection(nnx.Module):
-    """`y = einsum(spec, x, kernel) + bias`, computed in the config's compute dtype."""
+    """`y = einsum(spec, x, kernel) + bias`, computed in the config's compute dtype.
 
-    def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, cfg: PhiConfig, *, rngs: nnx.Rngs):
-        self.spec = spec
+    `out_axes` are the logical axes of y; constraining them keeps the batch sharded when the weights are sharded too
+    (XLA then gathers weights, FSDP-style, instead of gathering activations).
+    """
+
+    def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, out_axes, cfg: PhiConfig, *,
+                 rngs: nnx.Rngs):
+        self.spec, self.out_axes = spec, tuple(out_axes)
         self.dtype = cfg.compute_dtype
         self.kernel = _param(rngs, nnx.initializers.normal(cfg.init_std), kernel_shape, kernel_axes, cfg)
         self.bias = _param(rngs, nnx.initializers.zeros, bias_shape, bias_axes, cfg)
 
     def __call__(self, x: Array) -> Array:
         y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-        return y + self.bias[...].astype(self.dtype)
+        return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
 
 
 def _layer_norm(cfg: PhiConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -216,10 +236,12 @@ class Attention(nnx.Module):
         self.cfg = cfg
         d, n, h = cfg.d_model, cfg.num_heads, cfg.head_dim
         qkv = lambda: Projection(  # noqa: E731
-            "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), (n, h), ("heads", "head_dim"), cfg, rngs=rngs
+            "BTD,DNH->BTNH", (d, n, h), ("embed", "heads", "head_dim"), (n, h), ("heads", "head_dim"),
+            ("act_batch", "act_length", "act_heads", "act_head_dim"), cfg, rngs=rngs,
         )
         self.q_proj, self.k_proj, self.v_proj = qkv(), qkv(), qkv()
-        self.dense = Projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("embed",), cfg, rngs=rngs)
+        self.dense = Projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("embed",),
+                                ACTIVATION_AXES, cfg, rngs=rngs)
 
     def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_index, *, deterministic, rngs):
         q = apply_rotary(self.q_proj(x), cos, sin)  # [B, T, N, H]
@@ -244,8 +266,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     def __init__(self, cfg: PhiConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.mlp_dim
-        self.fc1 = Projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",), cfg, rngs=rngs)
-        self.fc2 = Projection("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("embed",), cfg, rngs=rngs)
+        self.fc1 = Projection("BTD,DF->BTF", (d, f), ("embed", "mlp"), (f,), ("mlp",),
+                              ("act_batch", "act_length", "act_mlp"), cfg, rngs=rngs)
+        self.fc2 = Projection("BTF,FD->BTD", (f, d), ("mlp", "embed"), (d,), ("embed",), ACTIVATION_AXES, cfg, rngs=rngs)
 
     def __call__(self, x: Array) -> Array:
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))  # gelu_new = tanh approximation
@@ -269,6 +292,15 @@ class ParallelBlock(nnx.Module):
         return x + a + m, layer_cache
 
 
+# nnx.remat wants positional arguments only, so the two modes are two functions.
+def _run_block_train(layer, x, cos, sin, segment_ids, rngs):
+    return layer(x, cos, sin, segment_ids, None, None, deterministic=False, rngs=rngs)[0]
+
+
+def _run_block_eval(layer, x, cos, sin, segment_ids, rngs):
+    return layer(x, cos, sin, segment_ids, None, None, deterministic=True, rngs=rngs)[0]
+
+
 def _require_rngs(rngs):
     if rngs is None:
         raise ValueError("dropout is on (deterministic=False) but no rngs were given: pass rngs=nnx.Rngs(dropout=key)")
@@ -290,7 +322,8 @@ class Phi(nnx.Module):
         self.layers = nnx.List([ParallelBlock(cfg, rngs=rngs) for _ in range(cfg.num_layers)])
         self.final_ln = _layer_norm(cfg, rngs)
         self.lm_head = Projection(
-            "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (cfg.vocab_size,), ("vocab",), cfg, rngs=rngs
+            "BTD,DV->BTV", (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), (cfg.vocab_size,), ("vocab",),
+            ("act_batch", "act_length", "act_vocab"), cfg, rngs=rngs,
         )
 
     def __call__(
@@ -324,14 +357,21 @@ class Phi(nnx.Module):
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
         kv_segment_ids = segment_ids
         if cache is not None:
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))  # [B, S]
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
+            if cache is None and cfg.remat != "none":  # training: recompute the block in the backward pass
+                block = _run_block_eval if deterministic else _run_block_train
+                x = nnx.remat(block, policy=REMAT_POLICIES[cfg.remat])(layer, x, cos, sin, segment_ids, rngs)
+                x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+                continue
             layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_segment_ids)
             x, layer_cache = layer(x, cos, sin, segment_ids, layer_cache, cache_index, deterministic=deterministic, rngs=rngs)
+            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
             if cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

@@ -24,6 +24,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from absl import flags
+from flax import linen as nn
 from flax import nnx
 from ml_collections import config_flags
 
@@ -177,8 +178,14 @@ def train_and_evaluate(config, workdir: str):
                for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
+    train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout)
+
+    def traced_step(*args):  # the model's activation constraints read the mesh and rules at trace time
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
+            return train_step(*args)
+
     step_fn = jax.jit(
-        make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout),
+        traced_step,
         in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
         donate_argnums=(0, 1),
     )
