@@ -70,6 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
             tokenizer="",  # SentencePiece .model or Hugging Face tokenizer.json (phi-1: CodeGen's, vocab 51200)
             use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer
             embedded_vocab_size=2048,
+            holdout_every=1000,  # every 1000th document of each source is held out for the eval loss
             sources=ml_collections.ConfigDict(
                 dict(
                     code=dict(path="", weight=0.86, loss_on="all"),
@@ -99,6 +100,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     # Bookkeeping.
     c.log_every = 10
+    c.eval_every = 500  # steps between held-out loss measurements (0: never)
+    c.eval_batches = 8
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # newest checkpoints kept; older ones are deleted
     c.dry_run = False

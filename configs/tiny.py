@@ -3,8 +3,9 @@
 Data: the embedded corpus (the running interpreter's standard library, phi1_jax.embedded_corpus), built and cached
 on first use (seconds), with its own SentencePiece tokenizer of 2048 pieces.
 
-Command:   python -m phi1_jax.demo --config=configs/tiny.py
-Expect:    seconds on a laptop CPU.
+Command:   python -m phi1_jax.train --config=configs/tiny.py --workdir=workdirs/tiny
+Expect:    ~2 minutes on a 2-core CPU (~20k tokens/s); the held-out loss falls from ~7.6 to ~4.3 nats/token over
+           2000 steps; WORKDIR/loss.png shows the curve.
 
 Everything else is configs/phi1.py, scaled down to run in seconds.
 """
@@ -29,10 +30,13 @@ def get_config():
     c.seq_len = 128
     c.batch_size = 8
     c.grad_accum_steps = 1
-    c.steps = 200
-    c.optimizer.warmup_steps = 20
-    c.log_every = 10
-    c.checkpoint_every = 50
+    c.steps = 2000  # about two minutes on a 2-core CPU
+    c.optimizer.warmup_steps = 100
+    c.log_every = 50
+    c.checkpoint_every = 500
+    c.eval_every = 250
+    c.eval_batches = 8
+    c.data.holdout_every = 50  # 2% of the stdlib files are held out
     c.data.use_embedded_corpus = True
     c.data.embedded_vocab_size = 2048
     with c.unlocked():

@@ -95,11 +95,35 @@ def _training_example(window: dict, *, source_id: int) -> dict:
     }
 
 
+class _Subset:
+    """A random-access view of some records: every `every`-th (held out) or all the others (training)."""
+
+    def __init__(self, records, every: int, held_out: bool):
+        n = len(records)
+        self._records = records
+        self._index = np.arange(0, n, every) if held_out else np.setdiff1d(np.arange(n), np.arange(0, n, every))
+
+    def __len__(self):
+        return len(self._index)
+
+    def __getitem__(self, i):
+        return self._records[int(self._index[i])]
+
+
 def document_dataset(source: Source, *, eos_id: int, seed: int, process_index: int = 0, process_count: int = 1,
-                     tokenizer_fingerprint: str | None = None, epochs: int | None = None) -> grain.MapDataset:
-    """This process's documents of one source, shuffled globally and reshuffled each epoch (infinite by default)."""
+                     tokenizer_fingerprint: str | None = None, epochs: int | None = None,
+                     holdout_every: int = 0, split: str = "train") -> grain.MapDataset:
+    """This process's documents of one source, shuffled globally and reshuffled each epoch (infinite by default).
+
+    With `holdout_every = n > 0`, every n-th document is held out: split "eval" reads those, "train" the rest.
+    """
     records, manifest = _open_source(source, tokenizer_fingerprint)
     dtype = np.dtype(manifest["dtype"])
+    if holdout_every:
+        records = _Subset(records, holdout_every, held_out=(split == "eval"))
+        if len(records) == 0:
+            raise DataError(f"source {source.name!r}: no documents left for split {split!r} "
+                            f"(holdout_every={holdout_every}, {manifest['documents']} documents)")
     ds = grain.MapDataset.source(records).seed(seed).shuffle().repeat(epochs)
     ds = ds[process_index::process_count]
     return ds.map(functools.partial(_example, dtype=dtype, eos_id=eos_id, loss_on=source.loss_on, where=source.path))
@@ -107,7 +131,7 @@ def document_dataset(source: Source, *, eos_id: int, seed: int, process_index: i
 
 def make_dataset(sources: list[Source], *, seq_len: int, batch_size: int, eos_id: int, seed: int,
                  process_index: int = 0, process_count: int = 1, tokenizer_fingerprint: str | None = None,
-                 epochs: int | None = None) -> grain.IterDataset:
+                 epochs: int | None = None, holdout_every: int = 0, split: str = "train") -> grain.IterDataset:
     """Batches of this process's share: `batch_size` is the global batch, divided among the processes."""
     if not sources:
         raise DataError("no data sources configured")
@@ -119,7 +143,8 @@ def make_dataset(sources: list[Source], *, seq_len: int, batch_size: int, eos_id
     windows = {}
     for i, source in enumerate(sources):
         docs = document_dataset(source, eos_id=eos_id, seed=(seed + 1_000_003 * i) % 2**32, process_index=process_index,
-                                process_count=process_count, tokenizer_fingerprint=tokenizer_fingerprint, epochs=epochs)
+                                process_count=process_count, tokenizer_fingerprint=tokenizer_fingerprint, epochs=epochs,
+                                holdout_every=holdout_every, split=split)
         packed = grain.experimental.ConcatThenSplitIterDataset(
             docs.to_iter_dataset(), length_struct={"tokens": seq_len + 1, "loss": seq_len + 1}
         )
@@ -136,8 +161,11 @@ def sources_from_config(data_config) -> list[Source]:
 
 
 def from_config(config, *, process_index: int | None = None, process_count: int | None = None,
-                epochs: int | None = None):
-    """(dataset, tokenizer) for a trainer config: its sources, or the embedded corpus; checked against the model."""
+                epochs: int | None = None, split: str = "train"):
+    """(dataset, tokenizer) for a trainer config: its sources, or the embedded corpus; checked against the model.
+
+    split "eval" reads the documents held out by `config.data.holdout_every` (none are when it is 0).
+    """
     from phi1_jax import embedded_corpus
     from phi1_jax.tokenizer import Tokenizer, check_vocab_fits
 
@@ -157,5 +185,6 @@ def from_config(config, *, process_index: int | None = None, process_count: int 
     check_vocab_fits(tokenizer, config.model.vocab_size)
     ds = make_dataset(sources, seq_len=config.seq_len, batch_size=config.batch_size, eos_id=tokenizer.eos_id,
                       seed=config.seed, process_index=process_index, process_count=process_count,
-                      tokenizer_fingerprint=tokenizer.fingerprint, epochs=epochs)
+                      tokenizer_fingerprint=tokenizer.fingerprint, epochs=epochs,
+                      holdout_every=config.data.holdout_every, split=split)
     return ds, tokenizer

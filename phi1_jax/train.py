@@ -28,7 +28,7 @@ from flax import linen as nn
 from flax import nnx
 from ml_collections import config_flags
 
-from phi1_jax import checkpoint, cli, data, optim, sharding
+from phi1_jax import checkpoint, cli, data, metrics, optim, sharding
 from phi1_jax.model import Phi, PhiConfig, abstract_model, count_params, logical_axes
 from phi1_jax.tokenizer import TokenizerError
 
@@ -190,6 +190,13 @@ def train_and_evaluate(config, workdir: str):
         donate_argnums=(0, 1),
     )
 
+    def traced_eval(params, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
+            total, count = loss_sums(graphdef, params, batch, None)
+            return total, count
+
+    eval_fn = jax.jit(traced_eval, in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
+
     if config.dry_run:
         bs, t = config.batch_size, config.seq_len
         abs_batch = {k: jax.ShapeDtypeStruct((bs,) if k == "source_id" else (bs, t),
@@ -202,6 +209,15 @@ def train_and_evaluate(config, workdir: str):
     # --- Data ----------------------------------------------------------------------------------------------------------
     ds, tokenizer = data.from_config(config)
     it = iter(ds)
+    eval_ds = data.from_config(config, split="eval")[0] if config.eval_every and config.data.holdout_every else None
+
+    def evaluate():
+        """Mean held-out loss over the same `eval_batches` batches every time."""
+        eval_it, total, count = iter(eval_ds), 0.0, 0.0
+        for _ in range(config.eval_batches):
+            t, c = eval_fn(params, _device_batch(next(eval_it), b_shard))
+            total, count = total + float(t), count + float(c)
+        return total / max(count, 1.0)
 
     # --- Restore or init -----------------------------------------------------------------------------------------------
     _check_workdir_model(workdir, cfg)
@@ -242,7 +258,7 @@ def train_and_evaluate(config, workdir: str):
     flops = optim.flops_per_token(cfg, config.seq_len)
     peak = optim.peak_flops(jax.devices()[0])
     schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
-    metrics_file = open(workdir / "metrics.jsonl", "a") if primary else None
+    writer = metrics.MetricsWriter(workdir, enabled=primary)
     print(f"training {count_params(abstract):,} parameters on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, steps {start + 1}..{config.steps}, workdir {workdir}")
     t_last, tokens_since = time.perf_counter(), 0
@@ -264,21 +280,31 @@ def train_and_evaluate(config, workdir: str):
                 t_last, tokens_since = now, 0
                 row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
                        "tokens_per_sec": tps, "mfu": (tps * flops / (jax.device_count() * peak)) if peak else None}
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
+                writer.write(row)
+                if primary:
                     print(f"step {step:>7}/{config.steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "
                           f"grad_norm {row['grad_norm']:.3f}  {tps:,.0f} tok/s", flush=True)
+            if eval_ds is not None and (step % config.eval_every == 0 or step == config.steps):
+                eval_loss = evaluate()
+                writer.write({"step": step, "eval_loss": eval_loss})
+                if primary:
+                    print(f"step {step:>7}/{config.steps}  held-out loss {eval_loss:.4f}", flush=True)
+                t_last = time.perf_counter()  # evaluation time is not training throughput
             if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
                 save(step)
+                if primary:
+                    metrics.plot_loss(workdir)
             if stop["signal"]:
                 print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
                 break
     finally:
         manager.wait_until_finished()
         manager.close()
-        if metrics_file:
-            metrics_file.close()
+        writer.close()
+    if primary:
+        print(f"done at step {step}. In {workdir}:\n  checkpoints/     Orbax checkpoints (newest {manager.latest_step()})"
+              f"\n  metrics.jsonl    one JSON line per logged step\n  loss.png         the loss curve"
+              f"\n  tensorboard/     tensorboard --logdir {workdir / 'tensorboard'}", flush=True)
     return {"step": step}
 
 
