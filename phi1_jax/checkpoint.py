@@ -53,20 +53,41 @@ def read_model_config(directory: str | os.PathLike) -> PhiConfig:
         raise CheckpointError(f"{path}: cannot be read as a model config ({e})") from None
 
 
-def load_model(directory: str | os.PathLike, **overrides) -> Phi:
-    """Rebuilds the model from the directory alone. `overrides` replace config fields (e.g. dtype, attention_impl)."""
+def params_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
+    """The `params` item of a model checkpoint, or of a trainer workdir's newest (or given) step checkpoint."""
     directory = Path(directory).absolute()
+    if (directory / PARAMS_ITEM).is_dir() and step is None:
+        return directory / PARAMS_ITEM
+    steps = sorted(int(p.name) for p in (directory / "checkpoints").glob("*") if p.name.isdigit()) \
+        if (directory / "checkpoints").is_dir() else []
+    if step is not None:
+        if step not in steps:
+            raise CheckpointError(f"{directory}: no checkpoint for step {step} (have {steps})")
+        return directory / "checkpoints" / str(step) / PARAMS_ITEM
+    if not steps:
+        raise CheckpointError(f"{directory}: no {PARAMS_ITEM}/ and no checkpoints/<step>/; not a phi1_jax checkpoint")
+    return directory / "checkpoints" / str(steps[-1]) / PARAMS_ITEM
+
+
+def load_params(directory: str | os.PathLike, cfg: PhiConfig | None = None, step: int | None = None) -> dict:
+    """The parameters (a pure dict) of a model checkpoint or trainer workdir, checked against its config."""
+    directory = Path(directory).absolute()
+    cfg = cfg or read_model_config(directory)
+    path = params_dir(directory, step)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(abstract_model(cfg)).to_pure_dict())
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(path, target)
+    except (ValueError, KeyError, FileNotFoundError) as e:
+        raise CheckpointError(f"{path}: does not match {directory / CONFIG_FILE} ({e})") from None
+
+
+def load_model(directory: str | os.PathLike, step: int | None = None, **overrides) -> Phi:
+    """Rebuilds the model from the directory alone (a model checkpoint, or a trainer workdir: its newest step unless
+    `step` is given). `overrides` replace config fields (e.g. dtype, attention_impl)."""
     cfg = read_model_config(directory)
     if overrides:
         cfg = PhiConfig(**{**cfg.to_dict(), **overrides})
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_state.to_pure_dict())
-    if not (directory / PARAMS_ITEM).is_dir():
-        raise CheckpointError(f"{directory / PARAMS_ITEM}: not found; {directory} is not a phi1_jax model checkpoint")
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(directory / PARAMS_ITEM, target)
-    except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{directory / PARAMS_ITEM}: does not match {directory / CONFIG_FILE} ({e})") from None
-    abstract_state.replace_by_pure_dict(params)
+    abstract_state.replace_by_pure_dict(load_params(directory, cfg, step))
     return nnx.merge(graphdef, abstract_state)

@@ -123,6 +123,32 @@ def _check_workdir_model(workdir: Path, cfg: PhiConfig):
                          "config that wrote it.")
 
 
+def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
+    """Parameters of a trainer workdir, a phi1_jax model checkpoint or a Hugging Face directory, checked against cfg."""
+    from phi1_jax import convert
+
+    source = Path(path)
+    try:
+        if (source / "config.json").exists():  # Hugging Face layout
+            model = convert.from_hf(source, param_dtype=cfg.param_dtype)
+            theirs = model.cfg
+        else:
+            theirs = checkpoint.read_model_config(source)
+            model = None
+    except (convert.ConversionError, checkpoint.CheckpointError) as e:
+        raise TrainError(f"config.init_from: {e}") from None
+    diff = {k: (getattr(theirs, k), getattr(cfg, k)) for k in SHAPE_FIELDS if getattr(theirs, k) != getattr(cfg, k)}
+    if diff:
+        detail = ", ".join(f"{k} {a} there, {b} in the config" for k, (a, b) in diff.items())
+        raise TrainError(f"config.init_from={path} is another model shape ({detail})")
+    if model is not None:
+        return nnx.state(model, nnx.Param).to_pure_dict()
+    try:
+        return checkpoint.load_params(source, cfg)
+    except checkpoint.CheckpointError as e:
+        raise TrainError(f"config.init_from: {e}") from None
+
+
 def _abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
@@ -243,8 +269,13 @@ def train_and_evaluate(config, workdir: str):
         params, opt_state = restored.params, restored.opt_state
         print(f"resumed from {workdir / 'checkpoints' / str(start)}")
     else:
-        init = jax.jit(lambda: nnx.split(Phi(cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict(), out_shardings=p_shard)
-        params = init()
+        if config.init_from:  # finetuning: parameters from a pretrained model; optimizer, schedule and step start fresh
+            params = jax.device_put(_pretrained_params(config.init_from, cfg), p_shard)
+            print(f"initialized parameters from {config.init_from}")
+        else:
+            init = jax.jit(lambda: nnx.split(Phi(cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict(),
+                           out_shardings=p_shard)
+            params = init()
         opt_state = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
 
     def save(step):

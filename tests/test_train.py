@@ -135,3 +135,26 @@ def test_dry_run_compiles_phi1_for_8_devices_without_weights(tmp_path):
     for line in ("argument:", "temp:", "peak (approx):"):
         assert line in r.stdout
     assert not (tmp_path / "dry").exists()  # nothing written, no weights allocated
+
+
+def test_finetune_from_a_workdir_and_from_hugging_face(uninterrupted, tmp_path):
+    """init_from loads parameters only: the step, optimizer and schedule start fresh; both sources give the same run."""
+    from phi1_jax import checkpoint
+    from phi1_jax.convert import to_hf
+
+    to_hf(checkpoint.load_model(uninterrupted), tmp_path / "hf")
+    runs = {}
+    for name, source in (("workdir", uninterrupted), ("hf", tmp_path / "hf")):
+        r = subprocess.run(_cmd(tmp_path / name, f"--config.init_from={source}", "--config.steps=3"), env=_env(),
+                           capture_output=True, text=True, cwd=Path(__file__).parents[1])
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert f"initialized parameters from {source}" in r.stdout
+        runs[name] = read_metrics(tmp_path / name)[0]
+    assert sorted(runs["workdir"]) == [1, 2, 3]  # fresh step counter
+    assert runs["workdir"][1]["lr"] == 0.0  # fresh schedule: warmup starts again
+    assert runs["workdir"][1]["loss"] < _losses(uninterrupted)[1] - 0.2  # starts from the trained weights
+    for step in (1, 2, 3):
+        assert runs["hf"][step]["loss"] == pytest.approx(runs["workdir"][step]["loss"], rel=1e-6)
+    r = subprocess.run(_cmd(tmp_path / "bad", f"--config.init_from={tmp_path / 'hf'}", "--config.model.mlp_dim=128"),
+                       env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and "is another model shape (mlp_dim 256 there, 128 in the config)" in r.stderr
