@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
             use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer
             embedded_vocab_size=2048,
             holdout_every=1000,  # every 1000th document of each source is held out for the eval loss
+            # "document": each process reads only its share of the documents (scales to many hosts; the global batch
+            # depends on the process count). "row": every process reads the whole stream and keeps its rows of each
+            # global batch, so any topology sees the same batches (reproducibility; P times the reading).
+            shard_by="document",
             sources=ml_collections.ConfigDict(
                 dict(
                     code=dict(path="", weight=0.86, loss_on="all"),

@@ -169,10 +169,14 @@ def from_config(config, *, process_index: int | None = None, process_count: int 
     from phi1_jax import embedded_corpus
     from phi1_jax.tokenizer import Tokenizer, check_vocab_fits
 
+    if config.data.shard_by not in ("document", "row"):
+        raise DataError(f"config.data.shard_by must be 'document' or 'row', got {config.data.shard_by!r}")
     if process_index is None or process_count is None:
         import jax
 
         process_index, process_count = jax.process_index(), jax.process_count()
+    if config.data.shard_by == "row":  # every process reads the whole stream; the trainer keeps each device's rows
+        process_index, process_count = 0, 1
     if config.data.use_embedded_corpus:
         corpus = embedded_corpus.build(config.data.embedded_vocab_size)
         tokenizer = corpus.tokenizer()

@@ -153,7 +153,10 @@ def _abstract_with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def _device_batch(batch, shardings):
+def _device_batch(batch, shardings, whole: bool):
+    """Global arrays from host batches: this process's share, or (`whole`) the global batch each device slices."""
+    if whole:
+        return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
@@ -235,13 +238,14 @@ def train_and_evaluate(config, workdir: str):
     # --- Data ----------------------------------------------------------------------------------------------------------
     ds, tokenizer = data.from_config(config)
     it = iter(ds)
+    whole_batches = config.data.shard_by == "row"
     eval_ds = data.from_config(config, split="eval")[0] if config.eval_every and config.data.holdout_every else None
 
     def evaluate():
         """Mean held-out loss over the same `eval_batches` batches every time."""
         eval_it, total, count = iter(eval_ds), 0.0, 0.0
         for _ in range(config.eval_batches):
-            t, c = eval_fn(params, _device_batch(next(eval_it), b_shard))
+            t, c = eval_fn(params, _device_batch(next(eval_it), b_shard, whole_batches))
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
@@ -296,7 +300,7 @@ def train_and_evaluate(config, workdir: str):
     step = start
     try:
         while step < config.steps:
-            batch = _device_batch(next(it), b_shard)
+            batch = _device_batch(next(it), b_shard, whole_batches)
             params, opt_state, m = step_fn(params, opt_state, jnp.int32(step), batch)
             step += 1
             tokens_since += config.batch_size * config.seq_len
