@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import sys
 import time
@@ -254,6 +255,9 @@ def train_and_evaluate(config, workdir: str):
     workdir.mkdir(parents=True, exist_ok=True)
     if primary and not (workdir / checkpoint.CONFIG_FILE).exists():
         (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    tok_copy = workdir / ("tokenizer.json" if tokenizer.kind == "huggingface" else "tokenizer.model")
+    if primary and not tok_copy.exists():  # the workdir describes itself: inspect and evals find the tokenizer here
+        shutil.copyfile(tokenizer.path, tok_copy)
     import grain
 
     manager = ocp.CheckpointManager(

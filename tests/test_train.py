@@ -198,3 +198,29 @@ def test_two_processes_through_jax_distributed(uninterrupted, tmp_path):
     assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
     assert sorted(int(p.name) for p in (tmp_path / "docs" / "checkpoints").iterdir() if p.name.isdigit()) == [N, STEPS]
     assert len(list((tmp_path / "docs" / "checkpoints" / str(STEPS) / "data_iter").glob("process_*-of-2.json"))) == 2
+
+
+def test_inspection_notebook_runs_against_a_tiny_checkpoint(uninterrupted):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    path = Path(__file__).parents[1] / "notebooks" / "inspect_checkpoint.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    os.environ["PHI1_WORKDIR"] = str(uninterrupted)
+    try:
+        nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                                resources={"metadata": {"path": str(path.parent)}}).execute()
+    finally:
+        del os.environ["PHI1_WORKDIR"]
+    text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert f"checkpoints at steps [{N}, {STEPS}]; loaded step {STEPS}" in text
+    assert "layers/0/attn/q_proj/kernel" in text and "relative_change" in text and "def add(a, b):" in text
+    assert any(o.get("output_type") == "display_data" for c in nb.cells for o in c.get("outputs", []))  # the plot
+
+
+def test_inspect_command_line(uninterrupted, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.inspect", str(uninterrupted), f"--step={N}", "--tokens=5"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"step {N} of [{N}, {STEPS}]" in r.stdout and "lm_head/kernel" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.inspect", str(tmp_path)], capture_output=True, text=True)
+    assert r.returncode == 2 and "not a phi1_jax model checkpoint" in r.stderr

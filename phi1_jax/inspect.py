@@ -1,0 +1,149 @@
+"""Look inside checkpoints without the trainer: for notebooks (notebooks/inspect_checkpoint.ipynb) and quick checks.
+
+    from phi1_jax import inspect as pi
+    run = pi.load("workdirs/tiny")                 # newest checkpoint; pi.load(dir, step=500) for another
+    pi.param_table(run.model)                      # path, shape, dtype, RMS of every parameter
+    pi.compare(pi.load(d, step=500).model, run.model)   # relative change of each parameter
+    pi.top_next_tokens(run, "def fibonacci(n):")   # the model's next-token distribution
+    pi.greedy_continue(run, "import os\n", 40)     # greedy text continuation on the KV cache
+
+Command:  python -m phi1_jax.inspect WORKDIR [--step=S] [--prompt=TEXT] [--tokens=N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi1_jax import checkpoint
+from phi1_jax.model import KVCache, Phi
+from phi1_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass
+class Run:
+    workdir: Path
+    step: int | None
+    model: Phi
+    tokenizer: Tokenizer | None
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.is_dir() else []
+
+
+def find_tokenizer(workdir) -> Tokenizer | None:
+    """The tokenizer the trainer copied into the workdir (tokenizer.model or tokenizer.json), if any."""
+    for name in ("tokenizer.model", "tokenizer.json"):
+        if (Path(workdir) / name).exists():
+            return Tokenizer.load(Path(workdir) / name)
+    return None
+
+
+def load(workdir, step: int | None = None, **overrides) -> Run:
+    """A trainer workdir's model (newest checkpoint unless `step`), and its tokenizer."""
+    workdir = Path(workdir)
+    steps = checkpoint_steps(workdir)
+    model = checkpoint.load_model(workdir, step=step, **overrides)
+    return Run(workdir, step if step is not None else (steps[-1] if steps else None), model, find_tokenizer(workdir))
+
+
+def _flat_params(model: Phi) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, path)): np.asarray(jax.device_get(v[...]))
+            for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+
+
+def param_table(model: Phi) -> list[dict]:
+    """One row per parameter: path, shape, dtype, RMS (a quick health check: nothing exploded or collapsed)."""
+    return [{"path": k, "shape": tuple(v.shape), "dtype": str(v.dtype), "rms": float(np.sqrt(np.mean(np.square(v, dtype=np.float64))))}
+            for k, v in _flat_params(model).items()]
+
+
+def compare(a: Phi, b: Phi) -> list[dict]:
+    """Per parameter: ||b - a|| / ||a||, and the largest absolute difference. Models must have the same shapes."""
+    pa, pb = _flat_params(a), _flat_params(b)
+    if pa.keys() != pb.keys() or any(pa[k].shape != pb[k].shape for k in pa):
+        raise ValueError("the two models have different parameter shapes")
+    rows = []
+    for k in pa:
+        d = pb[k].astype(np.float64) - pa[k].astype(np.float64)
+        rows.append({"path": k, "relative_change": float(np.linalg.norm(d) / max(np.linalg.norm(pa[k]), 1e-30)),
+                     "max_abs_diff": float(np.abs(d).max())})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    keys = list(rows[0])
+    cells = [[f"{r[k]:.4g}" if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cell, widths)) for cell in cells]
+    return "\n".join(lines)
+
+
+def _require_tokenizer(run: Run) -> Tokenizer:
+    if run.tokenizer is None:
+        raise ValueError(f"{run.workdir} has no tokenizer.model or tokenizer.json; pass token ids instead of text")
+    return run.tokenizer
+
+
+def top_next_tokens(run: Run, text: str, k: int = 5) -> list[tuple[str, float]]:
+    """The k most likely next tokens after `text`, with their probabilities."""
+    tok = _require_tokenizer(run)
+    logits = run.model(jnp.asarray([tok.encode(text)], jnp.int32))[0, -1]
+    probs = np.asarray(jax.nn.softmax(logits))
+    best = np.argsort(-probs)[:k]
+    return [(tok.decode([int(i)]), float(probs[i])) for i in best]
+
+
+def greedy_ids(model: Phi, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
+    """Greedy decoding on the KV cache: prefill once, then one token per step (a jitted step, a Python loop)."""
+    cache = KVCache.init(model.cfg, 1, len(prompt) + max_new_tokens)
+    step = nnx.jit(lambda m, ids, c: m(ids, cache=c))
+    logits, cache = step(model, jnp.asarray([prompt], jnp.int32), cache)
+    out = []
+    for _ in range(max_new_tokens):
+        nxt = int(jnp.argmax(logits[0, -1]))
+        if eos_id is not None and nxt == eos_id:
+            break
+        out.append(nxt)
+        logits, cache = step(model, jnp.asarray([[nxt]], jnp.int32), cache)
+    return out
+
+
+def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:
+    tok = _require_tokenizer(run)
+    return tok.decode(greedy_ids(run.model, tok.encode(text), max_new_tokens, tok.eos_id))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.inspect", description="Summarize a trainer workdir's checkpoint.")
+    p.add_argument("workdir")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--prompt", default="def ", help="text to continue greedily")
+    p.add_argument("--tokens", type=int, default=40)
+    args = p.parse_args(argv)
+    try:
+        run = load(args.workdir, args.step)
+    except (checkpoint.CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{run.workdir}: step {run.step} of {checkpoint_steps(run.workdir)}\n")
+    print(format_table(param_table(run.model)))
+    if run.tokenizer is not None:
+        print(f"\n{args.prompt!r} ->\n{args.prompt}{greedy_continue(run, args.prompt, args.tokens)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
