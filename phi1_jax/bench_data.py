@@ -11,7 +11,6 @@ Expect:   about a minute on 2 cores. Uses the embedded stdlib corpus (built and 
 """
 
 import argparse
-import itertools
 import os
 import platform
 import tempfile

@@ -21,16 +21,14 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
 import orbax.checkpoint as ocp
 from absl import flags
-from flax import linen as nn
 from flax import nnx
 from ml_collections import config_flags
 
 from phi1_jax import checkpoint, cli, data, metrics, optim, sharding
-from phi1_jax.model import Phi, PhiConfig, abstract_model, count_params, logical_axes
+from phi1_jax.model import PhiConfig, count_params
+from phi1_jax.step import BuildError, build, init_params
 from phi1_jax.tokenizer import TokenizerError
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (configs/*.py)")
@@ -48,64 +46,8 @@ class TrainError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The step
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def loss_sums(graphdef, params, batch, dropout_key):
-    """(sum of masked token cross-entropies, number of learned tokens) of one microbatch."""
-    model = nnx.merge(graphdef, params)
-    deterministic = dropout_key is None
-    rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
-    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   deterministic=deterministic, rngs=rngs)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-    mask = batch["loss_mask"]
-    return jnp.sum(ce * mask), jnp.sum(mask)
-
-
-def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool):
-    """One optimizer update on a global batch, split into `grad_accum` microbatches whose gradients are summed."""
-
-    def train_step(params, opt_state, step, batch):
-        key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
-        # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its rows in every microbatch.
-        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-                             {k: v for k, v in batch.items() if k != "source_id"})
-
-        def accumulate(carry, xs):
-            grads, total, count = carry
-            i, mb = xs
-            k = None if key is None else jax.random.fold_in(key, i)
-            (s, n), g = jax.value_and_grad(lambda p: loss_sums(graphdef, p, mb, k), has_aux=True)(params)
-            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
-
-        zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over every learned token
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
-
-    return train_step
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_batch(config, mesh):
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
-    if config.batch_size % config.grad_accum_steps:
-        raise TrainError(f"config.batch_size={config.batch_size} is not divisible by "
-                         f"config.grad_accum_steps={config.grad_accum_steps}")
-    micro = config.batch_size // config.grad_accum_steps
-    if micro % batch_devices:
-        raise TrainError(f"the microbatch of {micro} sequences (batch_size / grad_accum_steps) does not divide over "
-                         f"the {batch_devices} data-parallel devices (mesh data x fsdp); change config.batch_size, "
-                         "config.grad_accum_steps or config.mesh")
 
 
 def _check_workdir_model(workdir: Path, cfg: PhiConfig):
@@ -183,49 +125,10 @@ def _print_memory(compiled, n_params):
 def train_and_evaluate(config, workdir: str):
     workdir = Path(workdir).absolute()
     primary = jax.process_index() == 0
-
-    # --- Mesh -------------------------------------------------------------------------------------------------------
-    try:
-        mesh = sharding.make_mesh(config.mesh)
-        rules = sharding.rules_dict(config.sharding_rules)
-    except sharding.ShardingError as e:
-        raise TrainError(str(e)) from None
-    _check_batch(config, mesh)
-
-    # --- Model and optimizer: abstract shapes first, then shardings from the logical axes ------------------------------
-    cfg = PhiConfig.from_dict(config.model)
-    abstract = abstract_model(cfg)
-    graphdef, abs_state = nnx.split(abstract)
-    abs_params = abs_state.to_pure_dict()
-    try:
-        p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
-    except sharding.ShardingError as e:
-        raise TrainError(str(e)) from None
-    tx = optim.make_optimizer(config.optimizer, config.steps)
-    abs_opt = jax.eval_shape(tx.init, abs_params)
-    o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
-    b_shard = {k: sharding.batch_sharding(rules, mesh, 1 if k == "source_id" else 2)
-               for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
-    train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout)
-
-    def traced_step(*args):  # the model's activation constraints read the mesh and rules at trace time
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
-            return train_step(*args)
-
-    step_fn = jax.jit(
-        traced_step,
-        in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
-        donate_argnums=(0, 1),
-    )
-
-    def traced_eval(params, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
-            total, count = loss_sums(graphdef, params, batch, None)
-            return total, count
-
-    eval_fn = jax.jit(traced_eval, in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
+    b = build(config)
+    mesh, cfg, abstract, abs_params, p_shard = b.mesh, b.cfg, b.abstract, b.abs_params, b.p_shard
+    tx, abs_opt, o_shard, b_shard, replicated = b.tx, b.abs_opt, b.o_shard, b.b_shard, b.replicated
+    step_fn, eval_fn = b.step_fn, b.eval_fn
 
     if config.dry_run:
         bs, t = config.batch_size, config.seq_len
@@ -281,9 +184,7 @@ def train_and_evaluate(config, workdir: str):
             params = jax.device_put(_pretrained_params(config.init_from, cfg), p_shard)
             print(f"initialized parameters from {config.init_from}")
         else:
-            init = jax.jit(lambda: nnx.split(Phi(cfg, rngs=nnx.Rngs(config.seed)))[1].to_pure_dict(),
-                           out_shardings=p_shard)
-            params = init()
+            params = init_params(b, config.seed)
         opt_state = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
 
     def save(step):
@@ -357,7 +258,7 @@ def main(argv):
                                    process_id=_PROCESS_ID.value)
     try:
         train_and_evaluate(config, _WORKDIR.value)
-    except (TrainError, data.DataError, TokenizerError, sharding.ShardingError) as e:
+    except (TrainError, BuildError, data.DataError, TokenizerError, sharding.ShardingError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

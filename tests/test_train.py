@@ -1,6 +1,5 @@
 """The trainer end to end on CPU: exact resume after SIGKILL, 8-device mesh parity, dry run, bad input."""
 
-import json
 import os
 import signal
 import subprocess

@@ -1,0 +1,113 @@
+"""Training throughput (tokens/s, MFU) for any config, side by side with Hugging Face's PyTorch PhiForCausalLM.
+
+Command:  python -m phi1_jax.bench_train --config=configs/tiny.py [--config.model.d_model=256 ...] [--steps=20]
+          [--peer=transformers|none]
+Expect:   a minute or two on CPU for a small shape.
+
+Both sides train the same shape on random token batches (batch `config.batch_size` x `config.seq_len`, no data
+pipeline, so the figure is compute only) with AdamW and the config's dropout: ours is the trainer's own jitted step
+(phi1_jax.train.build) on the configured mesh; the peer is `transformers.PhiForCausalLM` in fp32 with `torch.optim.AdamW`
+(eager attention), on all CPU threads. After warm-up steps, both are timed over the same number of steps. MFU uses the
+FLOP formula of docs/flops.md and the device's peak (null where none is known, e.g. CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import flags
+from ml_collections import config_flags
+
+from phi1_jax import cli, optim
+from phi1_jax.step import build, init_params
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (configs/*.py)")
+_STEPS = flags.DEFINE_integer("steps", 20, "timed steps on each side")
+_WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps first (compilation, allocator warm-up)")
+_PEER = flags.DEFINE_enum("peer", "transformers", ["transformers", "none"], "what to run beside phi1_jax")
+
+
+def random_batch(config, rng):
+    shape = (config.batch_size, config.seq_len)
+    ids = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
+    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones(shape, np.int32),
+            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
+            "loss_mask": np.ones(shape, np.float32), "source_id": np.zeros(shape[:1], np.int32)}
+
+
+def bench_phi1_jax(config, steps, warmup):
+    b = build(config)
+    params = init_params(b, config.seed)
+    opt_state = jax.jit(b.tx.init, in_shardings=(b.p_shard,), out_shardings=b.o_shard)(params)
+    batch = {k: jax.device_put(v, b.b_shard[k]) for k, v in random_batch(config, np.random.default_rng(0)).items()}
+    for i in range(warmup):
+        params, opt_state, m = b.step_fn(params, opt_state, jnp.int32(i), batch)
+    jax.block_until_ready(m["loss"])
+    t0 = time.perf_counter()
+    for i in range(steps):
+        params, opt_state, m = b.step_fn(params, opt_state, jnp.int32(warmup + i), batch)
+    jax.block_until_ready(m["loss"])
+    return config.batch_size * config.seq_len * steps / (time.perf_counter() - t0), float(m["loss"])
+
+
+def bench_transformers(config, steps, warmup):
+    import torch
+    import transformers
+
+    from phi1_jax.convert import hf_config_dict
+    from phi1_jax.model import PhiConfig
+
+    cfg = PhiConfig.from_dict(config.model)
+    hf_cfg = transformers.PhiConfig(**{k: v for k, v in hf_config_dict(cfg).items() if k not in ("architectures", "model_type")},
+                                    attn_implementation="eager")
+    torch.manual_seed(config.seed)
+    model = transformers.PhiForCausalLM(hf_cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate, betas=(config.optimizer.b1, config.optimizer.b2),
+                            eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay)
+    batch = random_batch(config, np.random.default_rng(0))
+    inputs, targets = torch.tensor(batch["inputs"], dtype=torch.long), torch.tensor(batch["targets"], dtype=torch.long)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        logits = model(inputs).logits
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.grad_clip_norm)
+        opt.step()
+        return loss
+
+    for _ in range(warmup):
+        step()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    return config.batch_size * config.seq_len * steps / (time.perf_counter() - t0), float(loss.detach())
+
+
+def main(argv):
+    del argv
+    config = _CONFIG.value
+    device = jax.devices()[0]
+    peak = optim.peak_flops(device)
+    flops = optim.flops_per_token(config.model, config.seq_len)
+    m = config.model
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.device_count()} x "
+          f"{device.device_kind}")
+    print(f"shape: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, vocab "
+          f"{m.vocab_size}; batch {config.batch_size} x seq {config.seq_len}; dtype {m.dtype}; remat {m.remat}")
+    ours, our_loss = bench_phi1_jax(config, _STEPS.value, _WARMUP.value)
+    mfu = f"{ours * flops / (jax.device_count() * peak):.1%}" if peak else "n/a (no known peak for this device)"
+    print(f"phi1_jax:      {ours:12,.0f} tokens/s   MFU {mfu}   (loss {our_loss:.3f})")
+    if _PEER.value == "transformers":
+        theirs, their_loss = bench_transformers(config, _STEPS.value, _WARMUP.value)
+        print(f"transformers:  {theirs:12,.0f} tokens/s   (loss {their_loss:.3f})")
+        print(f"ratio phi1_jax / transformers: {ours / theirs:.2f}x")
+
+
+if __name__ == "__main__":
+    cli.run(main)

@@ -1,0 +1,155 @@
+"""What a training config compiles to: the mesh, shardings, and the jitted train and eval steps (no flags, no I/O).
+
+Used by phi1_jax.train (the loop) and phi1_jax.bench_train (throughput). `build(config)` allocates nothing: the model
+and optimizer state are abstract until `init_params` (or a restore) creates them in their shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax import nnx
+
+from phi1_jax import optim, sharding
+from phi1_jax.model import Phi, PhiConfig, abstract_model, logical_axes
+
+
+class BuildError(ValueError):
+    """A mesh, batch or sharding that does not fit; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def loss_sums(graphdef, params, batch, dropout_key):
+    """(sum of masked token cross-entropies, number of learned tokens) of one microbatch."""
+    model = nnx.merge(graphdef, params)
+    deterministic = dropout_key is None
+    rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
+    logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   deterministic=deterministic, rngs=rngs)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    mask = batch["loss_mask"]
+    return jnp.sum(ce * mask), jnp.sum(mask)
+
+
+def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool):
+    """One optimizer update on a global batch, split into `grad_accum` microbatches whose gradients are summed."""
+
+    def train_step(params, opt_state, step, batch):
+        key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
+        # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its rows in every microbatch.
+        micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
+                             {k: v for k, v in batch.items() if k != "source_id"})
+
+        def accumulate(carry, xs):
+            grads, total, count = carry
+            i, mb = xs
+            k = None if key is None else jax.random.fold_in(key, i)
+            (s, n), g = jax.value_and_grad(lambda p: loss_sums(graphdef, p, mb, k), has_aux=True)(params)
+            return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
+        count = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over every learned token
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+
+    return train_step
+
+
+
+def _check_batch(config, mesh):
+    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    if config.batch_size % config.grad_accum_steps:
+        raise BuildError(f"config.batch_size={config.batch_size} is not divisible by "
+                         f"config.grad_accum_steps={config.grad_accum_steps}")
+    micro = config.batch_size // config.grad_accum_steps
+    if micro % batch_devices:
+        raise BuildError(f"the microbatch of {micro} sequences (batch_size / grad_accum_steps) does not divide over "
+                         f"the {batch_devices} data-parallel devices (mesh data x fsdp); change config.batch_size, "
+                         "config.grad_accum_steps or config.mesh")
+
+
+@dataclasses.dataclass
+class Built:
+    """What a config compiles to: the mesh, the model's graph and abstract state, shardings and the jitted steps."""
+
+    mesh: jax.sharding.Mesh
+    cfg: PhiConfig
+    abstract: Phi
+    graphdef: Any
+    abs_params: dict
+    p_shard: Any
+    tx: optax.GradientTransformation
+    abs_opt: Any
+    o_shard: Any
+    b_shard: dict
+    replicated: jax.sharding.NamedSharding
+    step_fn: Any  # (params, opt_state, step, batch) -> (params, opt_state, metrics); params and opt_state donated
+    eval_fn: Any  # (params, batch) -> (sum of token losses, number of tokens)
+
+
+def build(config) -> Built:
+    """Mesh, abstract model and optimizer, shardings and the jitted train and eval steps; nothing is allocated."""
+    # --- Mesh -------------------------------------------------------------------------------------------------------
+    try:
+        mesh = sharding.make_mesh(config.mesh)
+        rules = sharding.rules_dict(config.sharding_rules)
+    except sharding.ShardingError as e:
+        raise BuildError(str(e)) from None
+    _check_batch(config, mesh)
+
+    # --- Model and optimizer: abstract shapes first, then shardings from the logical axes ------------------------------
+    cfg = PhiConfig.from_dict(config.model)
+    abstract = abstract_model(cfg)
+    graphdef, abs_state = nnx.split(abstract)
+    abs_params = abs_state.to_pure_dict()
+    try:
+        p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
+    except sharding.ShardingError as e:
+        raise BuildError(str(e)) from None
+    tx = optim.make_optimizer(config.optimizer, config.steps)
+    abs_opt = jax.eval_shape(tx.init, abs_params)
+    o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
+    b_shard = {k: sharding.batch_sharding(rules, mesh, 1 if k == "source_id" else 2)
+               for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
+    train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout)
+
+    def traced_step(*args):  # the model's activation constraints read the mesh and rules at trace time
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
+            return train_step(*args)
+
+    step_fn = jax.jit(
+        traced_step,
+        in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
+        donate_argnums=(0, 1),
+    )
+
+    def traced_eval(params, batch):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
+            total, count = loss_sums(graphdef, params, batch, None)
+            return total, count
+
+    eval_fn = jax.jit(traced_eval, in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
+
+    return Built(mesh, cfg, abstract, graphdef, abs_params, p_shard, tx, abs_opt, o_shard, b_shard, replicated,
+                 step_fn, eval_fn)
+
+
+def init_params(b: Built, seed: int) -> dict:
+    """Random initial parameters, created directly in their shardings."""
+    return jax.jit(lambda: nnx.split(Phi(b.cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict(), out_shardings=b.p_shard)()
+
+
