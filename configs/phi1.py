@@ -61,6 +61,8 @@ def get_config() -> ml_collections.ConfigDict:
             grad_clip_norm=1.0,  # not stated in the paper
         )
     )
+    # fp16 compute only (model.dtype = "float16", the paper's setting): dynamic loss scaling.
+    c.loss_scale = ml_collections.ConfigDict(dict(initial=2.0**15, period=2000))
     c.init_from = ""  # a workdir or Hugging Face directory to start from (finetuning)
 
     # Data (phi1_jax.data): shard directories written by `python -m data_gen.shards`, mixed by weight per sequence.

@@ -43,7 +43,7 @@ def random_batch(config, rng):
 def bench_phi1_jax(config, steps, warmup):
     b = build(config)
     params = init_params(b, config.seed)
-    opt_state = jax.jit(b.tx.init, in_shardings=(b.p_shard,), out_shardings=b.o_shard)(params)
+    opt_state = jax.jit(b.opt_init, in_shardings=(b.p_shard,), out_shardings=b.o_shard)(params)
     batch = {k: jax.device_put(v, b.b_shard[k]) for k, v in random_batch(config, np.random.default_rng(0)).items()}
     for i in range(warmup):
         params, opt_state, m = b.step_fn(params, opt_state, jnp.int32(i), batch)

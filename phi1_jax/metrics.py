@@ -7,6 +7,7 @@ metrics.jsonl has one JSON object per line: training rows (`step`, `loss`, `lr`,
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -23,7 +24,9 @@ class MetricsWriter:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(row) + "\n")
+        # Non-finite numbers (an fp16 step that overflowed) are written as null: NaN is not JSON.
+        row = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
         self._file.flush()
         for k, v in row.items():
             if k != "step" and isinstance(v, (int, float)):

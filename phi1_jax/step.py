@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jmp
 import optax
 from flax import linen as nn
 from flax import nnx
@@ -40,10 +41,29 @@ def loss_sums(graphdef, params, batch, dropout_key):
     return jnp.sum(ce * mask), jnp.sum(mask)
 
 
-def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool):
-    """One optimizer update on a global batch, split into `grad_accum` microbatches whose gradients are summed."""
+def make_opt_init(tx, loss_scale=None):
+    """Optimizer state: the optax state, plus the dynamic loss scale's state when `loss_scale` (fp16) is given."""
+    if loss_scale is None:
+        return tx.init
+    return lambda params: {"tx": tx.init(params), "loss_scale": {"scale": jnp.float32(loss_scale.initial),
+                                                                 "counter": jnp.int32(0)}}
+
+
+def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, loss_scale=None):
+    """One optimizer update on a global batch, split into `grad_accum` microbatches whose gradients are summed.
+
+    With `loss_scale` (fp16 compute), the loss is multiplied by a dynamic scale before differentiation so small
+    gradients survive fp16; a step whose gradients overflow is skipped and the scale halved, and after
+    `loss_scale.period` good steps it doubles (jmp.DynamicLossScale, as in mixed-precision practice).
+    """
 
     def train_step(params, opt_state, step, batch):
+        if loss_scale is not None:
+            scaler = jmp.DynamicLossScale(opt_state["loss_scale"]["scale"], opt_state["loss_scale"]["counter"],
+                                          period=loss_scale.period)
+            scale = scaler.loss_scale
+        else:
+            scale = jnp.float32(1.0)
         key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
         # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its rows in every microbatch.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
@@ -53,16 +73,29 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool):
             grads, total, count = carry
             i, mb = xs
             k = None if key is None else jax.random.fold_in(key, i)
-            (s, n), g = jax.value_and_grad(lambda p: loss_sums(graphdef, p, mb, k), has_aux=True)(params)
+            scaled = lambda p: (lambda s, n: (s * multiplier, (s, n)))(*loss_sums(graphdef, p, mb, k))  # noqa: E731
+            (_, (s, n)), g = jax.value_and_grad(scaled, has_aux=True)(params)
             return (jax.tree.map(jnp.add, grads, g), total + s, count + n), None
 
+        # fp16: differentiate (summed loss / tokens per microbatch) x scale, i.e. a mean-sized loss times the scale, so
+        # the scale means what it says whatever the batch shape; 1 otherwise (fp32 range needs no scaling).
+        multiplier = scale / micro["inputs"][0].size if loss_scale is not None else jnp.float32(1.0)
         zeros = jax.tree.map(jnp.zeros_like, params)
         (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
         count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)  # gradient of the mean over every learned token
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        grads = jax.tree.map(lambda g: g / (count * multiplier), grads)  # gradient of the mean over every learned token
+        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        if loss_scale is None:
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, metrics
+        finite = jmp.all_finite(grads)
+        updates, tx_state = tx.update(grads, opt_state["tx"], params)
+        # An overflowed step changes nothing but the scale.
+        params, tx_state = jmp.select_tree(finite, (optax.apply_updates(params, updates), tx_state),
+                                           (params, opt_state["tx"]))
+        scaler = scaler.adjust(finite)
+        metrics.update(loss_scale=scaler.loss_scale, skipped=1 - finite.astype(jnp.int32))
+        return params, {"tx": tx_state, "loss_scale": {"scale": scaler.loss_scale, "counter": scaler.counter}}, metrics
 
     return train_step
 
@@ -95,6 +128,7 @@ class Built:
     o_shard: Any
     b_shard: dict
     replicated: jax.sharding.NamedSharding
+    opt_init: Any  # params -> optimizer state (optax state, and the loss scale for fp16)
     step_fn: Any  # (params, opt_state, step, batch) -> (params, opt_state, metrics); params and opt_state donated
     eval_fn: Any  # (params, batch) -> (sum of token losses, number of tokens)
 
@@ -119,13 +153,16 @@ def build(config) -> Built:
     except sharding.ShardingError as e:
         raise BuildError(str(e)) from None
     tx = optim.make_optimizer(config.optimizer, config.steps)
-    abs_opt = jax.eval_shape(tx.init, abs_params)
+    loss_scale = config.loss_scale if cfg.dtype == "float16" else None
+    opt_init = make_opt_init(tx, loss_scale)
+    abs_opt = jax.eval_shape(opt_init, abs_params)
     o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
     b_shard = {k: sharding.batch_sharding(rules, mesh, 1 if k == "source_id" else 2)
                for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
-    train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout)
+    train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout,
+                                 loss_scale=loss_scale)
 
     def traced_step(*args):  # the model's activation constraints read the mesh and rules at trace time
         with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
@@ -145,7 +182,7 @@ def build(config) -> Built:
     eval_fn = jax.jit(traced_eval, in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
 
     return Built(mesh, cfg, abstract, graphdef, abs_params, p_shard, tx, abs_opt, o_shard, b_shard, replicated,
-                 step_fn, eval_fn)
+                 opt_init, step_fn, eval_fn)
 
 
 def init_params(b: Built, seed: int) -> dict:

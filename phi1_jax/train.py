@@ -185,7 +185,7 @@ def train_and_evaluate(config, workdir: str):
             print(f"initialized parameters from {config.init_from}")
         else:
             params = init_params(b, config.seed)
-        opt_state = jax.jit(tx.init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
+        opt_state = jax.jit(b.opt_init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
 
     def save(step):
         manager.save(step, args=ocp.args.Composite(
@@ -220,6 +220,8 @@ def train_and_evaluate(config, workdir: str):
                 t_last, tokens_since = now, 0
                 row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
                        "tokens_per_sec": tps, "mfu": (tps * flops / (jax.device_count() * peak)) if peak else None}
+                if "loss_scale" in m:  # fp16: the dynamic loss scale, and whether this step overflowed and was skipped
+                    row.update(loss_scale=float(m["loss_scale"]), skipped=int(m["skipped"]))
                 writer.write(row)
                 if primary:
                     print(f"step {step:>7}/{config.steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "

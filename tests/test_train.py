@@ -223,3 +223,22 @@ def test_inspect_command_line(uninterrupted, tmp_path):
     assert f"step {N} of [{N}, {STEPS}]" in r.stdout and "lm_head/kernel" in r.stdout
     r = subprocess.run([sys.executable, "-m", "phi1_jax.inspect", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2 and "not a phi1_jax model checkpoint" in r.stderr
+
+
+def test_fp16_with_dynamic_loss_scaling(uninterrupted, tmp_path):
+    r = subprocess.run(_cmd(tmp_path / "f16", "--config.model.dtype=float16"), env=_env(), capture_output=True,
+                       text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows, fp32 = read_metrics(tmp_path / "f16")[0], _losses(uninterrupted)
+    assert all(rows[s]["skipped"] == 0 and rows[s]["loss_scale"] == 2.0**15 for s in rows)
+    for step in (1, STEPS):  # fp16 tracks fp32 (10 bits of mantissa: agreement to ~1e-2 over 16 steps)
+        assert rows[step]["loss"] == pytest.approx(fp32[step], abs=5e-2)
+    # A scale far too large: the overflowing steps are skipped (nothing updated) and the scale halves until it fits.
+    r = subprocess.run(_cmd(tmp_path / "big", "--config.model.dtype=float16", "--config.loss_scale.initial=16777216"),
+                       env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = read_metrics(tmp_path / "big")[0]
+    assert rows[1]["skipped"] == 1 and rows[1]["grad_norm"] is None and rows[1]["loss_scale"] == 2.0**23
+    assert rows[STEPS]["skipped"] == 0 and rows[STEPS]["loss_scale"] < 1e6
+    first_good = min(s for s in rows if rows[s]["skipped"] == 0)
+    assert rows[first_good]["loss"] == pytest.approx(fp32[1], abs=5e-2)  # skipped steps left the weights untouched
