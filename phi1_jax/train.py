@@ -127,7 +127,7 @@ def train_and_evaluate(config, workdir: str):
     primary = jax.process_index() == 0
     b = build(config)
     mesh, cfg, abstract, abs_params, p_shard = b.mesh, b.cfg, b.abstract, b.abs_params, b.p_shard
-    tx, abs_opt, o_shard, b_shard, replicated = b.tx, b.abs_opt, b.o_shard, b.b_shard, b.replicated
+    abs_opt, o_shard, b_shard, replicated = b.abs_opt, b.o_shard, b.b_shard, b.replicated
     step_fn, eval_fn = b.step_fn, b.eval_fn
 
     if config.dry_run:

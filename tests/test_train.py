@@ -1,6 +1,7 @@
 """The trainer end to end on CPU: exact resume after SIGKILL, 8-device mesh parity, dry run, bad input."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +243,25 @@ def test_fp16_with_dynamic_loss_scaling(uninterrupted, tmp_path):
     assert rows[STEPS]["skipped"] == 0 and rows[STEPS]["loss_scale"] < 1e6
     first_good = min(s for s in rows if rows[s]["skipped"] == 0)
     assert rows[first_good]["loss"] == pytest.approx(fp32[1], abs=5e-2)  # skipped steps left the weights untouched
+
+
+def test_keep_policy_nan_stop_and_missing_data(tmp_path, embedded):
+    r = subprocess.run(_cmd(tmp_path / "keep", "--config.checkpoint_every=4", "--config.keep_checkpoints=2"),
+                       env=_env(), capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(int(p.name) for p in (tmp_path / "keep" / "checkpoints").iterdir() if p.name.isdigit()) == [12, 16]
+
+    r = subprocess.run(_cmd(tmp_path / "nan", "--config.optimizer.learning_rate=1e30", "--config.optimizer.warmup_steps=1",
+                            "--config.checkpoint_every=2"), env=_env(), capture_output=True, text=True,
+                       cwd=Path(__file__).parents[1])
+    assert r.returncode == 2 and "stopping without saving this state" in r.stderr, r.stderr[-2000:]
+    bad_step = int(re.search(r"error: loss is (?:nan|inf|-inf) at step (\d+)", r.stderr).group(1))
+    saved = sorted(int(p.name) for p in (tmp_path / "nan" / "checkpoints").iterdir() if p.name.isdigit())
+    assert all(s < bad_step for s in saved)  # no checkpoint holds the diverged state
+
+    r = _run("--config=configs/phi1.py", f"--workdir={tmp_path / 'nodata'}", "--config.model.num_layers=1",
+             f"--config.data.tokenizer={embedded.tokenizer_path}", f"--config.data.sources.code.path={tmp_path / 'nope'}",
+             f"--config.data.sources.textbooks.path={tmp_path / 'nope2'}",
+             "--config.grad_accum_steps=1", "--config.batch_size=2")
+    assert r.returncode == 2 and f"source 'code': {tmp_path / 'nope'}: shard directory not found" in r.stderr
+    assert not (tmp_path / "nodata" / "checkpoints").exists()
