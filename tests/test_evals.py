@@ -250,3 +250,13 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     assert summary["n_samples"] == 3 and 0.0 <= summary["pass@1"] <= 1.0 and summary["checkpoint"] == str(ckpt)
     r = _evals(*common, "--n-samples=2")
     assert r.returncode == 2 and "--temperature=0 is greedy" in r.stderr
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
+                    reason="the namespaces sandbox needs root and util-linux")
+def test_sandbox_uses_namespaces_where_it_can():
+    """A silent fallback to the weaker mode would hide a broken namespace command: fail loudly instead."""
+    sandbox = Sandbox()
+    assert sandbox.mode == "namespaces"
+    r = sandbox.run("import os\nassert os.getuid() == 65534 and os.getpid() == 1 and os.getcwd() == '/mnt'\n")
+    assert r.passed, r.reason

