@@ -5,7 +5,9 @@ Implementations:
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16). It takes no segment ids, so packed
          documents go in as a dense [B, 1, T, S] mask; it has no dropout, so attention dropout > 0 is refused.
 
-`pallas` (the project's flash-attention kernel, kernels/flash_attention.py) arrives with the kernel issue.
+  pallas the project's flash-attention kernel (kernels/flash_attention.py): training and prefill without a cache; it
+         has no dropout, so attention dropout > 0 is refused. Interpreted (`interpret=True`) on CPU, compiled on GPU/TPU.
+Decoding with a KV cache always takes the xla path (one query row per step: nothing for a flash kernel to tile).
 
 Shapes: q [B, T, N, H]; k, v [B, S, N, H]; q_segment_ids [B, T]; kv_segment_ids [B, S].
 """
@@ -15,7 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("xla", "cudnn")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
 
 
 def make_mask(q_segment_ids, kv_segment_ids, q_offset=0):
@@ -51,13 +53,18 @@ def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
 
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_offset=0, impl="xla", dropout_rate=0.0, dropout_rng=None):
     """Causal, segment-masked attention. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in v's dtype."""
+    no_dropout = dropout_rng is None or dropout_rate == 0.0
+    if impl in ("cudnn", "pallas") and not no_dropout:
+        raise ValueError(f"attention_impl={impl!r} has no attention dropout; set model.attn_dropout=0 or use "
+                         "attention_impl='xla'")
+    if impl == "pallas" and kv_segment_ids is q_segment_ids:  # no cache: the model passes one array for both
+        from kernels.flash_attention import flash_attention
+
+        return flash_attention(q, k, v, segment_ids=q_segment_ids, causal=True,
+                               interpret=jax.default_backend() == "cpu")
     mask = make_mask(q_segment_ids, kv_segment_ids, q_offset)
-    if impl == "xla":
+    if impl in ("xla", "pallas"):
         return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if impl == "cudnn":
-        if dropout_rng is not None and dropout_rate > 0.0:
-            raise ValueError(
-                "attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use attention_impl='xla'"
-            )
         return cudnn_attention(q, k, v, mask)
     raise ValueError(f"unknown attention implementation {impl!r}; choose one of {IMPLEMENTATIONS}")

@@ -1,0 +1,325 @@
+"""Flash attention in Pallas: forward and backward, causal, packed documents (segment ids).
+
+    o = flash_attention(q, k, v, segment_ids=seg, causal=True)      # q, k, v: [batch, seq, heads, head_dim]
+
+Forward: one program per (batch, head, query block) walks the key blocks with an online softmax (Dao et al. 2022),
+keeping the running max m, sum l and accumulator in fp32, and writes the output and the log-sum-exp
+lse = m + log(l). Causal attention stops at the diagonal block: key blocks wholly above it are never loaded or
+computed. Segment ids mask attention across document boundaries, anywhere inside a block.
+Backward (FlashAttention-2's split): delta = rowsum(dO * O); one kernel per key block accumulates dK and dV over the
+query blocks that can see it; another per query block accumulates dQ over the key blocks it sees. Both rebuild the
+probabilities from the saved lse instead of storing them.
+
+Every row attends at least to itself (causal or not, a token shares its own segment id), so no softmax row is empty.
+Sequence lengths that the blocks do not divide are padded up, the padding masked by a segment id no real token has.
+The Triton (GPU) and Mosaic (TPU) backends lower the same kernels; `interpret=True` runs them on any backend (the
+tests do, on CPU). Block sizes default per backend (`BlockSizes.default`). Imports nothing from phi1_jax.
+
+Order of this file: block sizes, forward kernel, backward kernels, public wrapper (validation, custom VJP),
+reference implementation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) underflows to 0 without NaNs
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+PAD_SEGMENT = -1  # segment id of padding added by the wrapper; never equal to a real one
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    block_q: int = 64
+    block_k: int = 64
+    block_q_dkv: int = 64
+    block_k_dkv: int = 64
+    block_q_dq: int = 64
+    block_k_dq: int = 64
+
+    @classmethod
+    def default(cls, head_dim: int, backend: str | None = None) -> "BlockSizes":
+        backend = backend or jax.default_backend()
+        if backend == "tpu":
+            return cls(128, 128, 128, 128, 128, 128)
+        if backend == "gpu":  # Triton: 64 x 64 tiles keep head_dim 128 within shared memory on A100 and H100
+            return cls(64, 64, 64, 64, 64, 64) if head_dim > 64 else cls(128, 64, 64, 128, 128, 64)
+        return cls(128, 128, 128, 128, 128, 128)  # interpret mode: fewer, larger blocks run faster
+
+    def max_block(self) -> int:
+        return max(dataclasses.astuple(self))
+
+
+def _mask(q_idx, k_idx, q_seg, k_seg, causal: bool):
+    """[bq, bk] bool: which keys each query may see (None: all)."""
+    mask = None
+    if causal:
+        mask = q_idx[:, None] >= k_idx[None, :]
+    if q_seg is not None:
+        same = q_seg[:, None] == k_seg[None, :]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _dot(a, b, trans_b=False):
+    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, sm_scale, causal, block_q, block_k,
+                seq_len):
+    i = pl.program_id(2)
+    q = q_ref[...]  # [bq, D]
+    q_idx = i * block_q + jnp.arange(block_q)
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+    n_kv = pl.cdiv((i + 1) * block_q, block_k) if causal else seq_len // block_k  # skip blocks above the diagonal
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, trans_b=True) * sm_scale  # [bq, bk] fp32
+        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
+        mask = _mask(q_idx, start + jnp.arange(block_k), q_seg, k_seg, causal)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(axis=1))
+        p = jnp.exp(s - m_new[:, None])
+        correction = jnp.exp(m - m_new)
+        l = l * correction + p.sum(axis=1)
+        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        return m_new, l, acc
+
+    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+            jnp.zeros(q.shape, jnp.float32))
+    m, l, acc = jax.lax.fori_loop(0, n_kv, body, init)
+    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    lse_ref[...] = m + jnp.log(l)
+
+
+def _specs(seq_len, head_dim, block):
+    """BlockSpecs over [B, S, H, D] tensors and [B, S] segment ids, for a grid (batch, head, block index)."""
+    blocked = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
+    whole = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    seg_blocked = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
+    seg_whole = pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0))
+    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))  # [B, H, S] lse / delta
+    rows_whole = pl.BlockSpec((None, None, seq_len), lambda b, h, i: (b, h, 0))
+    return blocked, whole, seg_blocked, seg_whole, rows, rows_whole
+
+
+def _forward(q, k, v, seg, *, causal, sm_scale, blocks: BlockSizes, interpret):
+    b, s, h, d = q.shape
+    bq, bk = blocks.block_q, blocks.block_k
+    blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
+    has_seg = seg is not None
+    kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk, seq_len=s)
+    if not has_seg:
+        kernel = _without_segments(kernel, n_before=3, n_after=2)
+    in_specs = [blocked, whole, whole] + ([seg_blocked, seg_whole] if has_seg else [])
+    args = (q, k, v) + ((seg, seg) if has_seg else ())
+    o, lse = pl.pallas_call(
+        kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+        interpret=interpret, name="flash_attention_fwd",
+    )(*args)
+    return o, lse
+
+
+def _without_segments(kernel, n_before, n_after):
+    """Adapts a kernel written with (qseg_ref, kseg_ref) after `n_before` refs to a call without segment ids."""
+
+    def wrapped(*refs):
+        return kernel(*refs[:n_before], None, None, *refs[n_before:n_before + n_after])
+
+    return wrapped
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, *, sm_scale,
+                 causal, block_q, block_k, seq_len):
+    j = pl.program_id(2)
+    k, v = k_ref[...], v_ref[...]  # [bk, D]
+    k_idx = j * block_k + jnp.arange(block_k)
+    k_seg = None if kseg_ref is None else kseg_ref[...]
+    first = (j * block_k) // block_q if causal else 0  # query blocks below the diagonal only
+
+    def body(i, carry):
+        dk, dv = carry
+        start = pl.multiple_of(i * block_q, block_q)
+        q = q_ref[pl.ds(start, block_q), :]
+        do = do_ref[pl.ds(start, block_q), :]
+        lse = lse_ref[pl.ds(start, block_q)]
+        delta = delta_ref[pl.ds(start, block_q)]
+        s = _dot(q, k, trans_b=True) * sm_scale  # [bq, bk]
+        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, block_q)]
+        mask = _mask(start + jnp.arange(block_q), k_idx, q_seg, k_seg, causal)
+        p = jnp.exp(s - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        dv = dv + _dot(p.astype(do.dtype).T, do)
+        dp = _dot(do, v, trans_b=True)
+        ds = p * (dp - delta[:, None])
+        dk = dk + _dot(ds.astype(q.dtype).T, q) * sm_scale
+        return dk, dv
+
+    zeros = jnp.zeros(k.shape, jnp.float32)
+    dk, dv = jax.lax.fori_loop(first, seq_len // block_q, body, (zeros, zeros))
+    dk_ref[...] = dk.astype(dk_ref.dtype)
+    dv_ref[...] = dv.astype(dv_ref.dtype)
+
+
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, *, sm_scale, causal,
+               block_q, block_k, seq_len):
+    i = pl.program_id(2)
+    q, do = q_ref[...], do_ref[...]
+    lse, delta = lse_ref[...], delta_ref[...]
+    q_idx = i * block_q + jnp.arange(block_q)
+    q_seg = None if qseg_ref is None else qseg_ref[...]
+    n_kv = pl.cdiv((i + 1) * block_q, block_k) if causal else seq_len // block_k
+
+    def body(j, dq):
+        start = pl.multiple_of(j * block_k, block_k)
+        k = k_ref[pl.ds(start, block_k), :]
+        v = v_ref[pl.ds(start, block_k), :]
+        s = _dot(q, k, trans_b=True) * sm_scale
+        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
+        mask = _mask(q_idx, start + jnp.arange(block_k), q_seg, k_seg, causal)
+        p = jnp.exp(s - lse[:, None])
+        if mask is not None:
+            p = jnp.where(mask, p, 0.0)
+        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        return dq + _dot(ds.astype(k.dtype), k) * sm_scale
+
+    dq = jax.lax.fori_loop(0, n_kv, body, jnp.zeros(q.shape, jnp.float32))
+    dq_ref[...] = dq.astype(dq_ref.dtype)
+
+
+def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret):
+    b, s, h, d = q.shape
+    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    has_seg = seg is not None
+    common = dict(sm_scale=sm_scale, causal=causal, seq_len=s)
+
+    # dK, dV: one program per key block.
+    bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
+    blocked, whole, seg_blocked, seg_whole, _, rows_whole = _specs(s, d, bk)
+    kernel = functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **common)
+    if not has_seg:
+        kernel = _without_segments(kernel, n_before=6, n_after=2)
+    in_specs = [whole, blocked, blocked, whole, rows_whole, rows_whole] + ([seg_whole, seg_blocked] if has_seg else [])
+    args = (q, k, v, do, lse, delta) + ((seg, seg) if has_seg else ())
+    dk, dv = pl.pallas_call(
+        kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
+        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+        interpret=interpret, name="flash_attention_dkdv",
+    )(*args)
+
+    # dQ: one program per query block.
+    bq, bk = blocks.block_q_dq, blocks.block_k_dq
+    blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
+    kernel = functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common)
+    if not has_seg:
+        kernel = _without_segments(kernel, n_before=6, n_after=1)
+    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([seg_blocked, seg_whole] if has_seg else [])
+    dq = pl.pallas_call(
+        kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
+        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
+    )(*args)
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public wrapper
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _flash(q, k, v, seg, causal, sm_scale, blocks, interpret):
+    return _forward(q, k, v, seg, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret)
+
+
+def _flash_fwd(q, k, v, seg, causal, sm_scale, blocks, interpret):
+    o, lse = _forward(q, k, v, seg, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret)
+    return (o, lse), (q, k, v, seg, o, lse)
+
+
+def _flash_bwd(causal, sm_scale, blocks, interpret, residuals, cotangents):
+    q, k, v, seg, o, lse = residuals
+    do, _ = cotangents  # the lse output is for inspection; its cotangent is not propagated
+    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                           interpret=interpret)
+    return dq, dk, dv, None
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool = False, return_lse: bool = False):
+    """Attention of q [B, S, H, D] over k, v [B, S, H, D] -> [B, S, H, D] (and lse [B, H, S] with return_lse).
+
+    segment_ids [B, S] int: a query sees only keys with its own segment id. sm_scale defaults to 1/sqrt(D).
+    """
+    if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(f"flash_attention: q, k, v must share one shape [batch, seq, heads, head_dim]; got "
+                         f"{q.shape}, {k.shape}, {v.shape}")
+    b, s, h, d = q.shape
+    if d not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"flash_attention: head_dim {d} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
+    if segment_ids is not None and segment_ids.shape != (b, s):
+        raise ValueError(f"flash_attention: segment_ids must be [batch, seq] = {(b, s)}, got {segment_ids.shape}")
+    blocks = block_sizes or BlockSizes.default(d)
+    for name, size in dataclasses.asdict(blocks).items():
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"flash_attention: block size {name}={size} must be a power of two >= 16")
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
+    padded = -(-s // blocks.max_block()) * blocks.max_block()
+    if padded != s:  # pad, and keep the padding apart with a segment id no real token has
+        pad = padded - s
+        q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+        real = jnp.ones((b, s), jnp.int32) if seg is None else seg
+        seg = jnp.pad(real, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
+    o, lse = _flash(q, k, v, seg, causal, sm_scale, blocks, interpret)
+    o, lse = o[:, :s], lse[:, :, :s]
+    return (o, lse) if return_lse else o
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference (plain jnp, same signature): what the tests compare against
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def reference_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
+                        return_lse: bool = False, **unused):
+    """Materializes the [B, H, S, S] scores in fp32; outputs in q's dtype, lse [B, H, S] in fp32."""
+    d = q.shape[-1]
+    sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
+    s = jnp.einsum("bqhd,bkhd->bhqk", q.astype(jnp.float32), k.astype(jnp.float32)) * sm_scale
+    n = q.shape[1]
+    mask = jnp.ones((n, n), bool) if not causal else jnp.tril(jnp.ones((n, n), bool))
+    mask = mask[None, None]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    s = jnp.where(mask, s, MASK_VALUE)
+    lse = jax.nn.logsumexp(s, axis=-1)
+    o = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v.astype(jnp.float32)).astype(q.dtype)
+    return (o, lse) if return_lse else o

@@ -1,0 +1,109 @@
+"""The Pallas flash-attention kernel against its reference, in interpret mode (CPU), and inside the model.
+
+Tolerances: fp32 runs agree with the fp32 reference to float rounding (2e-5 absolute on unit-scale inputs). bf16 runs
+are compared with the reference computed from the same bf16 inputs in fp32: the kernel rounds P to bf16 before the PV
+and backward matmuls (as FlashAttention does), so outputs agree to bf16 resolution (3e-2 absolute, ~4 ulps at 1) and
+gradients, which sum S such products, to 1e-1 absolute.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from phi1_jax.model import Phi, PhiConfig
+
+TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 1e-1)}  # (forward, gradients), absolute
+
+CASES = [
+    # (batch, seq, heads, head_dim, dtype, causal, segments, block_q, block_k)
+    (2, 128, 2, 64, jnp.float32, True, False, 32, 32),
+    (1, 256, 3, 64, jnp.float32, False, True, 64, 32),
+    (2, 384, 2, 128, jnp.bfloat16, True, True, 128, 64),   # not a power of two
+    (1, 200, 2, 64, jnp.float32, True, True, 64, 64),      # does not divide the blocks: padded
+    (1, 512, 2, 64, jnp.bfloat16, False, False, 128, 128),
+    (1, 1024, 2, 64, jnp.float32, True, True, 128, 128),
+    (2, 256, 2, 128, jnp.float32, False, True, 32, 64),
+]
+
+
+def _inputs(b, s, h, d, dtype, segments, seed=0):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.float32).astype(dtype) for kk in ks[:3])
+    seg = None
+    if segments:  # document boundaries at odd places, inside blocks, different per row
+        cuts = np.sort(np.random.RandomState(seed).choice(np.arange(5, s - 5), size=(b, 3), replace=False), axis=1)
+        seg = jnp.asarray(1 + (np.arange(s)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)
+    return q, k, v, seg
+
+
+@pytest.mark.parametrize("b,s,h,d,dtype,causal,segments,bq,bk", CASES)
+def test_kernel_matches_reference(b, s, h, d, dtype, causal, segments, bq, bk):
+    q, k, v, seg = _inputs(b, s, h, d, dtype, segments)
+    blocks = BlockSizes(bq, bk, bq, bk, bq, bk)
+    kw = dict(segment_ids=seg, causal=causal)
+    o, lse = flash_attention(q, k, v, block_sizes=blocks, interpret=True, return_lse=True, **kw)
+    ro, rlse = reference_attention(q, k, v, return_lse=True, **kw)
+    fwd_tol, grad_tol = TOL[dtype]
+    assert o.dtype == dtype and o.shape == q.shape and lse.shape == (b, h, s)
+    np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ro, np.float32), atol=fwd_tol)
+    np.testing.assert_allclose(lse, rlse, atol=2e-5 if dtype == jnp.float32 else 2e-2)
+
+    w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)  # a loss that weighs every output differently
+
+    def grads(fn, **extra):
+        loss = lambda q, k, v: (fn(q, k, v, **kw, **extra).astype(jnp.float32) * w).sum()  # noqa: E731
+        return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    for name, got, want in zip("qkv", grads(flash_attention, block_sizes=blocks, interpret=True),
+                               grads(reference_attention)):
+        np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=grad_tol,
+                                   err_msg=f"d{name}")
+
+
+def test_bad_shapes_are_clear_errors():
+    q = jnp.zeros((1, 128, 2, 64))
+    with pytest.raises(ValueError, match="head_dim 48 is not supported"):
+        flash_attention(jnp.zeros((1, 128, 2, 48)), jnp.zeros((1, 128, 2, 48)), jnp.zeros((1, 128, 2, 48)))
+    with pytest.raises(ValueError, match="must share one shape"):
+        flash_attention(q, q[:, :64], q)
+    with pytest.raises(ValueError, match="segment_ids must be"):
+        flash_attention(q, q, q, segment_ids=jnp.ones((1, 64), jnp.int32))
+    with pytest.raises(ValueError, match="power of two"):
+        flash_attention(q, q, q, block_sizes=BlockSizes(48, 64, 64, 64, 64, 64), interpret=True)
+
+
+def test_model_with_pallas_equals_xla_on_a_packed_batch():
+    base = dict(vocab_size=97, num_layers=2, d_model=64, num_heads=4, head_dim=16, mlp_dim=128, rotary_dim=8,
+                max_seq_len=256)
+    ids = jax.random.randint(jax.random.key(0), (2, 160), 0, 97)
+    seg = jnp.asarray([[1] * 70 + [2] * 60 + [3] * 30, [1] * 100 + [2] * 60])
+    out = {}
+    for impl in ("xla", "pallas"):
+        graphdef, state = nnx.split(Phi(PhiConfig(**base, attention_impl=impl), rngs=nnx.Rngs(0)))
+        loss = lambda st: nnx.merge(graphdef, st)(ids, segment_ids=seg).mean()  # noqa: E731
+        logits = nnx.merge(graphdef, state)(ids, segment_ids=seg)
+        out[impl] = (logits, jax.tree.leaves(jax.grad(loss)(state)))
+    np.testing.assert_allclose(out["pallas"][0], out["xla"][0], atol=1e-5)
+    for a, b in zip(out["pallas"][1], out["xla"][1]):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_pallas_refuses_attention_dropout():
+    cfg = PhiConfig(vocab_size=97, num_layers=1, d_model=64, num_heads=4, head_dim=16, mlp_dim=128, rotary_dim=8,
+                    attn_dropout=0.1, attention_impl="pallas")
+    with pytest.raises(ValueError, match="has no attention dropout"):
+        Phi(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 16), jnp.int32), deterministic=False, rngs=nnx.Rngs(dropout=0))
+
+
+@pytest.mark.gpu
+def test_compiled_on_gpu_matches_reference():
+    if jax.default_backend() != "gpu":
+        pytest.skip("needs a CUDA GPU")
+    for b, s, h, d, dtype, causal, segments, _, _ in CASES:
+        q, k, v, seg = _inputs(b, s, h, d, dtype, segments)
+        o = flash_attention(q, k, v, segment_ids=seg, causal=causal)  # default blocks, compiled
+        ro = reference_attention(q, k, v, segment_ids=seg, causal=causal)
+        np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ro, np.float32), atol=TOL[dtype][0])
