@@ -13,7 +13,8 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
   namespaces  (root, util-linux `unshare`, `mount` and `setpriv`): new mount, PID and network namespaces
               (`unshare --mount --pid --fork --kill-child --net`); inside, the program's directory is bind-mounted at
               /mnt, the world-writable directories (/tmp, /var/tmp, /dev/shm, /run/lock) are covered by empty read-only
-              tmpfs mounts, and the program runs as user `nobody` in /mnt. It sees no network (only a down loopback),
+              tmpfs mounts, and the program runs in /mnt as an unprivileged uid of its own worker slot
+              (SLOT_UID_BASE + slot; the probe runs as `nobody`). It sees no network (only a down loopback),
               cannot signal or even see the harness, can write nowhere but /mnt (elsewhere: read-only file system, or
               files owned by others), is subject to the process limit (root is exempt from RLIMIT_NPROC, nobody is
               not), and when it exits or is killed the kernel kills every process left in its PID namespace. The
@@ -29,6 +30,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import os
+import queue
 import shutil
 import signal
 import subprocess
@@ -39,6 +41,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 NOBODY = 65534
+# Each concurrent worker slot runs its programs under its own unprivileged uid (SLOT_UID_BASE + slot; no passwd entry
+# needed). The process limit counts per uid, so a fork bomb in one slot cannot starve the programs in the others, and
+# programs cannot signal each other. A slot runs one program at a time, and that program's whole PID namespace is gone
+# before the slot is reused.
+SLOT_UID_BASE = 61000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +54,7 @@ class Limits:
     cpu_s: int = 10
     memory_mb: int = 2048  # address space
     file_size_mb: int = 16  # any file it writes, stdout and stderr included
-    processes: int = 64  # for the sandbox user, across running programs
+    processes: int = 64  # per program (each worker slot has its own uid)
     open_files: int = 256
 
 
@@ -81,6 +88,9 @@ class Sandbox:
         self.limits = limits
         self.workers = workers or 3 * (os.cpu_count() or 1)
         self.mode, self.python = (mode, sys.executable) if mode == "rlimits" else self._probe()
+        self._slots = queue.SimpleQueue()
+        for slot in range(self.workers):
+            self._slots.put(slot)
 
     # --- setup ---------------------------------------------------------------------------------------------------------
 
@@ -88,7 +98,7 @@ class Sandbox:
     # (unshare --mount already makes every mount private, so nothing here propagates back.) One `mount -a` mounts
     # every read-only cover listed in the fstab written at probe time: two mount processes per program, not five.
     _SETUP = ('mount --bind "$0" /mnt && mount -a -T "$1" && cd /mnt && '
-              'shift && exec setpriv --reuid=65534 --regid=65534 --clear-groups -- "$@"')
+              'uid=$2 && shift 2 && exec setpriv --reuid=$uid --regid=$uid --clear-groups -- "$@"')
     _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
     def _write_fstab(self) -> str:
@@ -99,9 +109,9 @@ class Sandbox:
                     f.write(f"tmpfs {d} tmpfs ro,size=4k,mode=755 0 0\n")
         return path
 
-    def _namespace_command(self, workdir, argv):
+    def _namespace_command(self, workdir, argv, uid=NOBODY):
         return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--net", "--", "sh", "-c", self._SETUP,
-                str(workdir), self._fstab, *argv]
+                str(workdir), self._fstab, str(uid), *argv]
 
     def _probe(self) -> tuple[str, str]:
         if not shutil.which("prlimit"):
@@ -128,20 +138,28 @@ class Sandbox:
         lim, mb = self.limits, 1024 * 1024
         args = ["prlimit", f"--cpu={lim.cpu_s}", f"--as={lim.memory_mb * mb}", f"--fsize={lim.file_size_mb * mb}",
                 "--core=0", f"--nofile={lim.open_files}"]
-        if self.mode == "namespaces":  # enforced for `nobody`; root (the unshare step) is exempt
+        if self.mode == "namespaces":  # enforced for the slot's uid; root (the unshare step) is exempt
             args.append(f"--nproc={lim.processes}")
         return args + ["--"]
 
     # --- running -------------------------------------------------------------------------------------------------------
 
     def run(self, program: str) -> Result:
+        slot = self._slots.get()
+        try:
+            return self._run(program, SLOT_UID_BASE + slot)
+        finally:
+            self._slots.put(slot)
+
+    def _run(self, program: str, uid: int) -> Result:
         start = time.perf_counter()
         workdir = Path(tempfile.mkdtemp(prefix="phi1_sandbox_"))
         try:
             (workdir / "program.py").write_text(program, encoding="utf-8")
             if self.mode == "namespaces":
-                os.chown(workdir, NOBODY, NOBODY)
-                cmd = self._prlimit() + self._namespace_command(workdir, [self.python, "-I", "-S", "-B", "program.py"])
+                os.chown(workdir, uid, uid)
+                cmd = self._prlimit() + self._namespace_command(workdir, [self.python, "-I", "-S", "-B", "program.py"],
+                                                                uid)
             else:  # a shell in between, so the program's parent is not the harness
                 cmd = self._prlimit() + ["/bin/sh", "-c", f'"{self.python}" -I -S -B program.py; exit $?']
             with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:

@@ -220,7 +220,7 @@ def test_stops_eos_and_per_row_lengths(small_model):
                          stop=lambda row: calls.append(len(row)) or len(row) >= 3)
     assert all(len(r) in (3, 6, 9, 10) for r in text_like) and calls  # checked between chunks of 3
     with pytest.raises(ValueError, match="max_seq_len"):
-        generate(small_model, prompts, max_new_tokens=250)
+        generate(small_model, prompts, max_new_tokens=254)  # 3 prompt tokens + 254 > 256
     with pytest.raises(ValueError, match="at least one token"):
         generate(small_model, [[]], max_new_tokens=3)
 
@@ -257,5 +257,5 @@ def test_sandbox_uses_namespaces_where_it_can():
     """A silent fallback to the weaker mode would hide a broken namespace command: fail loudly instead."""
     sandbox = Sandbox()
     assert sandbox.mode == "namespaces"
-    r = sandbox.run("import os\nassert os.getuid() == 65534 and os.getpid() == 1 and os.getcwd() == '/mnt'\n")
+    r = sandbox.run("import os\nassert os.getuid() >= 61000 and os.getpid() == 1 and os.getcwd() == '/mnt'\n")
     assert r.passed, r.reason
