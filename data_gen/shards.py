@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from phi1_jax.jsonl import read_jsonl
+
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<I")  # prompt tokens
 MANIFEST, RUN_FILE = "manifest.json", "run.json"
@@ -72,16 +74,8 @@ def decode_record(record: bytes, dtype) -> tuple[int, np.ndarray]:
 
 
 def _json_documents(path: Path, text_field: str, prompt_field: str | None) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ShardError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            yield _document(rec, text_field, prompt_field, where)
+    for where, rec in read_jsonl(path, ShardError):
+        yield _document(rec, text_field, prompt_field, where)
 
 
 def _document(rec, text_field, prompt_field, where) -> Document:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from evals import passk, tasks
 from evals.execution import Limits, Sandbox
+from phi1_jax.jsonl import read_jsonl
 
 
 class EvalError(ValueError):
@@ -41,24 +42,16 @@ def read_samples(path: Path, task: tasks.Task) -> list[dict]:
     if not path.exists():
         raise EvalError(f"{path}: samples file not found")
     samples = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
-            if not isinstance(rec, dict) or "task_id" not in rec:
-                raise EvalError(f"{where}: no task_id")
-            tid = str(rec["task_id"])
-            if tid not in task.problems:
-                raise EvalError(f"{where}: unknown task_id {rec['task_id']!r} for {task.name}")
-            kinds = [k for k in ("completion", "solution") if isinstance(rec.get(k), str)]
-            if len(kinds) != 1:
-                raise EvalError(f"{where}: needs exactly one string field of 'completion' or 'solution'")
-            samples.append({"task_id": tid, kinds[0]: rec[kinds[0]]})
+    for where, rec in read_jsonl(path, EvalError):
+        if not isinstance(rec, dict) or "task_id" not in rec:
+            raise EvalError(f"{where}: no task_id")
+        tid = str(rec["task_id"])
+        if tid not in task.problems:
+            raise EvalError(f"{where}: unknown task_id {rec['task_id']!r} for {task.name}")
+        kinds = [k for k in ("completion", "solution") if isinstance(rec.get(k), str)]
+        if len(kinds) != 1:
+            raise EvalError(f"{where}: needs exactly one string field of 'completion' or 'solution'")
+        samples.append({"task_id": tid, kinds[0]: rec[kinds[0]]})
     if not samples:
         raise EvalError(f"{path}: no samples")
     return samples

@@ -15,7 +15,6 @@ EvalPlus's format); both are scored with the same tests.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
@@ -68,15 +67,9 @@ def _mbpp_records(data: str | None):
         path = Path(data)
         if not path.exists():
             raise TaskError(f"{path}: MBPP data file not found (mbpp.jsonl)")
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as e:
-                        raise TaskError(f"{path}:{lineno}: malformed JSON line ({e.msg})") from None
-        return records
+        from phi1_jax.jsonl import read_jsonl
+
+        return [rec for _, rec in read_jsonl(path, TaskError)]
     import datasets
 
     try:
