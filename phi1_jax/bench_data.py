@@ -47,7 +47,7 @@ def _hf_map_tokenize(batch, model_path):
 def bench_writing(corpus, tok, copies):
     import datasets
 
-    docs, _ = embedded_corpus.collect_documents(progress=False)
+    docs, _ = embedded_corpus.collect_documents()
     texts = [d.text for d in docs] * copies
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()

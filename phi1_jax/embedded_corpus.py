@@ -76,7 +76,7 @@ def quality_reason(path: Path, text: str) -> str | None:
     return None
 
 
-def collect_documents(progress: bool = True) -> tuple[list[Document], dict]:
+def collect_documents() -> tuple[list[Document], dict]:
     reference = decontaminate.reference_ngrams(decontaminate.humaneval_texts().values())
     kept, dropped = [], {}
     files = stdlib_files()
@@ -116,7 +116,7 @@ def build(vocab_size: int = 2048, *, cache_dir: str | os.PathLike | None = None,
     try:
         if progress:
             print(f"building the embedded corpus (stdlib of Python {sys.version.split()[0]}) in {root} ...", flush=True)
-        docs, report = collect_documents(progress)
+        docs, report = collect_documents()
         tok = Tokenizer.train((d.text for d in docs), vocab_size=vocab_size, path=tmp / "tokenizer.model")
         manifest = write_shards(docs, tok, tmp / "shards", source_name="stdlib", input_desc="python stdlib",
                                 docs_per_shard=docs_per_shard, progress=progress)

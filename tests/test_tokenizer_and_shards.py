@@ -22,7 +22,7 @@ from phi1_jax.tokenizer import Tokenizer, TokenizerError, check_vocab_fits
 
 
 def test_round_trip_on_the_whole_embedded_corpus(tok):
-    docs, _ = embedded_corpus.collect_documents(progress=False)
+    docs, _ = embedded_corpus.collect_documents()
     assert len(docs) > 300
     ids = tok.encode_batch([d.text for d in docs])
     for d, i in zip(docs, ids):
