@@ -53,13 +53,18 @@ def read_model_config(directory: str | os.PathLike) -> PhiConfig:
         raise CheckpointError(f"{path}: cannot be read as a model config ({e})") from None
 
 
+def checkpoint_steps(workdir: str | os.PathLike) -> list[int]:
+    """The steps of a trainer workdir's checkpoints (WORKDIR/checkpoints/<step>), in order."""
+    d = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
+
+
 def params_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
     """The `params` item of a model checkpoint, or of a trainer workdir's newest (or given) step checkpoint."""
     directory = Path(directory).absolute()
     if (directory / PARAMS_ITEM).is_dir() and step is None:
         return directory / PARAMS_ITEM
-    steps = sorted(int(p.name) for p in (directory / "checkpoints").glob("*") if p.name.isdigit()) \
-        if (directory / "checkpoints").is_dir() else []
+    steps = checkpoint_steps(directory)
     if step is not None:
         if step not in steps:
             raise CheckpointError(f"{directory}: no checkpoint for step {step} (have {steps})")

@@ -23,7 +23,9 @@ import numpy as np
 from flax import nnx
 
 from phi1_jax import checkpoint
-from phi1_jax.model import KVCache, Phi
+from phi1_jax.checkpoint import checkpoint_steps
+from phi1_jax.generate import generate
+from phi1_jax.model import Phi
 from phi1_jax.tokenizer import Tokenizer
 
 
@@ -33,11 +35,6 @@ class Run:
     step: int | None
     model: Phi
     tokenizer: Tokenizer | None
-
-
-def checkpoint_steps(workdir) -> list[int]:
-    d = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in d.glob("*") if p.name.isdigit()) if d.is_dir() else []
 
 
 def find_tokenizer(workdir) -> Tokenizer | None:
@@ -106,24 +103,10 @@ def top_next_tokens(run: Run, text: str, k: int = 5) -> list[tuple[str, float]]:
     return [(tok.decode([int(i)]), float(probs[i])) for i in best]
 
 
-def greedy_ids(model: Phi, prompt: list[int], max_new_tokens: int, eos_id: int | None = None) -> list[int]:
-    """Greedy decoding on the KV cache: prefill once, then one token per step (a jitted step, a Python loop)."""
-    cache = KVCache.init(model.cfg, 1, len(prompt) + max_new_tokens)
-    step = nnx.jit(lambda m, ids, c: m(ids, cache=c))
-    logits, cache = step(model, jnp.asarray([prompt], jnp.int32), cache)
-    out = []
-    for _ in range(max_new_tokens):
-        nxt = int(jnp.argmax(logits[0, -1]))
-        if eos_id is not None and nxt == eos_id:
-            break
-        out.append(nxt)
-        logits, cache = step(model, jnp.asarray([[nxt]], jnp.int32), cache)
-    return out
-
-
 def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:
+    """Greedy continuation of `text` (phi1_jax.generate on the KV cache), stopping at EOS."""
     tok = _require_tokenizer(run)
-    return tok.decode(greedy_ids(run.model, tok.encode(text), max_new_tokens, tok.eos_id))
+    return tok.decode(generate(run.model, [tok.encode(text)], max_new_tokens, eos_id=tok.eos_id)[0])
 
 
 def main(argv=None) -> int:

@@ -164,22 +164,21 @@ def build(config) -> Built:
     train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout,
                                  loss_scale=loss_scale)
 
-    def traced_step(*args):  # the model's activation constraints read the mesh and rules at trace time
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
-            return train_step(*args)
+    def with_rules(fn):  # the model's activation constraints read the mesh and rules at trace time
+        def traced(*args):
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
+                return fn(*args)
+
+        return traced
 
     step_fn = jax.jit(
-        traced_step,
+        with_rules(train_step),
         in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
         donate_argnums=(0, 1),
     )
 
-    def traced_eval(params, batch):
-        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh), nn.logical_axis_rules(config.sharding_rules):
-            total, count = loss_sums(graphdef, params, batch, None)
-            return total, count
-
-    eval_fn = jax.jit(traced_eval, in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
+    eval_fn = jax.jit(with_rules(lambda params, batch: loss_sums(graphdef, params, batch, None)),
+                      in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
 
     return Built(mesh, cfg, abstract, graphdef, abs_params, p_shard, tx, abs_opt, o_shard, b_shard, replicated,
                  opt_init, step_fn, eval_fn)
