@@ -44,7 +44,8 @@ def test_cache_means_a_rerun_sends_nothing_again(tmp_path):
         again = _client(server, tmp_path)  # a new process would open the same file
         replies = _ask(again, ["x", "y", "z"])
         assert [r.cached for r in replies] == [True, True, False]
-        assert len(server.requests) == 3 and [r["messages"][0]["content"] for r in server.requests] == ["x", "y", "z"]
+        # x and y went out concurrently, so their arrival order varies; each request arrived exactly once
+        assert sorted(r["messages"][0]["content"] for r in server.requests) == ["x", "y", "z"]
         assert again.cache_hits == 2 and again.prompt_tokens == 100  # cached replies cost nothing
 
 
