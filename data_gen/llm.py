@@ -93,12 +93,24 @@ class LLMClient:
         self._concurrency = concurrency
         self._semaphore: asyncio.Semaphore | None = None
         self.prompt_tokens = self.completion_tokens = self.requests_sent = self.cache_hits = 0
+        self.batch_prompt_tokens = self.batch_completion_tokens = 0
+        self._api_key, self._timeout_s = api_key, timeout_s
+
+    @property
+    def concurrency(self) -> int:
+        return self._concurrency
+
+    def open_cache(self, path: str | Path) -> None:
+        """Use (or create) the request cache at `path` from now on."""
+        self._cache = RequestCache(path)
 
     # --- money -------------------------------------------------------------------------------------------------------
 
     @property
     def spent_usd(self) -> float:
-        return self.prompt_tokens / 1000 * self.price_in + self.completion_tokens / 1000 * self.price_out
+        live = self.prompt_tokens / 1000 * self.price_in + self.completion_tokens / 1000 * self.price_out
+        batch = self.batch_prompt_tokens / 1000 * self.price_in + self.batch_completion_tokens / 1000 * self.price_out
+        return live + 0.5 * batch
 
     def estimate_cost(self, n_requests: int, prompt_tokens: int, completion_tokens: int) -> float:
         """What `n_requests` of about this size would cost at the configured prices."""
@@ -112,6 +124,13 @@ class LLMClient:
         if seed is not None:
             req["seed"] = seed
         return req
+
+    def cached(self, messages: list[dict], **params) -> Completion | None:
+        """The cached reply to this request, or None: never sends anything (the Batch API mode reads results so)."""
+        if self._cache is None or (hit := self._cache.get(RequestCache.key(self.request(messages, **params)))) is None:
+            return None
+        self.cache_hits += 1
+        return Completion(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], cached=True)
 
     async def complete(self, messages: list[dict], **params) -> Completion:
         req = self.request(messages, **params)
@@ -132,36 +151,70 @@ class LLMClient:
             self._cache.put(key, reply)
         return Completion(reply["text"], reply["prompt_tokens"], reply["completion_tokens"], cached=False)
 
+    def explain(self, e: openai.APIError) -> LLMError:
+        """An `openai` error that retrying did not fix, as an LLMError that says what is wrong where."""
+        where = self.base_url or "api.openai.com"
+        if isinstance(e, openai.AuthenticationError):
+            return LLMError(f"{where} refused the API key (401): {_message(e)}")
+        if isinstance(e, openai.PermissionDeniedError):
+            return LLMError(f"{where} denied access (403): {_message(e)}")
+        if isinstance(e, openai.NotFoundError):
+            return LLMError(f"{where} has no model {self.model!r} (404): {_message(e)}")
+        if isinstance(e, openai.BadRequestError):
+            return LLMError(f"{where} rejected the request (400): {_message(e)}")
+        if isinstance(e, openai.APITimeoutError):
+            return LLMError(f"{where}: no reply within the timeout after {self.max_retries} retries")
+        if isinstance(e, openai.APIConnectionError):
+            return LLMError(f"cannot reach {where} after {self.max_retries} retries ({e.__cause__ or e})")
+        if isinstance(e, openai.APIStatusError):
+            return LLMError(f"{where} answered {e.status_code} after {self.max_retries} retries: {_message(e)}")
+        return LLMError(f"{where}: {e}")
+
+    def sync_client(self) -> openai.OpenAI:
+        """A blocking client with the same endpoint, key, timeout and retries (for the Batch API's file calls)."""
+        return openai.OpenAI(base_url=self.base_url, api_key=self._api_key, timeout=self._timeout_s,
+                             max_retries=self.max_retries)
+
+    def add_batch_usage(self, prompt_tokens: int, completion_tokens: int) -> None:
+        """Tokens used through the Batch API, which costs half the listed price."""
+        self.batch_prompt_tokens += prompt_tokens
+        self.batch_completion_tokens += completion_tokens
+
+    def store(self, request: dict, reply: dict) -> None:
+        """Cache a reply obtained elsewhere (a batch's output file) under its request."""
+        self._cache.put(RequestCache.key(request), reply)
+
     async def _send(self, req: dict) -> dict:
         where = self.base_url or "api.openai.com"
         for attempt in range(self.max_retries + 1):
             self.requests_sent += 1
             try:
                 resp = await self._client.chat.completions.create(**req)
-            except openai.AuthenticationError as e:
-                raise LLMError(f"{where} refused the API key (401): {_message(e)}") from None
-            except openai.PermissionDeniedError as e:
-                raise LLMError(f"{where} denied access (403): {_message(e)}") from None
-            except openai.NotFoundError as e:
-                raise LLMError(f"{where} has no model {self.model!r} (404): {_message(e)}") from None
-            except openai.BadRequestError as e:
-                raise LLMError(f"{where} rejected the request (400): {_message(e)}") from None
-            except openai.APITimeoutError:
-                raise LLMError(f"{where}: no reply within the timeout after {self.max_retries} retries") from None
-            except openai.APIConnectionError as e:
-                raise LLMError(f"cannot reach {where} after {self.max_retries} retries ({e.__cause__ or e})") from None
-            except openai.APIStatusError as e:
-                raise LLMError(f"{where} answered {e.status_code} after {self.max_retries} retries: "
-                               f"{_message(e)}") from None
-            except (openai.APIResponseValidationError, json.JSONDecodeError, ValueError, TypeError):
+            except openai.APIError as e:
+                if isinstance(e, openai.APIResponseValidationError):
+                    continue  # a reply that cannot be parsed: ask again
+                raise self.explain(e) from None
+            except (json.JSONDecodeError, ValueError, TypeError):
                 continue  # a reply that cannot be parsed: ask again
-            text = _text(resp)
-            if text is None:
-                continue
-            usage = getattr(resp, "usage", None)
-            return {"text": text, "prompt_tokens": int(getattr(usage, "prompt_tokens", 0) or 0),
-                    "completion_tokens": int(getattr(usage, "completion_tokens", 0) or 0)}
+            if (reply := reply_of(resp)) is not None:
+                return reply
         raise LLMError(f"{where}: {self.max_retries + 1} replies in a row could not be read (malformed or empty)")
+
+
+def reply_of(resp) -> dict | None:
+    """{text, prompt_tokens, completion_tokens} of a chat completion (an object or its JSON dict); None if unreadable."""
+    if isinstance(resp, dict):
+        try:
+            text, usage = resp["choices"][0]["message"]["content"], resp.get("usage") or {}
+            prompt, completion = usage.get("prompt_tokens", 0), usage.get("completion_tokens", 0)
+        except (KeyError, IndexError, TypeError, AttributeError):
+            return None
+    else:
+        text, usage = _text(resp), getattr(resp, "usage", None)
+        prompt, completion = getattr(usage, "prompt_tokens", 0), getattr(usage, "completion_tokens", 0)
+    if not isinstance(text, str):
+        return None
+    return {"text": text, "prompt_tokens": int(prompt or 0), "completion_tokens": int(completion or 0)}
 
 
 def _text(resp) -> str | None:
