@@ -335,8 +335,11 @@ class Phi(nnx.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
+        return_hidden: bool = False,
     ):
         """input_ids [B, T] int -> logits [B, T, V] fp32, or (logits, updated cache) when `cache` is given.
+
+        return_hidden: return the final LayerNorm's output [B, T, D] instead of logits (embeddings for data_gen).
 
         segment_ids [B, T]: >= 1 for tokens, 0 for padding; attention stays within one segment id (packed documents
         never see each other). Default: all ones. positions [B, T]: rotary positions; default: restart at 0 with
@@ -376,6 +379,8 @@ class Phi(nnx.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
 
+        if return_hidden:
+            return self.final_ln(x).astype(jnp.float32)  # [B, T, D]
         logits = self.lm_head(self.final_ln(x)).astype(jnp.float32)  # [B, T, V]
         if cache is None:
             return logits

@@ -1,0 +1,336 @@
+"""The educational-value filter (arXiv 2306.11644 §2.1): an LLM grades a sample, a random forest learns the grade from
+code embeddings, and the forest filters the whole corpus.
+
+    python -m data_gen.filter annotate --corpus=SRC --out=filt/ --n=2000 --base-url=URL --model=NAME
+    python -m data_gen.filter train --labels=filt/labels.jsonl --out=filt/ [--embedder=hashing|model:PATH]
+    python -m data_gen.filter apply --classifier=filt/ --corpus=SRC --out=kept.jsonl [--threshold=0.5]
+
+SRC is a folder of files (`--glob`, default **/*.py), a JSONL file with a text field, or `hf://NAME` (a Hugging Face
+dataset streamed through `datasets`, e.g. `hf://bigcode/the-stack-smol --hf-config=data/python`).
+
+- annotate: a seeded reservoir sample of `--n` files (from the first `--scan` the source yields) is graded with the
+  rubric below; grades are parsed robustly (a JSON field, "Grade: 4", "4/5", a lone number) and unparseable replies
+  are counted and skipped. Output `OUT/labels.jsonl` ({id, text, grade, reply}) grows as replies arrive; requests are
+  cached in `OUT/cache.sqlite`, so a rerun continues without paying twice.
+- train: embeds the labelled texts, holds out `--test-fraction` (stratified, seeded), fits a scikit-learn random forest
+  on grade >= `--positive-grade`, and reports held-out precision, recall and F1 (`OUT/filter_report.json`, and a
+  precision-recall curve in `OUT/pr_curve.png`). The forest is saved as `OUT/classifier.joblib` beside
+  `OUT/classifier.json` (embedder spec, positive grade, metrics).
+- apply: scores every file of SRC and writes those with P(educational) >= `--threshold` to a JSONL file
+  ({id, text, score}), atomically (a crash leaves no half-written output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data_gen.llm import BudgetExceeded, LLMClient, LLMError
+from data_gen.shards import ShardError, iter_documents
+from phi1_jax.jsonl import read_jsonl
+
+GRADE_MIN, GRADE_MAX = 1, 5
+RUBRIC = """You are grading source code for a course. Determine its educational value for a student whose goal is to
+learn basic coding concepts (the phi-1 paper's criterion). Use this scale:
+5 - clear, self-contained, well-documented code that teaches an algorithm or concept; a student could learn from it.
+4 - readable and instructive, with meaningful names and some explanation, but less focused.
+3 - correct but ordinary code: little explanation, or mostly glue around other modules.
+2 - hard to learn from: configuration, boilerplate, heavy dependence on context not shown, few meaningful names.
+1 - no educational value: data tables, generated code, minified or obfuscated code, or mostly non-code.
+Reply with one line of the form "Grade: N" (N from 1 to 5), then at most two sentences of reasons.
+
+```python
+{code}
+```"""
+_GRADE_PATTERNS = [re.compile(p, re.I) for p in (
+    r'"grade"\s*:\s*"?(\d+)', r"\bgrade\b\W{0,3}(?:is\s*|of\s*)?(\d+)", r"\b(\d+)\s*(?:/|out of)\s*5\b",
+    r"\*\*(\d+)\*\*", r"^\s*(\d+)\s*(?:$|[.\-:)])")]
+
+
+class FilterError(RuntimeError):
+    """Bad input or a state the filter cannot go on from; the message names it."""
+
+
+def parse_grade(reply: str) -> int | None:
+    """The grade in an LLM reply, or None. The first pattern that yields an in-range number wins."""
+    for pat in _GRADE_PATTERNS:
+        for m in pat.finditer(reply or ""):
+            g = int(m.group(1))
+            if GRADE_MIN <= g <= GRADE_MAX:
+                return g
+    return None
+
+
+def _documents(source: str, args) -> "iter":
+    return iter_documents(source, text_field=args.text_field, glob=args.glob, hf_split=args.hf_split,
+                          hf_config=args.hf_config)
+
+
+def reservoir(docs, n: int, scan: int, seed: int) -> list:
+    rng, sample = random.Random(seed), []
+    for i, d in enumerate(docs):
+        if i >= scan:
+            break
+        if len(sample) < n:
+            sample.append(d)
+        elif (j := rng.randrange(i + 1)) < n:
+            sample[j] = d
+    return sample
+
+
+# --- annotate --------------------------------------------------------------------------------------------------------
+
+
+async def _annotate(client: LLMClient, docs, out: Path, max_chars: int, progress: bool) -> tuple[int, int]:
+    path = out / "labels.jsonl"
+    done = {rec["id"] for _, rec in read_jsonl(path, FilterError)} if path.exists() else set()
+    todo = [d for d in docs if d.where not in done]
+    unparsed = 0
+
+    async def grade(d):
+        reply = await client.complete([{"role": "user", "content": RUBRIC.format(code=d.text[:max_chars])}],
+                                      temperature=0.0, max_tokens=100)
+        return d, reply.text
+
+    with path.open("a", encoding="utf-8") as sink, tqdm(total=len(docs), initial=len(docs) - len(todo),
+                                                         desc="grading", disable=not progress) as bar:
+        tasks = [asyncio.ensure_future(grade(d)) for d in todo]
+        try:
+            for fut in asyncio.as_completed(tasks):
+                d, reply = await fut
+                g = parse_grade(reply)
+                if g is None:
+                    unparsed += 1
+                else:
+                    sink.write(json.dumps({"id": d.where, "text": d.text, "grade": g, "reply": reply}) + "\n")
+                    sink.flush()
+                bar.update(1)
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    return len(todo) - unparsed, unparsed
+
+
+def annotate(args) -> int:
+    out = Path(args.out)
+    api_key = args.api_key or ("EMPTY" if args.base_url else None)
+    if api_key is None:
+        raise FilterError("no API key: set $OPENAI_API_KEY or --api-key (or point --base-url at a local server)")
+    client = LLMClient(base_url=args.base_url, api_key=api_key, model=args.model, concurrency=args.concurrency,
+                       timeout_s=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
+                       price_in_per_1k=args.price_in, price_out_per_1k=args.price_out)
+    docs = reservoir(_documents(args.corpus, args), args.n, args.scan, args.seed)
+    if not docs:
+        raise FilterError(f"{args.corpus}: no documents to grade")
+    out.mkdir(parents=True, exist_ok=True)
+    client.open_cache(out / "cache.sqlite")
+    tokens = sum(min(len(d.text), args.max_chars) for d in docs) / 4 / len(docs) + len(RUBRIC) / 4
+    cost = client.estimate_cost(len(docs), tokens, 60)
+    print(f"plan: grade {len(docs)} documents, ~{tokens:.0f} prompt tokens each" +
+          (f", about ${cost:.2f}" if cost else ""), file=sys.stderr)
+    graded, unparsed = asyncio.run(_annotate(client, docs, out, args.max_chars, not args.no_progress))
+    print(f"graded {graded} new documents ({unparsed} replies had no readable grade); labels: {out / 'labels.jsonl'}")
+    return 0
+
+
+# --- train -----------------------------------------------------------------------------------------------------------
+
+
+def load_labels(path: Path) -> tuple[list[str], np.ndarray]:
+    if not path.exists():
+        raise FilterError(f"{path}: labels file not found (make it with `python -m data_gen.filter annotate`)")
+    texts, grades = [], []
+    for where, rec in read_jsonl(path, FilterError):
+        if not (isinstance(rec, dict) and isinstance(rec.get("text"), str) and isinstance(rec.get("grade"), int)):
+            raise FilterError(f"{where}: a label needs a string 'text' and an integer 'grade'")
+        texts.append(rec["text"])
+        grades.append(rec["grade"])
+    return texts, np.array(grades)
+
+
+def train(args) -> int:
+    import joblib
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.metrics import confusion_matrix, precision_recall_curve, precision_recall_fscore_support
+    from sklearn.model_selection import train_test_split
+
+    from data_gen.embed import make_embedder
+
+    texts, grades = load_labels(Path(args.labels))
+    y = (grades >= args.positive_grade).astype(int)
+    counts = np.bincount(y, minlength=2)
+    if counts.min() < 5:
+        raise FilterError(f"{args.labels}: {counts[1]} positive (grade >= {args.positive_grade}) and {counts[0]} "
+                          "negative labels; each class needs at least 5 to train and evaluate")
+    embedder = make_embedder(args.embedder)
+    x = embed_all(embedder, texts, "embedding", not args.no_progress)
+    xtr, xte, ytr, yte = train_test_split(x, y, test_size=args.test_fraction, stratify=y, random_state=args.seed)
+    forest = RandomForestClassifier(n_estimators=args.trees, class_weight="balanced", random_state=args.seed,
+                                    n_jobs=-1, min_samples_leaf=2)
+    forest.fit(xtr, ytr)
+    proba = forest.predict_proba(xte)[:, 1]
+    pred = (proba >= 0.5).astype(int)
+    p, r, f1, _ = precision_recall_fscore_support(yte, pred, average="binary", zero_division=0)
+    metrics = {"precision": round(float(p), 4), "recall": round(float(r), 4), "f1": round(float(f1), 4),
+               "accuracy": round(float((pred == yte).mean()), 4), "held_out": int(len(yte)),
+               "train": int(len(ytr)), "positives": int(counts[1]), "negatives": int(counts[0]),
+               "confusion": confusion_matrix(yte, pred).tolist()}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    joblib.dump(forest, out / "classifier.joblib")
+    meta = {"embedder": embedder.spec, "positive_grade": args.positive_grade, "threshold": 0.5, "metrics": metrics}
+    (out / "classifier.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "filter_report.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    _plot_pr(*precision_recall_curve(yte, proba)[:2], out / "pr_curve.png", metrics)
+    print(f"held-out ({len(yte)} files): precision {p:.3f} recall {r:.3f} F1 {f1:.3f}; classifier: {out}")
+    return 0
+
+
+def embed_all(embedder, texts: list[str], desc: str, progress: bool, chunk: int = 256) -> np.ndarray:
+    parts = []
+    with tqdm(total=len(texts), desc=desc, disable=not progress) as bar:
+        for i in range(0, len(texts), chunk):
+            parts.append(embedder.embed(texts[i:i + chunk]))
+            bar.update(len(parts[-1]))
+    return np.concatenate(parts)
+
+
+def _plot_pr(precision, recall, path: Path, metrics: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.5, 4))
+    ax.plot(recall, precision)
+    ax.scatter([metrics["recall"]], [metrics["precision"]], color="C1", zorder=3, label="threshold 0.5")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02),
+           title=f"educational-value filter (held-out F1 {metrics['f1']:.3f})")
+    ax.legend(loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# --- apply -----------------------------------------------------------------------------------------------------------
+
+
+def apply(args) -> int:
+    import joblib
+
+    from data_gen.embed import make_embedder
+
+    cdir = Path(args.classifier)
+    if not (cdir / "classifier.json").exists() or not (cdir / "classifier.joblib").exists():
+        raise FilterError(f"{cdir}: no classifier.json/classifier.joblib (train one with `data_gen.filter train`)")
+    meta = json.loads((cdir / "classifier.json").read_text())
+    forest = joblib.load(cdir / "classifier.joblib")
+    embedder = make_embedder(meta["embedder"])
+    threshold = meta["threshold"] if args.threshold is None else args.threshold
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    seen = kept = 0
+    batch: list = []
+
+    def flush(sink):
+        nonlocal kept
+        scores = forest.predict_proba(embedder.embed([d.text for d in batch]))[:, 1]
+        for d, s in zip(batch, scores):
+            if s >= threshold:
+                sink.write(json.dumps({"id": d.where, "text": d.text, "score": round(float(s), 4)}) + "\n")
+                kept += 1
+        batch.clear()
+
+    with tmp.open("w", encoding="utf-8") as sink, tqdm(desc="scoring", unit="file", disable=args.no_progress) as bar:
+        for d in _documents(args.corpus, args):
+            batch.append(d)
+            seen += 1
+            bar.update(1)
+            if len(batch) == 256:
+                flush(sink)
+        if batch:
+            flush(sink)
+    tmp.replace(out)
+    print(f"kept {kept} of {seen} files (P(educational) >= {threshold}) in {out}")
+    return 0
+
+
+# --- the command -----------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_gen.filter", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def corpus_flags(q):
+        q.add_argument("--corpus", required=True, help="folder, JSONL file, or hf://NAME")
+        q.add_argument("--text-field", default="text", help="JSONL / dataset field holding the code")
+        q.add_argument("--glob", default="**/*.py", help="files to read from a folder")
+        q.add_argument("--hf-split", default="train")
+        q.add_argument("--hf-config", default=None)
+        q.add_argument("--no-progress", action="store_true")
+
+    a = sub.add_parser("annotate", help="grade a sample with an LLM")
+    corpus_flags(a)
+    a.add_argument("--out", required=True, help="folder for labels.jsonl and the request cache")
+    a.add_argument("--n", type=int, default=2000, help="files to grade")
+    a.add_argument("--scan", type=int, default=100_000, help="sample from the first SCAN files of the source")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--max-chars", type=int, default=6000, help="cut each file to this many characters for grading")
+    a.add_argument("--base-url", default=None)
+    a.add_argument("--model", required=True)
+    a.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
+    a.add_argument("--concurrency", type=int, default=8)
+    a.add_argument("--timeout", type=float, default=60.0)
+    a.add_argument("--max-retries", type=int, default=6)
+    a.add_argument("--budget-usd", type=float, default=None)
+    a.add_argument("--price-in", type=float, default=0.0, help="USD per 1k prompt tokens")
+    a.add_argument("--price-out", type=float, default=0.0, help="USD per 1k completion tokens")
+
+    t = sub.add_parser("train", help="fit the random forest on graded files")
+    t.add_argument("--labels", required=True, help="labels.jsonl from annotate")
+    t.add_argument("--out", required=True, help="folder for the classifier and its report")
+    t.add_argument("--embedder", default="hashing", help="hashing, hashing:DIM, or model:PATH (phi1_jax or HF dir)")
+    t.add_argument("--positive-grade", type=int, default=4, help="grade from which a file counts as educational")
+    t.add_argument("--test-fraction", type=float, default=0.2)
+    t.add_argument("--trees", type=int, default=300)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+
+    y = sub.add_parser("apply", help="keep the files the classifier scores as educational")
+    corpus_flags(y)
+    y.add_argument("--classifier", required=True, help="folder written by train")
+    y.add_argument("--out", required=True, help="JSONL file of kept files")
+    y.add_argument("--threshold", type=float, default=None, help="default: the classifier's (0.5)")
+    return p
+
+
+def main(argv=None) -> int:
+    import os
+
+    args = build_parser().parse_args(argv)
+    if getattr(args, "api_key", None) is None and args.command == "annotate":
+        args.api_key = os.environ.get("OPENAI_API_KEY")
+    try:
+        return {"annotate": annotate, "train": train, "apply": apply}[args.command](args)
+    except BudgetExceeded as e:
+        print(f"stopped: {e}; labels so far are kept, rerun to continue", file=sys.stderr)
+        return 3
+    except (FilterError, LLMError, ShardError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
