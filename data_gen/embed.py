@@ -99,7 +99,8 @@ class ModelEmbedder:
             self.model, self.tokenizer = checkpoint.load_model(p), find_tokenizer(p)
         elif (p / "config.json").exists():
             self.model = convert.from_hf(p)
-            self.tokenizer = Tokenizer.load(p / "tokenizer.json") if (p / "tokenizer.json").exists() else None
+            found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()]
+            self.tokenizer = Tokenizer.load(found[0]) if found else None
         else:
             raise EmbedError(f"{p}: neither a phi1_jax workdir (model_config.json) nor a Hugging Face directory "
                              "(config.json)")

@@ -293,6 +293,9 @@ def main(argv=None) -> int:
             print(f"{gen.path} already holds {len(gen.records)} records (>= {a.n}); nothing to do")
             return 0
         print(estimate(client, a.kind, a.seed, a.n - len(gen.records), max_tokens, a.batch), file=sys.stderr)
+        if a.n > prompts.space_size(a.kind):
+            print(f"warning: --n={a.n} exceeds the {prompts.space_size(a.kind)} distinct factor combinations of "
+                  f"{a.kind}; combinations will repeat (extend the lists in data_gen/prompts.py)", file=sys.stderr)
         if a.batch:
             gen.run_batches(a.poll_interval)
         else:

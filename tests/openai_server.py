@@ -13,7 +13,8 @@ Batches: POST /files (multipart, purpose "batch"), POST /batches, GET /batches/{
 `batch_polls` polls, then completed), GET /files/{id}/content. `batch_lines` records every batch line received,
 `batch_answered` those that got a usable reply. Each batch line takes the next fault from
 `batch_script`: "ok", "error" (the line goes to the error file), "garbage" (an unreadable output line), "refusal".
-A batch whose input has a line that is not a chat request fails as a whole.
+A batch whose input has a line that is not a chat request fails as a whole. The files and batches routes take faults
+from `route_script` ("429", "500", "drop"), one per request.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def completion(model: str, content: str) -> dict:
 
 
 class FakeOpenAI:
-    def __init__(self, script=(), model="test-model", responder=echo, batch_script=(), batch_polls=1, delay=0.0):
+    def __init__(self, script=(), model="test-model", responder=echo, batch_script=(), batch_polls=1, delay=0.0,
+                 route_script=()):
         self.script, self.model, self.responder = list(script), model, responder
+        self.route_script = list(route_script)
         self.batch_script, self.batch_polls, self.delay = list(batch_script), batch_polls, delay
         self.requests, self.answered, self.batch_lines, self.batch_answered = [], [], [], []
         self.files: dict[str, bytes] = {}
@@ -53,7 +56,22 @@ class FakeOpenAI:
             def log_message(self, *args):
                 pass
 
+            def _route_fault(self) -> bool:
+                """Files and batches routes take faults from `route_script`: "429", "500" or "drop"."""
+                with server._lock:
+                    fault = server.route_script.pop(0) if server.route_script else "ok"
+                if fault == "429":
+                    self._json(429, {"error": {"message": "rate limited"}}, {"Retry-After": "0"})
+                elif fault == "500":
+                    self._json(500, {"error": {"message": "server error"}})
+                elif fault == "drop":
+                    self.close_connection = True
+                    self.connection.shutdown(2)
+                return fault != "ok"
+
             def do_GET(self):
+                if self._route_fault():
+                    return
                 parts = self.path.split("?")[0].rstrip("/").split("/")
                 if len(parts) >= 2 and parts[-2] == "batches":
                     return server._get_batch(self, parts[-1])
@@ -66,6 +84,8 @@ class FakeOpenAI:
 
             def do_POST(self):
                 raw = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                if (self.path.endswith("/files") or self.path.endswith("/batches")) and self._route_fault():
+                    return
                 if self.path.endswith("/files"):
                     return server._post_file(self, raw)
                 body = json.loads(raw or b"{}")

@@ -119,6 +119,12 @@ def test_model_embedder_mean_pools_a_phi1_jax_checkpoint(tmp_path, embedded):
     hidden = np.asarray(model(np.array([ids]), return_hidden=True))[0]
     np.testing.assert_allclose(got[0], hidden.mean(0), atol=1e-5)  # padding and batch-mates change nothing
     assert got.shape == (3, 32) and np.isfinite(got).all()
+    # the same weights exported in the Hugging Face layout embed the same
+    from phi1_jax import convert
+
+    convert.to_hf(model, tmp_path / "hf")
+    shutil.copy(embedded.tokenizer_path, tmp_path / "hf" / "tokenizer.model")
+    np.testing.assert_allclose(make_embedder(f"model:{tmp_path / 'hf'}").embed(texts), got, atol=1e-5)
     with pytest.raises(EmbedError, match="neither a phi1_jax workdir"):
         make_embedder(f"model:{tmp_path}")
     with pytest.raises(EmbedError, match="unknown embedder"):

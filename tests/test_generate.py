@@ -101,7 +101,8 @@ def test_a_line_cut_by_a_kill_is_dropped_and_the_run_goes_on(tmp_path, capsys):
 
 def test_batch_mode_survives_failed_lines_and_resumes_a_submitted_batch(tmp_path):
     out = tmp_path / "gen"
-    with FakeOpenAI(responder=respond, batch_script=["error", "garbage", "refusal", "error"], batch_polls=2) as server:
+    with FakeOpenAI(responder=respond, batch_script=["error", "garbage", "refusal", "error"], batch_polls=2,
+                    route_script=["429", "500", "ok", "ok", "drop", "ok", "500"]) as server:
         # a first run submitted its batch and was killed while waiting: only batches.json knows about it
         client = LLMClient(base_url=server.base_url, api_key="k", model="test-model", timeout_s=5)
         generate.check_folder(out, {"kind": "textbooks", "seed": 0, "model": "test-model", "temperature": 1.0,
@@ -117,7 +118,7 @@ def test_batch_mode_survives_failed_lines_and_resumes_a_submitted_batch(tmp_path
         assert len(server.batches) == 1
         assert generate.main(_args(server, out, "textbooks", 12, "--batch", "--poll-interval=0.01")) == 0
         _check_valid_and_distinct(_records(out / "textbooks.jsonl"), "textbooks", 12)
-        assert server.requests == []  # nothing went to the live endpoint
+        assert server.requests == [] and not server.route_script  # nothing went live; every route fault survived
         state = json.loads((out / generate.BATCH_FILE).read_text())
         assert state["batches"][0]["id"] == "batch-1" and all(b["collected"] for b in state["batches"])
         assert len(server.batches) == len(state["batches"]) >= 2  # the first was resumed, not submitted again
