@@ -19,6 +19,13 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
               files owned by others), is subject to the process limit (root is exempt from RLIMIT_NPROC, nobody is
               not), and when it exits or is killed the kernel kills every process left in its PID namespace. The
               interpreter is the harness's own if `nobody` can run it, else /usr/bin/python3.
+              `run_many` keeps one fork server per worker slot (evals/sandbox_server.py) inside that slot's
+              namespaces, started once: it runs as root there, and for each program forks a child that drops to the
+              slot's uid with the same rlimits, runs the program in its own /mnt/pN, and after it a reaper that kills
+              every process of that uid; so each program still starts clean, but costs a fork of a small
+              interpreter (~1 ms) instead of a new interpreter and namespace set-up (~15 ms of CPU). The servers are
+              stopped when `run_many` returns. `run` (one program) and `fork_server=False` use a fresh interpreter
+              in fresh namespaces per program.
   rlimits     (otherwise): rlimits, a new session, and an intermediate shell between the harness and the program. The
               network is NOT isolated, and a hostile program running as your user could find and signal the harness;
               run untrusted code as root in a container (or anywhere `unshare` works) to get the first level.
@@ -31,11 +38,14 @@ import atexit
 import dataclasses
 import os
 import queue
+import select
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -83,14 +93,71 @@ def _last_line(text: str) -> str:
     return lines[-1][:300] if lines else ""
 
 
+class _SlotServer:
+    """One worker slot's fork server (evals/sandbox_server.py) inside that slot's namespaces."""
+
+    _SETUP = 'mount --bind "$0" /mnt && mount -a -T "$1" && cd /mnt && shift && exec "$@"'
+    _SOURCE = (Path(__file__).with_name("sandbox_server.py")).read_text()
+
+    def __init__(self, python: str, fstab: str, uid: int, limits: Limits):
+        self.limits, mb = limits, 1024 * 1024
+        self.dir = tempfile.mkdtemp(prefix="phi1_sandbox_slot_")
+        os.chmod(self.dir, 0o755)  # root-owned: programs write only in their own /mnt/pN
+        argv = [python, "-I", "-S", "-B", "-c", self._SOURCE, str(uid), str(limits.cpu_s),
+                str(limits.memory_mb * mb), str(limits.file_size_mb * mb), str(limits.open_files),
+                str(limits.processes), str(limits.timeout_s)]
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--net", "--", "sh", "-c", self._SETUP,
+             self.dir, fstab, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            cwd="/", start_new_session=True, close_fds=True)
+
+    def run(self, program: str) -> tuple[int, bool, float, str]:
+        src = program.encode("utf-8")
+        self.proc.stdin.write(struct.pack("<I", len(src)) + src)
+        self.proc.stdin.flush()
+        head = self._read(struct.calcsize("<iBdI"))
+        code, timed_out, seconds, n = struct.unpack("<iBdI", head)
+        return code, bool(timed_out), seconds, self._read(n).decode("utf-8", "replace") if n else ""
+
+    def _read(self, n: int) -> bytes:
+        fd, buf = self.proc.stdout.fileno(), b""
+        deadline = time.monotonic() + self.limits.timeout_s + 30  # the server enforces the timeout; this is a guard
+        while len(buf) < n:
+            if not select.select([fd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                raise OSError("sandbox server did not answer")
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                raise OSError("sandbox server exited")
+            buf += chunk
+        return buf
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()
+            self.proc.wait(timeout=5)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
 class Sandbox:
-    def __init__(self, limits: Limits = Limits(), workers: int | None = None, mode: str | None = None):
+    def __init__(self, limits: Limits = Limits(), workers: int | None = None, mode: str | None = None,
+                 fork_server: bool = True):
         self.limits = limits
         self.workers = workers or 3 * (os.cpu_count() or 1)
         self.mode, self.python = (mode, sys.executable) if mode == "rlimits" else self._probe()
+        self._server_python = self._probe_server() if fork_server and self.mode == "namespaces" else None
+        self.fork_server = self._server_python is not None
         self._slots = queue.SimpleQueue()
         for slot in range(self.workers):
             self._slots.put(slot)
+        self._servers: dict[int, _SlotServer] = {}
+        self._servers_lock = threading.Lock()
 
     # --- setup ---------------------------------------------------------------------------------------------------------
 
@@ -134,6 +201,25 @@ class Sandbox:
                 shutil.rmtree(probe, ignore_errors=True)
         return "rlimits", sys.executable
 
+    def _probe_server(self) -> str | None:
+        """An interpreter for the fork servers: one whose standard library the slot uids can read (a server runs as
+        root, so its `sys.path` is root's view; programs import as the slot uid). None: run without servers."""
+        for python in dict.fromkeys((sys.executable, "/usr/bin/python3")):
+            if not os.path.exists(python):
+                continue
+            server = None
+            try:
+                server = _SlotServer(python, self._fstab, NOBODY, self.limits)
+                code, timed_out, _, _ = server.run("import typing, json, collections, re, math\n")
+                if code == 0 and not timed_out:
+                    return python
+            except OSError:
+                pass
+            finally:
+                if server is not None:
+                    server.close()
+        return None
+
     def _prlimit(self) -> list[str]:
         lim, mb = self.limits, 1024 * 1024
         args = ["prlimit", f"--cpu={lim.cpu_s}", f"--as={lim.memory_mb * mb}", f"--fsize={lim.file_size_mb * mb}",
@@ -144,12 +230,42 @@ class Sandbox:
 
     # --- running -------------------------------------------------------------------------------------------------------
 
-    def run(self, program: str) -> Result:
+    def run(self, program: str, *, _use_server: bool = False) -> Result:
         slot = self._slots.get()
         try:
+            if _use_server:
+                return self._run_on_server(program, slot)
             return self._run(program, SLOT_UID_BASE + slot)
         finally:
             self._slots.put(slot)
+
+    def _run_on_server(self, program: str, slot: int) -> Result:
+        """The slot's fork server runs it (started on first use); should the server fail, a fresh interpreter does."""
+        with self._servers_lock:
+            server = self._servers.get(slot)
+        try:
+            if server is None:
+                server = _SlotServer(self._server_python, self._fstab, SLOT_UID_BASE + slot, self.limits)
+                with self._servers_lock:
+                    self._servers[slot] = server
+            code, timed_out, seconds, err = server.run(program)
+        except OSError:
+            with self._servers_lock:
+                self._servers.pop(slot, None)
+            if server is not None:
+                server.close()
+            return self._run(program, SLOT_UID_BASE + slot)
+        if timed_out:
+            return Result("timeout", f"timed out after {self.limits.timeout_s:g} s (wall clock)", seconds)
+        if code == 0:
+            return Result("passed", "", seconds)
+        return Result("failed", self._reason_text(code, _last_line(err)), seconds)
+
+    def close_servers(self) -> None:
+        with self._servers_lock:
+            servers, self._servers = list(self._servers.values()), {}
+        for s in servers:
+            s.close()
 
     def _run(self, program: str, uid: int) -> Result:
         start = time.perf_counter()
@@ -186,7 +302,10 @@ class Sandbox:
             shutil.rmtree(workdir, ignore_errors=True)
 
     def _reason(self, code: int, workdir: Path) -> str:
-        err = _last_line(_tail(workdir / "stderr"))
+        return self._reason_text(code, _last_line(_tail(workdir / "stderr")))
+
+    @staticmethod
+    def _reason_text(code: int, err: str) -> str:
         if code < 0 or code > 128:  # killed by a signal (directly, or as reported through the shell)
             sig = -code if code < 0 else code - 128
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
@@ -198,6 +317,12 @@ class Sandbox:
     def run_many(self, programs: list[str], progress: bool = False, desc: str = "executing") -> list[Result]:
         from tqdm import tqdm
 
-        with ThreadPoolExecutor(self.workers) as pool:
-            return list(tqdm(pool.map(self.run, programs), total=len(programs), desc=desc, disable=not progress,
-                             unit="program"))
+        def run(program):
+            return self.run(program, _use_server=self.fork_server)
+
+        try:
+            with ThreadPoolExecutor(self.workers) as pool:
+                return list(tqdm(pool.map(run, programs), total=len(programs), desc=desc, disable=not progress,
+                                 unit="program"))
+        finally:
+            self.close_servers()  # nothing outlives the run

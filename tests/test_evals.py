@@ -263,3 +263,21 @@ def test_sandbox_uses_namespaces_where_it_can():
     assert sandbox.mode == "namespaces"
     r = sandbox.run("import os\nassert os.getuid() >= 61000 and os.getpid() == 1 and os.getcwd() == '/mnt'\n")
     assert r.passed, r.reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
+                    reason="the fork servers run in the namespaces sandbox, which needs root and util-linux")
+def test_fork_server_starts_every_program_clean_and_stops_with_the_run():
+    sandbox = Sandbox(Limits(timeout_s=5), workers=1)  # one slot: the programs below share its server, in order
+    assert sandbox.fork_server
+    leave_traces = ("import os, time\nopen('left.txt', 'w').write('x')\n"
+                    "if os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n")
+    check_clean = ("import os\nassert os.getuid() >= 61000 and os.getpid() != 1\n"
+                   "assert os.getcwd().startswith('/mnt/p') and os.listdir('/mnt') == [os.path.basename(os.getcwd())]\n"
+                   "try:\n    os.kill(-1, 0)\nexcept ProcessLookupError:\n    pass\n"
+                   "else:\n    raise SystemExit('a process of an earlier program survived')\n")
+    results = sandbox.run_many([leave_traces, check_clean, "import sys\nsys.exit(3)\n", "1 / 0\n", check_clean])
+    assert [r.status for r in results] == ["passed", "passed", "failed", "failed", "passed"], results
+    assert results[2].reason == "exit code 3" and "ZeroDivisionError" in results[3].reason
+    children = subprocess.run(["ps", "-o", "comm=", "--ppid", str(os.getpid())], capture_output=True, text=True)
+    assert [c for c in children.stdout.split() if c != "ps"] == []  # the servers stopped with the run
