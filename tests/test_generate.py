@@ -175,3 +175,14 @@ def test_help_and_factor_determinism():
     a = [generate.prompts.factors("exercises", 3, k) for k in range(100)]
     assert a == [generate.prompts.factors("exercises", 3, k) for k in range(100)]
     assert len({f["name"] for f in a}) > 90  # function-name constraints rarely repeat
+
+
+def test_generated_exercises_feed_the_shard_writer_with_their_prompts(tmp_path, embedded):
+    from data_gen import shards
+
+    with FakeOpenAI(responder=respond) as server:
+        assert generate.main(_args(server, tmp_path / "gen", "exercises", 10)) == 0
+    assert shards.main([f"--input={tmp_path / 'gen' / 'exercises.jsonl'}", f"--tokenizer={embedded.tokenizer_path}",
+                        f"--out={tmp_path / 'shards'}", "--prompt-field=prompt", "--source-name=exercises"]) == 0
+    manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
+    assert manifest["documents"] == 10
