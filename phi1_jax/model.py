@@ -149,6 +149,13 @@ class Projection(nnx.Module):
         y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
 
+    def flat(self, x: Array) -> Array:
+        """The same map for x [..., K] with the contracted kernel dims flattened into K: one plain matrix multiply.
+        (Decoding uses it: given the einsum over two contracted dims, XLA:CPU transposes the kernel at every step.)"""
+        kernel = self.kernel[...].astype(self.dtype)
+        y = x.astype(self.dtype) @ kernel.reshape(-1, kernel.shape[-1])
+        return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
+
 
 def _layer_norm(cfg: PhiConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
     # Flax computes the mean and variance in fp32 whatever the compute dtype, as torch's LayerNorm does.
@@ -207,15 +214,15 @@ class KVCache:
     holds padding, so attention never reads it (queries carry segment ids >= 1).
     """
 
-    k: tuple[Array, ...]  # L x [B, S, N, H]
-    v: tuple[Array, ...]  # L x [B, S, N, H]
+    k: tuple[Array, ...]  # L x [B, N, S, H]: heads-major, so decoding attends without transposing the cache
+    v: tuple[Array, ...]  # L x [B, N, S, H]
     segment_ids: Array  # [B, S] int32
     index: Array  # [] int32
 
     @classmethod
     def init(cls, cfg: PhiConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
         dtype = dtype or cfg.compute_dtype
-        shape = (batch, max_len, cfg.num_heads, cfg.head_dim)
+        shape = (batch, cfg.num_heads, max_len, cfg.head_dim)
         layers = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_layers))  # noqa: E731
         return cls(
             k=layers(), v=layers(), segment_ids=jnp.zeros((batch, max_len), jnp.int32), index=jnp.zeros((), jnp.int32)
@@ -247,17 +254,21 @@ class Attention(nnx.Module):
         q = apply_rotary(self.q_proj(x), cos, sin)  # [B, T, N, H]
         k = apply_rotary(self.k_proj(x), cos, sin)  # [B, T, N, H]
         v = self.v_proj(x)  # [B, T, N, H]
-        kv_segment_ids, q_offset = segment_ids, 0
-        if layer_cache is not None:
+        if layer_cache is not None:  # decoding: the cache is [B, N, S, H]; attention and output stay heads-major
             cache_k, cache_v, kv_segment_ids = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), (0, cache_index, 0, 0))  # [B, S, N, H]
-            v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), (0, cache_index, 0, 0))
-            layer_cache, q_offset = (k, v), cache_index
+            k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
+                                             (0, 0, cache_index, 0))  # [B, N, S, H]
+            v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
+                                             (0, 0, cache_index, 0))
+            mask = attention.make_mask(segment_ids, kv_segment_ids, cache_index)
+            out = attention.cached_attention(q, k, v, mask)  # [B, N, T, H]
+            b, n, t, h = out.shape
+            return self.dense.flat(out.transpose(0, 2, 1, 3).reshape(b, t, n * h)), (k, v)
         dropout_rng = None
         if not deterministic and self.cfg.attn_dropout > 0.0:
             dropout_rng = _require_rngs(rngs).dropout()
         out = attention.attend(
-            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=kv_segment_ids, q_offset=q_offset,
+            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
             impl=self.cfg.attention_impl, dropout_rate=self.cfg.attn_dropout, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
         return self.dense(out), layer_cache
