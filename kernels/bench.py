@@ -1,7 +1,7 @@
 """Attention throughput: the Pallas kernel, the XLA reference and cuDNN side by side, forward and forward+backward.
 
 Command:  python -m kernels.bench [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
-          [--dtypes=bfloat16,float16] [--iters=20]
+          [--dtypes=bfloat16,float16] [--iters=20] [--dropout=0.1]
 Expect:   a GPU (the kernel compiles through Triton); on a CPU the kernel only runs interpreted, so the figures there
           say nothing and the script says so.
 
@@ -38,15 +38,17 @@ def _time(fn, *args, iters):
     return float(np.median(times))
 
 
-def implementations(interpret):
+def implementations(interpret, dropout=0.0):
+    drop = dict(dropout_rate=dropout, dropout_seed=0 if dropout else None)
+
     def pallas(q, k, v):
-        return flash_attention(q, k, v, causal=True, interpret=interpret)
+        return flash_attention(q, k, v, causal=True, interpret=interpret, **drop)
 
     def cudnn(q, k, v):
         return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
 
-    impls = {"pallas": pallas, "xla": lambda q, k, v: reference_attention(q, k, v, causal=True)}
-    if jax.default_backend() == "gpu":
+    impls = {"pallas": pallas, "xla": lambda q, k, v: reference_attention(q, k, v, causal=True, **drop)}
+    if jax.default_backend() == "gpu" and not dropout:  # cuDNN through jax has no attention dropout
         impls["cudnn"] = cudnn
     return impls
 
@@ -59,13 +61,14 @@ def main():
     p.add_argument("--seqs", default="512,1024,2048,4096")
     p.add_argument("--dtypes", default="bfloat16,float16")
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--dropout", type=float, default=0.0, help="attention dropout (the paper's 0.1; cuDNN is left out)")
     args = p.parse_args()
     device = jax.devices()[0]
     interpret = jax.default_backend() == "cpu"
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if interpret:
         print("note: no GPU/TPU here: the Pallas kernel runs interpreted and its figures mean nothing")
-    impls = implementations(interpret)
+    impls = implementations(interpret, args.dropout)
     print(f"{'dtype':>9} {'seq':>6} {'impl':>7} {'fwd TFLOP/s':>12} {'fwd+bwd TFLOP/s':>16}")
     for dtype in args.dtypes.split(","):
         for seq in map(int, args.seqs.split(",")):

@@ -10,6 +10,11 @@ Backward (FlashAttention-2's split): delta = rowsum(dO * O); one kernel per key 
 query blocks that can see it; another per query block accumulates dQ over the key blocks it sees. Both rebuild the
 probabilities from the saved lse instead of storing them.
 
+Attention dropout (`dropout_rate`, `dropout_seed`) drops probabilities after the softmax, as Hugging Face Phi does;
+the normaliser still sums all of them. Which ones are dropped is a counter-based hash of (seed, batch * heads + head,
+query position, key position) (`dropout_keep`), so the backward kernels rebuild the same mask instead of storing it,
+and the reference uses the same function.
+
 Every row attends at least to itself (causal or not, a token shares its own segment id), so no softmax row is empty.
 Sequence lengths that the blocks do not divide are padded up, the padding masked by a segment id no real token has.
 The Triton (GPU) and Mosaic (TPU) backends lower the same kernels; `interpret=True` runs them on any backend (the
@@ -68,6 +73,23 @@ def _mask(q_idx, k_idx, q_seg, k_seg, causal: bool):
     return mask
 
 
+def _mix32(x):
+    """A uint32 bijection with good avalanche ("lowbias32", Wellons)."""
+    x = x ^ jax.lax.shift_right_logical(x, jnp.uint32(16))
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ jax.lax.shift_right_logical(x, jnp.uint32(15))
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ jax.lax.shift_right_logical(x, jnp.uint32(16))
+
+
+def dropout_keep(seed, bh, q_idx, k_idx, rate: float):
+    """bool, broadcast over the shapes of bh, q_idx, k_idx: whether attention from query q_idx to key k_idx survives
+    dropout in head bh (= batch index * heads + head). Positions enter as q * 2^16 + k (mod 2^32)."""
+    base = _mix32(seed.astype(jnp.uint32) ^ _mix32(bh.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
+    pos = q_idx.astype(jnp.uint32) * jnp.uint32(65536) + k_idx.astype(jnp.uint32)
+    return _mix32(pos ^ base) >= jnp.uint32(min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1))
+
+
 def _dot(a, b, trans_b=False):
     dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
@@ -78,9 +100,10 @@ def _dot(a, b, trans_b=False):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, sm_scale, causal, block_q, block_k,
-                seq_len):
+def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, seed_ref, o_ref, lse_ref, *, sm_scale, causal, block_q,
+                block_k, seq_len, heads, dropout_rate):
     i = pl.program_id(2)
+    bh = pl.program_id(0) * heads + pl.program_id(1)
     q = q_ref[...]  # [bq, D]
     q_idx = i * block_q + jnp.arange(block_q)
     q_seg = None if qseg_ref is None else qseg_ref[...]
@@ -99,7 +122,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, o_ref, lse_ref, *, sm_s
         m_new = jnp.maximum(m, s.max(axis=1))
         p = jnp.exp(s - m_new[:, None])
         correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(axis=1)
+        l = l * correction + p.sum(axis=1)  # the normaliser counts dropped probabilities too
+        if dropout_rate > 0.0:
+            keep = dropout_keep(seed_ref[0], bh, q_idx[:, None], (start + jnp.arange(block_k))[None, :], dropout_rate)
+            p = jnp.where(keep, p, 0.0) * (1.0 / (1.0 - dropout_rate))
         acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
         return m_new, l, acc
 
@@ -121,22 +147,26 @@ def _specs(seq_len, head_dim, block):
     return blocked, whole, seg_blocked, seg_whole, rows, rows_whole
 
 
-def _forward(q, k, v, seg, *, causal, sm_scale, blocks: BlockSizes, interpret):
+def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate):
     b, s, h, d = q.shape
     bq, bk = blocks.block_q, blocks.block_k
     blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
     has_seg = seg is not None
-    kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk, seq_len=s)
+    kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk, seq_len=s,
+                               heads=h, dropout_rate=dropout_rate)
     if not has_seg:
-        kernel = _without_segments(kernel, n_before=3, n_after=2)
-    in_specs = [blocked, whole, whole] + ([seg_blocked, seg_whole] if has_seg else [])
-    args = (q, k, v) + ((seg, seg) if has_seg else ())
+        kernel = _without_segments(kernel, n_before=3, n_after=3)
+    in_specs = [blocked, whole, whole] + ([seg_blocked, seg_whole] if has_seg else []) + [SEED_SPEC]
+    args = (q, k, v) + ((seg, seg) if has_seg else ()) + (seed,)
     o, lse = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
         interpret=interpret, name="flash_attention_fwd",
     )(*args)
     return o, lse
+
+
+SEED_SPEC = pl.BlockSpec((1,), lambda b, h, i: (0,))  # the dropout seed, int32[1], read by every program
 
 
 def _without_segments(kernel, n_before, n_after):
@@ -153,9 +183,10 @@ def _without_segments(kernel, n_before, n_after):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dk_ref, dv_ref, *, sm_scale,
-                 causal, block_q, block_k, seq_len):
+def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, seed_ref, dk_ref, dv_ref, *,
+                 sm_scale, causal, block_q, block_k, seq_len, heads, dropout_rate):
     j = pl.program_id(2)
+    bh = pl.program_id(0) * heads + pl.program_id(1)
     k, v = k_ref[...], v_ref[...]  # [bk, D]
     k_idx = j * block_k + jnp.arange(block_k)
     k_seg = None if kseg_ref is None else kseg_ref[...]
@@ -174,8 +205,14 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg
         p = jnp.exp(s - lse[:, None])
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        dv = dv + _dot(p.astype(do.dtype).T, do)
         dp = _dot(do, v, trans_b=True)
+        if dropout_rate > 0.0:
+            keep = dropout_keep(seed_ref[0], bh, (start + jnp.arange(block_q))[:, None], k_idx[None, :], dropout_rate)
+            scale = 1.0 / (1.0 - dropout_rate)
+            dv = dv + _dot((jnp.where(keep, p, 0.0) * scale).astype(do.dtype).T, do)
+            dp = jnp.where(keep, dp, 0.0) * scale
+        else:
+            dv = dv + _dot(p.astype(do.dtype).T, do)
         ds = p * (dp - delta[:, None])
         dk = dk + _dot(ds.astype(q.dtype).T, q) * sm_scale
         return dk, dv
@@ -186,9 +223,10 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, dq_ref, *, sm_scale, causal,
-               block_q, block_k, seq_len):
+def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, seed_ref, dq_ref, *, sm_scale,
+               causal, block_q, block_k, seq_len, heads, dropout_rate):
     i = pl.program_id(2)
+    bh = pl.program_id(0) * heads + pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
     lse, delta = lse_ref[...], delta_ref[...]
     q_idx = i * block_q + jnp.arange(block_q)
@@ -205,27 +243,32 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
         p = jnp.exp(s - lse[:, None])
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
-        ds = p * (_dot(do, v, trans_b=True) - delta[:, None])
+        dp = _dot(do, v, trans_b=True)
+        if dropout_rate > 0.0:
+            keep = dropout_keep(seed_ref[0], bh, q_idx[:, None], (start + jnp.arange(block_k))[None, :], dropout_rate)
+            dp = jnp.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_rate))
+        ds = p * (dp - delta[:, None])
         return dq + _dot(ds.astype(k.dtype), k) * sm_scale
 
     dq = jax.lax.fori_loop(0, n_kv, body, jnp.zeros(q.shape, jnp.float32))
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret):
+def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate):
     b, s, h, d = q.shape
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     has_seg = seg is not None
-    common = dict(sm_scale=sm_scale, causal=causal, seq_len=s)
+    common = dict(sm_scale=sm_scale, causal=causal, seq_len=s, heads=h, dropout_rate=dropout_rate)
 
     # dK, dV: one program per key block.
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     blocked, whole, seg_blocked, seg_whole, _, rows_whole = _specs(s, d, bk)
     kernel = functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **common)
     if not has_seg:
-        kernel = _without_segments(kernel, n_before=6, n_after=2)
-    in_specs = [whole, blocked, blocked, whole, rows_whole, rows_whole] + ([seg_whole, seg_blocked] if has_seg else [])
-    args = (q, k, v, do, lse, delta) + ((seg, seg) if has_seg else ())
+        kernel = _without_segments(kernel, n_before=6, n_after=3)
+    in_specs = ([whole, blocked, blocked, whole, rows_whole, rows_whole] + ([seg_whole, seg_blocked] if has_seg else [])
+                + [SEED_SPEC])
+    args = (q, k, v, do, lse, delta) + ((seg, seg) if has_seg else ()) + (seed,)
     dk, dv = pl.pallas_call(
         kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -237,8 +280,8 @@ def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, blocks: BlockSizes,
     blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
     kernel = functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common)
     if not has_seg:
-        kernel = _without_segments(kernel, n_before=6, n_after=1)
-    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([seg_blocked, seg_whole] if has_seg else [])
+        kernel = _without_segments(kernel, n_before=6, n_after=2)
+    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([seg_blocked, seg_whole] if has_seg else []) + [SEED_SPEC]
     dq = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
@@ -251,32 +294,37 @@ def _backward(q, k, v, seg, o, lse, do, *, causal, sm_scale, blocks: BlockSizes,
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, seg, causal, sm_scale, blocks, interpret):
-    return _forward(q, k, v, seg, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _flash(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate):
+    return _forward(q, k, v, seg, seed, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
+                    dropout_rate=dropout_rate)
 
 
-def _flash_fwd(q, k, v, seg, causal, sm_scale, blocks, interpret):
-    o, lse = _forward(q, k, v, seg, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret)
-    return (o, lse), (q, k, v, seg, o, lse)
+def _flash_fwd(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate):
+    o, lse = _forward(q, k, v, seg, seed, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
+                      dropout_rate=dropout_rate)
+    return (o, lse), (q, k, v, seg, seed, o, lse)
 
 
-def _flash_bwd(causal, sm_scale, blocks, interpret, residuals, cotangents):
-    q, k, v, seg, o, lse = residuals
+def _flash_bwd(causal, sm_scale, blocks, interpret, dropout_rate, residuals, cotangents):
+    q, k, v, seg, seed, o, lse = residuals
     do, _ = cotangents  # the lse output is for inspection; its cotangent is not propagated
-    dq, dk, dv = _backward(q, k, v, seg, o, lse, do, causal=causal, sm_scale=sm_scale, blocks=blocks,
-                           interpret=interpret)
-    return dq, dk, dv, None
+    dq, dk, dv = _backward(q, k, v, seg, seed, o, lse, do, causal=causal, sm_scale=sm_scale, blocks=blocks,
+                           interpret=interpret, dropout_rate=dropout_rate)
+    return dq, dk, dv, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool = False, return_lse: bool = False):
+                    block_sizes: BlockSizes | None = None, interpret: bool = False, return_lse: bool = False,
+                    dropout_rate: float = 0.0, dropout_seed=None):
     """Attention of q [B, S, H, D] over k, v [B, S, H, D] -> [B, S, H, D] (and lse [B, H, S] with return_lse).
 
     segment_ids [B, S] int: a query sees only keys with its own segment id. sm_scale defaults to 1/sqrt(D).
+    dropout_rate in [0, 1) with dropout_seed (an int or a scalar int32/uint32 array; a traced value is fine): attention
+    dropout after the softmax, the mask given by `dropout_keep`.
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"flash_attention: q, k, v must share one shape [batch, seq, heads, head_dim]; got "
@@ -291,6 +339,12 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         if size < 16 or size & (size - 1):
             raise ValueError(f"flash_attention: block size {name}={size} must be a power of two >= 16")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)
+    dropout_rate = float(dropout_rate)
+    if not 0.0 <= dropout_rate < 1.0:
+        raise ValueError(f"flash_attention: dropout_rate must be in [0, 1), got {dropout_rate}")
+    if dropout_rate > 0.0 and dropout_seed is None:
+        raise ValueError("flash_attention: dropout_rate > 0 needs a dropout_seed")
+    seed = _seed_array(0 if dropout_seed is None else dropout_seed)
     seg = None if segment_ids is None else segment_ids.astype(jnp.int32)
     padded = -(-s // blocks.max_block()) * blocks.max_block()
     if padded != s:  # pad, and keep the padding apart with a segment id no real token has
@@ -298,9 +352,17 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         real = jnp.ones((b, s), jnp.int32) if seg is None else seg
         seg = jnp.pad(real, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
-    o, lse = _flash(q, k, v, seg, causal, sm_scale, blocks, interpret)
+    o, lse = _flash(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate)
     o, lse = o[:, :s], lse[:, :, :s]
     return (o, lse) if return_lse else o
+
+
+def _seed_array(seed):
+    """int32[1]: the kernels take the seed as a one-element input (its bits are reinterpreted as uint32 inside)."""
+    seed = jnp.asarray(seed)
+    if seed.dtype == jnp.uint32:
+        seed = jax.lax.bitcast_convert_type(seed, jnp.int32)
+    return seed.astype(jnp.int32).reshape(1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -309,7 +371,7 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
 
 
 def reference_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
-                        return_lse: bool = False, **unused):
+                        return_lse: bool = False, dropout_rate: float = 0.0, dropout_seed=None, **unused):
     """Materializes the [B, H, S, S] scores in fp32; outputs in q's dtype, lse [B, H, S] in fp32."""
     d = q.shape[-1]
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else sm_scale
@@ -321,5 +383,12 @@ def reference_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_sc
         mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     s = jnp.where(mask, s, MASK_VALUE)
     lse = jax.nn.logsumexp(s, axis=-1)
-    o = jnp.einsum("bhqk,bkhd->bqhd", jnp.exp(s - lse[..., None]), v.astype(jnp.float32)).astype(q.dtype)
+    p = jnp.exp(s - lse[..., None])
+    if dropout_rate > 0.0:
+        b, _, h, _ = q.shape
+        bh = (jnp.arange(b)[:, None] * h + jnp.arange(h)[None, :])[:, :, None, None]
+        idx = jnp.arange(n)
+        keep = dropout_keep(_seed_array(dropout_seed)[0], bh, idx[:, None], idx[None, :], dropout_rate)
+        p = jnp.where(keep, p, 0.0) / (1.0 - dropout_rate)
+    o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
     return (o, lse) if return_lse else o

@@ -4,10 +4,11 @@ Implementations:
   xla    plain einsums, softmax in fp32 (Hugging Face Phi's numerics); the reference, and the decode path always.
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16). It takes no segment ids, so packed
          documents go in as a dense [B, 1, T, S] mask; it has no dropout, so attention dropout > 0 is refused.
-
-  pallas the project's flash-attention kernel (kernels/flash_attention.py): training and prefill without a cache; it
-         has no dropout, so attention dropout > 0 is refused. Interpreted (`interpret=True`) on CPU, compiled on GPU/TPU.
-Decoding with a KV cache always takes the xla path (one query row per step: nothing for a flash kernel to tile).
+  pallas the project's flash-attention kernel (kernels/flash_attention.py): training and prefill without a cache,
+         attention dropout included (its mask is a hash of a seed drawn from the dropout RNG, so it differs from the
+         xla path's mask but has the same distribution). Interpreted (`interpret=True`) on CPU, compiled on GPU/TPU.
+Decoding with a KV cache always takes the xla path (`cached_attention`: one query row per step, nothing for a flash
+kernel to tile).
 
 Shapes: q [B, T, N, H]; k, v [B, S, N, H]; q_segment_ids [B, T]; kv_segment_ids [B, S].
 """
@@ -67,14 +68,16 @@ def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
 def attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_offset=0, impl="xla", dropout_rate=0.0, dropout_rng=None):
     """Causal, segment-masked attention. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in v's dtype."""
     no_dropout = dropout_rng is None or dropout_rate == 0.0
-    if impl in ("cudnn", "pallas") and not no_dropout:
-        raise ValueError(f"attention_impl={impl!r} has no attention dropout; set model.attn_dropout=0 or use "
-                         "attention_impl='xla'")
+    if impl == "cudnn" and not no_dropout:
+        raise ValueError("attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use "
+                         "attention_impl='pallas' or 'xla'")
     if impl == "pallas" and kv_segment_ids is q_segment_ids:  # no cache: the model passes one array for both
         from kernels.flash_attention import flash_attention
 
+        seed = None if no_dropout else jax.random.bits(dropout_rng, (), jnp.uint32)  # the kernel hashes its mask
         return flash_attention(q, k, v, segment_ids=q_segment_ids, causal=True,
-                               interpret=jax.default_backend() == "cpu")
+                               interpret=jax.default_backend() == "cpu",
+                               dropout_rate=0.0 if no_dropout else dropout_rate, dropout_seed=seed)
     mask = make_mask(q_segment_ids, kv_segment_ids, q_offset)
     if impl in ("xla", "pallas"):
         return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)

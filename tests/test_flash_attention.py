@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, reference_attention
 from phi1_jax.model import Phi, PhiConfig
 
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 1e-1)}  # (forward, gradients), absolute
@@ -91,11 +91,57 @@ def test_model_with_pallas_equals_xla_on_a_packed_batch():
         np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-def test_pallas_refuses_attention_dropout():
+@pytest.mark.parametrize("rate,causal,segments", [(0.1, True, True), (0.3, False, False)])
+def test_dropout_matches_reference_with_the_same_mask(rate, causal, segments):
+    q, k, v, seg = _inputs(2, 200, 3, 64, jnp.float32, segments)  # 200: padded to the blocks
+    blocks = BlockSizes(64, 32, 32, 64, 64, 32)
+    kw = dict(segment_ids=seg, causal=causal, dropout_rate=rate, dropout_seed=1234)
+    o = flash_attention(q, k, v, block_sizes=blocks, interpret=True, **kw)
+    np.testing.assert_allclose(o, reference_attention(q, k, v, **kw), atol=2e-5)
+    assert np.abs(np.asarray(o - reference_attention(q, k, v, segment_ids=seg, causal=causal))).max() > 0.01
+    w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
+    grads = [jax.grad(lambda q, k, v: (fn(q, k, v, **kw, **extra) * w).sum(), argnums=(0, 1, 2))(q, k, v)  # noqa: B023
+             for fn, extra in ((flash_attention, dict(block_sizes=blocks, interpret=True)), (reference_attention, {}))]
+    for name, got, want in zip("qkv", *grads):
+        np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{name}")
+
+
+def test_dropout_mask_rate_and_seeds():
+    idx = jnp.arange(512)
+    bh = jnp.arange(4)[:, None, None]
+    keep = np.asarray(dropout_keep(jnp.int32(5), bh, idx[:, None], idx[None, :], 0.1))  # [4, 512, 512]
+    assert abs(keep.mean() - 0.9) < 0.003
+    assert (keep[0] != keep[1]).mean() > 0.15  # heads differ
+    other = np.asarray(dropout_keep(jnp.int32(6), bh, idx[:, None], idx[None, :], 0.1))
+    assert (keep != other).mean() > 0.15  # seeds differ
+    np.testing.assert_array_equal(keep, np.asarray(dropout_keep(jnp.int32(5), bh, idx[:, None], idx[None, :], 0.1)))
+    with pytest.raises(ValueError, match="needs a dropout_seed"):
+        q = jnp.zeros((1, 128, 2, 64))
+        flash_attention(q, q, q, dropout_rate=0.1, interpret=True)
+
+
+def test_model_trains_with_pallas_attention_dropout():
     cfg = PhiConfig(vocab_size=97, num_layers=1, d_model=64, num_heads=4, head_dim=16, mlp_dim=128, rotary_dim=8,
                     attn_dropout=0.1, attention_impl="pallas")
-    with pytest.raises(ValueError, match="has no attention dropout"):
-        Phi(cfg, rngs=nnx.Rngs(0))(jnp.ones((1, 16), jnp.int32), deterministic=False, rngs=nnx.Rngs(dropout=0))
+    graphdef, state = nnx.split(Phi(cfg, rngs=nnx.Rngs(0)))
+    ids = jnp.ones((2, 64), jnp.int32)
+
+    def loss(st, seed):
+        return nnx.merge(graphdef, st)(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed)).mean()
+
+    g0, g0_again, g1 = (jax.grad(loss)(state, s) for s in (0, 0, 1))
+    leaves = [np.asarray(x) for x in jax.tree.leaves(g0)]
+    assert all(np.isfinite(x).all() for x in leaves)
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g0_again)):
+        np.testing.assert_array_equal(a, b)  # the same dropout RNG, the same masks
+    assert any(np.abs(np.asarray(a) - np.asarray(b)).max() > 0 for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)))
+    # rematerialization recomputes the forward with the same seed, so the same masks
+    graphdef, state = nnx.split(Phi(PhiConfig(**{**cfg.to_dict(), "remat": "full"}), rngs=nnx.Rngs(0)))
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(jax.grad(loss)(state, 0))):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    with pytest.raises(ValueError, match="'cudnn' has no attention dropout"):
+        bad = PhiConfig(**{**cfg.to_dict(), "attention_impl": "cudnn"})
+        Phi(bad, rngs=nnx.Rngs(0))(ids, deterministic=False, rngs=nnx.Rngs(dropout=0))
 
 
 @pytest.mark.gpu
