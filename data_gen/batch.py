@@ -131,10 +131,19 @@ class BatchRunner:
             self.client._cache.put(key, reply)
             self.client.add_batch_usage(reply["prompt_tokens"], reply["completion_tokens"])
             good += 1
-        entry.update(collected=True, status=b.status, usable=good,
-                     failed=len(self._read_file(getattr(b, "error_file_id", None))))
+        errors = self._read_file(getattr(b, "error_file_id", None))
+        entry.update(collected=True, status=b.status, usable=good, failed=len(errors))
+        if errors:
+            entry["first_error"] = _error_message(errors[0])
         self._save()
         return good
+
+    def last_error(self) -> str | None:
+        """The first error message of the most recent batch that had failures (for the caller's error message)."""
+        for e in reversed(self.state["batches"]):
+            if e.get("first_error"):
+                return e["first_error"]
+        return None
 
     def resume(self) -> int:
         """Collect every batch an earlier run submitted but did not collect."""
@@ -143,3 +152,12 @@ class BatchRunner:
     def submit_and_collect(self, requests: list[dict]) -> int:
         self.submit(requests)
         return self.resume()
+
+
+def _error_message(line: str) -> str:
+    try:
+        item = json.loads(line)
+        err = item.get("error") or (item.get("response") or {}).get("body", {}).get("error") or {}
+        return str(err.get("message") or err)[:300]
+    except (json.JSONDecodeError, AttributeError, TypeError):
+        return line[:300]

@@ -220,8 +220,10 @@ class Generator:
                 if not todo:
                     raise self._too_many()
                 if not runner.submit_and_collect(todo):
-                    raise GenerateError("a whole batch came back without a single usable reply; see the batch's "
-                                        f"error file (ids in {self.out / BATCH_FILE})")
+                    why = runner.last_error()
+                    raise GenerateError("a whole batch came back without a single usable reply"
+                                        + (f" (first error: {why})" if why else "")
+                                        + f"; batch ids in {self.out / BATCH_FILE}")
 
 
 # --- the command -----------------------------------------------------------------------------------------------------

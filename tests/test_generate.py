@@ -186,3 +186,11 @@ def test_generated_exercises_feed_the_shard_writer_with_their_prompts(tmp_path, 
                         f"--out={tmp_path / 'shards'}", "--prompt-field=prompt", "--source-name=exercises"]) == 0
     manifest = json.loads((tmp_path / "shards" / "manifest.json").read_text())
     assert manifest["documents"] == 10
+
+
+def test_batch_mode_names_the_error_when_nothing_comes_back(tmp_path, capsys):
+    with FakeOpenAI(responder=respond, batch_script=["error"] * 50) as server:
+        args = _args(server, tmp_path, "exercises", 3, "--batch", "--poll-interval=0.01")
+        assert generate.main(args) == 1
+    err = capsys.readouterr().err
+    assert "without a single usable reply (first error: the model crashed)" in err
