@@ -3,8 +3,9 @@
 - refusals and assistant boilerplate ("As an AI language model", "I'm sorry, but I can't") are dropped; a chatty first
   line ("Sure! Here is ...") is stripped from an otherwise good textbook;
 - every ```python code block must parse (`ast`); a textbook needs at least one;
-- an exercise is exactly one function with the requested name, a docstring, and a body that does something
-  (not only `pass` / `...`); its record keeps the signature + docstring as `prompt` (what finetuning conditions on);
+- an exercise is exactly one function with the requested name (imports before it allowed; example calls or tests
+  after it are cut off), a docstring, and a body that does something (not only `pass` / `...`); its record keeps the
+  signature + docstring as `prompt` (what finetuning conditions on);
 - lengths are bounded (characters), so empty and runaway replies are dropped.
 """
 
@@ -89,11 +90,13 @@ def check_exercise(text: str, name: str, limits: Limits = Limits(min_chars=80, m
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return _reject("code does not parse")
-    funcs = [s for s in tree.body if isinstance(s, ast.FunctionDef)]
-    others = [s for s in tree.body if not isinstance(s, (ast.FunctionDef, ast.Import, ast.ImportFrom))]
-    if len(funcs) != 1 or others:
+    defs = [s for s in tree.body if isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    if len(defs) != 1 or not isinstance(defs[0], ast.FunctionDef):
         return _reject("not exactly one top-level function")
-    fn = funcs[0]
+    fn = defs[0]
+    if any(not isinstance(s, (ast.Import, ast.ImportFrom)) for s in tree.body[: tree.body.index(fn)]):
+        return _reject("code before the function")
+    code = "\n".join(code.split("\n")[: fn.end_lineno]).rstrip()  # usage examples or tests after it are cut
     if fn.name != name:
         return _reject("wrong function name")
     doc = fn.body[0] if fn.body else None

@@ -194,3 +194,33 @@ def test_batch_mode_names_the_error_when_nothing_comes_back(tmp_path, capsys):
         assert generate.main(args) == 1
     err = capsys.readouterr().err
     assert "without a single usable reply (first error: the model crashed)" in err
+
+
+def test_exercise_validation():
+    fn = 'def add_pairs(xs: list[int]) -> int:\n    """Sum adjacent pairs.\n\n    >>> add_pairs([1, 2])\n    3\n    """\n    return sum(xs)\n'
+    ok = validate.check_exercise(f"Here you go:\n```python\nimport math\n{fn}\nprint(add_pairs([1, 2]))\nassert add_pairs([]) == 0\n```", "add_pairs")
+    assert ok.ok and ok.text == "import math\n" + fn and ok.prompt == "import math\n" + fn[:fn.index("    return")]
+    assert ok.text.startswith(ok.prompt)
+    reasons = {
+        "wrong function name": fn.replace("add_pairs", "add_pair", 1),
+        "no docstring": "def add_pairs(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n",
+        "empty body": 'def add_pairs(xs):\n    """Sum adjacent pairs of the list, carefully and completely."""\n    ...\n',
+        "not exactly one top-level function": fn + "\ndef helper():\n    return 1\n",
+        "code before the function": "LIMIT = 3\n" + fn,
+        "code does not parse": fn.replace("return sum(xs)", "return sum(xs"),
+        "refusal or boilerplate": "As an AI language model, I cannot write that exercise for you, sorry about that.",
+    }
+    for why, code in reasons.items():
+        assert validate.check_exercise(f"```python\n{code}```", "add_pairs").reason == why, why
+
+
+def test_textbook_validation():
+    prose = "Loops repeat a block of code. " * 10
+    good = f"Sure! Here is a section on loops.\n\n## Loops\n\n{prose}\n\n```python\nfor i in range(3):\n    print(i)\n```\n"
+    v = validate.check_textbook(good)
+    assert v.ok and v.text.startswith("## Loops") and "Sure!" not in v.text
+    assert validate.check_textbook(prose).reason == "no python code block"
+    assert validate.check_textbook(prose + "```python\nfor i in range(3)\n    print(i)\n```").reason == "code block does not parse"
+    assert validate.check_textbook(prose + "```python\nx = 1\n").reason == "unclosed code block"
+    assert validate.check_textbook("```python\nx = 1\n```").reason == "too short"
+    assert validate.check_textbook(prose + "```bash\nls -l |\n```\n```python\nx = 1\n```").ok  # other languages skipped
