@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pltriton
 
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) underflows to 0 without NaNs
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
@@ -147,7 +148,13 @@ def _specs(seq_len, head_dim, block):
     return blocked, whole, seg_blocked, seg_whole, rows, rows_whole
 
 
-def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate):
+def _compiler_params(backend: str):
+    """On GPUs, Triton, named explicitly: JAX's default for `pallas_call` there is Mosaic GPU, which takes kernels
+    written for its own model (warpgroups, TMA) and rejects this one."""
+    return pltriton.CompilerParams(num_warps=4, num_stages=2) if backend == "gpu" else None
+
+
+def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate, backend):
     b, s, h, d = q.shape
     bq, bk = blocks.block_q, blocks.block_k
     blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
@@ -161,7 +168,7 @@ def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interp
     o, lse = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-        interpret=interpret, name="flash_attention_fwd",
+        interpret=interpret, name="flash_attention_fwd", compiler_params=_compiler_params(backend),
     )(*args)
     return o, lse
 
@@ -254,7 +261,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
     dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate):
+def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate,
+              backend):
     b, s, h, d = q.shape
     delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
     has_seg = seg is not None
@@ -272,7 +280,7 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
     dk, dv = pl.pallas_call(
         kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="flash_attention_dkdv",
+        interpret=interpret, name="flash_attention_dkdv", compiler_params=_compiler_params(backend),
     )(*args)
 
     # dQ: one program per query block.
@@ -285,6 +293,7 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
     dq = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
+        compiler_params=_compiler_params(backend),
     )(*args)
     return dq, dk, dv
 
@@ -294,23 +303,35 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def _flash(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate):
-    return _forward(q, k, v, seg, seed, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
-                    dropout_rate=dropout_rate)
+@dataclasses.dataclass(frozen=True)
+class _Static:
+    """Everything about a call that is not an array (hashable: custom_vjp keeps it out of differentiation)."""
+
+    causal: bool
+    sm_scale: float
+    blocks: BlockSizes
+    interpret: bool
+    dropout_rate: float
+    backend: str
+
+    def kwargs(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
-def _flash_fwd(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate):
-    o, lse = _forward(q, k, v, seg, seed, causal=causal, sm_scale=sm_scale, blocks=blocks, interpret=interpret,
-                      dropout_rate=dropout_rate)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _flash(q, k, v, seg, seed, static: _Static):
+    return _forward(q, k, v, seg, seed, **static.kwargs())
+
+
+def _flash_fwd(q, k, v, seg, seed, static: _Static):
+    o, lse = _forward(q, k, v, seg, seed, **static.kwargs())
     return (o, lse), (q, k, v, seg, seed, o, lse)
 
 
-def _flash_bwd(causal, sm_scale, blocks, interpret, dropout_rate, residuals, cotangents):
+def _flash_bwd(static: _Static, residuals, cotangents):
     q, k, v, seg, seed, o, lse = residuals
     do, _ = cotangents  # the lse output is for inspection; its cotangent is not propagated
-    dq, dk, dv = _backward(q, k, v, seg, seed, o, lse, do, causal=causal, sm_scale=sm_scale, blocks=blocks,
-                           interpret=interpret, dropout_rate=dropout_rate)
+    dq, dk, dv = _backward(q, k, v, seg, seed, o, lse, do, **static.kwargs())
     return dq, dk, dv, None, None
 
 
@@ -319,12 +340,13 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool = False, return_lse: bool = False,
-                    dropout_rate: float = 0.0, dropout_seed=None):
+                    dropout_rate: float = 0.0, dropout_seed=None, backend: str | None = None):
     """Attention of q [B, S, H, D] over k, v [B, S, H, D] -> [B, S, H, D] (and lse [B, H, S] with return_lse).
 
     segment_ids [B, S] int: a query sees only keys with its own segment id. sm_scale defaults to 1/sqrt(D).
     dropout_rate in [0, 1) with dropout_seed (an int or a scalar int32/uint32 array; a traced value is fine): attention
-    dropout after the softmax, the mask given by `dropout_keep`.
+    dropout after the softmax, the mask given by `dropout_keep`. backend ("gpu", "tpu", "cpu"; default: JAX's) picks
+    the default block sizes and, on "gpu", the Triton compiler (set it to lower for a GPU from another host).
     """
     if q.ndim != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(f"flash_attention: q, k, v must share one shape [batch, seq, heads, head_dim]; got "
@@ -334,7 +356,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         raise ValueError(f"flash_attention: head_dim {d} is not supported; use one of {SUPPORTED_HEAD_DIMS}")
     if segment_ids is not None and segment_ids.shape != (b, s):
         raise ValueError(f"flash_attention: segment_ids must be [batch, seq] = {(b, s)}, got {segment_ids.shape}")
-    blocks = block_sizes or BlockSizes.default(d)
+    backend = backend or jax.default_backend()
+    blocks = block_sizes or BlockSizes.default(d, backend)
     for name, size in dataclasses.asdict(blocks).items():
         if size < 16 or size & (size - 1):
             raise ValueError(f"flash_attention: block size {name}={size} must be a power of two >= 16")
@@ -352,7 +375,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         real = jnp.ones((b, s), jnp.int32) if seg is None else seg
         seg = jnp.pad(real, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
-    o, lse = _flash(q, k, v, seg, seed, causal, sm_scale, blocks, interpret, dropout_rate)
+    static = _Static(causal, sm_scale, blocks, interpret, dropout_rate, "interpret" if interpret else backend)
+    o, lse = _flash(q, k, v, seg, seed, static)
     o, lse = o[:, :s], lse[:, :, :s]
     return (o, lse) if return_lse else o
 

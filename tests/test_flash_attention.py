@@ -153,3 +153,25 @@ def test_compiled_on_gpu_matches_reference():
         o = flash_attention(q, k, v, segment_ids=seg, causal=causal)  # default blocks, compiled
         ro = reference_attention(q, k, v, segment_ids=seg, causal=causal)
         np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ro, np.float32), atol=TOL[dtype][0])
+
+
+@pytest.mark.parametrize("dtype,rate,segments", [(jnp.bfloat16, 0.0, False), (jnp.float16, 0.1, True)])
+def test_lowers_to_triton_for_a_gpu_from_this_host(dtype, rate, segments):
+    """The GPU compile path up to Triton IR, without a GPU: cross-platform lowering for CUDA (jax.export).
+
+    It catches what interpret mode cannot: an op with no Triton lowering rule, or JAX handing the kernel to Mosaic GPU
+    (its default for `pallas_call` on GPUs, which rejects kernels written for Triton's model). PTX compilation and the
+    numbers still need a GPU (test_compiled_on_gpu_matches_reference)."""
+    from jax import export
+
+    q = jax.ShapeDtypeStruct((2, 2048, 4, 64), dtype)
+    seg = jax.ShapeDtypeStruct((2, 2048), jnp.int32)
+
+    def attn(q, k, v, s):
+        return flash_attention(q, k, v, segment_ids=s if segments else None, dropout_rate=rate,
+                               dropout_seed=7 if rate else None, backend="gpu")
+
+    train = jax.grad(lambda q, k, v, s: attn(q, k, v, s).astype(jnp.float32).sum(), argnums=(0, 1, 2))
+    allow = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    module = export.export(jax.jit(train), platforms=["cuda"], disabled_checks=allow)(q, q, q, seg).mlir_module()
+    assert module.count("xla.gpu.triton") == 3  # forward, dK/dV and dQ kernels, each a Triton call
