@@ -17,8 +17,11 @@ and the reference uses the same function.
 
 Every row attends at least to itself (causal or not, a token shares its own segment id), so no softmax row is empty.
 Sequence lengths that the blocks do not divide are padded up, the padding masked by a segment id no real token has.
-The Triton (GPU) and Mosaic (TPU) backends lower the same kernels; `interpret=True` runs them on any backend (the
-tests do, on CPU). Block sizes default per backend (`BlockSizes.default`). Imports nothing from phi1_jax.
+The same kernels lower through Triton on GPUs (named explicitly: JAX's default there is Mosaic GPU, which cannot take
+them) and through Mosaic on TPUs (q, k, v transposed heads-major first, since Mosaic wants each block's last two dims
+to be (rows, head_dim)); every value inside a kernel is 2-D for Mosaic's sake. `interpret=True` runs them on any
+backend (the tests do, on CPU, in both layouts), and the tests lower both compiled paths from a CPU host with
+jax.export. Block sizes default per backend (`BlockSizes.default`). Imports nothing from phi1_jax.
 
 Order of this file: block sizes, forward kernel, backward kernels, public wrapper (validation, custom VJP),
 reference implementation.
@@ -64,12 +67,12 @@ class BlockSizes:
 
 
 def _mask(q_idx, k_idx, q_seg, k_seg, causal: bool):
-    """[bq, bk] bool: which keys each query may see (None: all)."""
+    """[bq, bk] bool from q_idx, q_seg [bq, 1] and k_idx, k_seg [1, bk]: which keys each query may see (None: all)."""
     mask = None
     if causal:
-        mask = q_idx[:, None] >= k_idx[None, :]
+        mask = q_idx >= k_idx
     if q_seg is not None:
-        same = q_seg[:, None] == k_seg[None, :]
+        same = q_seg == k_seg
         mask = same if mask is None else mask & same
     return mask
 
@@ -84,18 +87,33 @@ def _mix32(x):
 
 
 def dropout_keep(seed, bh, q_idx, k_idx, rate: float):
-    """bool, broadcast over the shapes of bh, q_idx, k_idx: whether attention from query q_idx to key k_idx survives
-    dropout in head bh (= batch index * heads + head). Positions enter as q * 2^16 + k (mod 2^32)."""
-    base = _mix32(seed.astype(jnp.uint32) ^ _mix32(bh.astype(jnp.uint32) + jnp.uint32(0x9E3779B9)))
+    """bool, broadcast over the shapes of seed, bh, q_idx, k_idx: whether attention from query q_idx to key k_idx
+    survives dropout in head bh (= batch index * heads + head). Positions enter as q * 2^16 + k (mod 2^32)."""
+    base = _mix32(jnp.asarray(seed).astype(jnp.uint32) ^ _mix32(jnp.asarray(bh).astype(jnp.uint32)
+                                                                + jnp.uint32(0x9E3779B9)))
     pos = q_idx.astype(jnp.uint32) * jnp.uint32(65536) + k_idx.astype(jnp.uint32)
     return _mix32(pos ^ base) >= jnp.uint32(min(int(round(rate * 2.0 ** 32)), 2 ** 32 - 1))
 
 
-def _dot(a, b, trans_b=False):
-    dims = (((1,), (1,)), ((), ())) if trans_b else (((1,), (0,)), ((), ()))
+def _dot(a, b, trans_a=False, trans_b=False):
+    """a @ b in fp32, either operand transposed by the contraction itself (no transpose op: Mosaic TPU prefers it)."""
+    dims = (((0 if trans_a else 1,), (1 if trans_b else 0,)), ((), ()))
     return jax.lax.dot_general(a, b, dims, preferred_element_type=jnp.float32)
 
 
+def _rows(n, offset):
+    return offset + jax.lax.broadcasted_iota(jnp.int32, (n, 1), 0)  # [n, 1] positions, a column
+
+
+def _cols(n, offset):
+    return offset + jax.lax.broadcasted_iota(jnp.int32, (1, n), 1)  # [1, n] positions, a row
+
+
+# Layouts. Every value inside the kernels is 2-D, so the same code lowers through Triton and Mosaic TPU:
+#   q, k, v, o: [B, S, H, D] on GPUs (Triton takes the strided head slice); [B, H, S, D] on TPU (Mosaic wants the last
+#               two block dims to be (rows, D)); the wrapper transposes for TPU.
+#   segment ids: queries [B, S, 1] (a column per block), keys [B, 1, S] (a row per block).
+#   lse, delta: [B, H, S, 1].   dropout seed: int32 [1, 1].
 # ---------------------------------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------------------------------
@@ -106,8 +124,8 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, seed_ref, o_ref, lse_re
     i = pl.program_id(2)
     bh = pl.program_id(0) * heads + pl.program_id(1)
     q = q_ref[...]  # [bq, D]
-    q_idx = i * block_q + jnp.arange(block_q)
-    q_seg = None if qseg_ref is None else qseg_ref[...]
+    q_idx = _rows(block_q, i * block_q)
+    q_seg = None if qseg_ref is None else qseg_ref[...]  # [bq, 1]
     n_kv = pl.cdiv((i + 1) * block_q, block_k) if causal else seq_len // block_k  # skip blocks above the diagonal
 
     def body(j, carry):
@@ -116,64 +134,83 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kseg_ref, seed_ref, o_ref, lse_re
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s = _dot(q, k, trans_b=True) * sm_scale  # [bq, bk] fp32
-        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
-        mask = _mask(q_idx, start + jnp.arange(block_k), q_seg, k_seg, causal)
+        k_idx = _cols(block_k, start)
+        k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(start, block_k)]  # [1, bk]
+        mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
         if mask is not None:
             s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.exp(s - m_new[:, None])
+        m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+        p = jnp.exp(s - m_new)
         correction = jnp.exp(m - m_new)
-        l = l * correction + p.sum(axis=1)  # the normaliser counts dropped probabilities too
+        l = l * correction + p.sum(axis=1, keepdims=True)  # the normaliser counts dropped probabilities too
         if dropout_rate > 0.0:
-            keep = dropout_keep(seed_ref[0], bh, q_idx[:, None], (start + jnp.arange(block_k))[None, :], dropout_rate)
+            keep = dropout_keep(seed_ref[...], bh, q_idx, k_idx, dropout_rate)
             p = jnp.where(keep, p, 0.0) * (1.0 / (1.0 - dropout_rate))
-        acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
+        acc = acc * correction + _dot(p.astype(v.dtype), v)
         return m_new, l, acc
 
-    init = (jnp.full((block_q,), -jnp.inf, jnp.float32), jnp.zeros((block_q,), jnp.float32),
+    init = (jnp.full((block_q, 1), -jnp.inf, jnp.float32), jnp.zeros((block_q, 1), jnp.float32),
             jnp.zeros(q.shape, jnp.float32))
     m, l, acc = jax.lax.fori_loop(0, n_kv, body, init)
-    o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
+    o_ref[...] = (acc / l).astype(o_ref.dtype)
     lse_ref[...] = m + jnp.log(l)
 
 
-def _specs(seq_len, head_dim, block):
-    """BlockSpecs over [B, S, H, D] tensors and [B, S] segment ids, for a grid (batch, head, block index)."""
-    blocked = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
-    whole = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
-    seg_blocked = pl.BlockSpec((None, block), lambda b, h, i: (b, i))
-    seg_whole = pl.BlockSpec((None, seq_len), lambda b, h, i: (b, 0))
-    rows = pl.BlockSpec((None, None, block), lambda b, h, i: (b, h, i))  # [B, H, S] lse / delta
-    rows_whole = pl.BlockSpec((None, None, seq_len), lambda b, h, i: (b, h, 0))
-    return blocked, whole, seg_blocked, seg_whole, rows, rows_whole
+def _specs(seq_len, head_dim, block, heads_major):
+    """BlockSpecs for a grid (batch, head, block index): blocked and whole q/k/v, query and key segment ids, rows."""
+    if heads_major:
+        blocked = pl.BlockSpec((None, None, block, head_dim), lambda b, h, i: (b, h, i, 0))
+        whole = pl.BlockSpec((None, None, seq_len, head_dim), lambda b, h, i: (b, h, 0, 0))
+    else:
+        blocked = pl.BlockSpec((None, block, None, head_dim), lambda b, h, i: (b, i, h, 0))
+        whole = pl.BlockSpec((None, seq_len, None, head_dim), lambda b, h, i: (b, 0, h, 0))
+    qseg_blocked = pl.BlockSpec((None, block, 1), lambda b, h, i: (b, i, 0))
+    qseg_whole = pl.BlockSpec((None, seq_len, 1), lambda b, h, i: (b, 0, 0))
+    kseg_blocked = pl.BlockSpec((None, 1, block), lambda b, h, i: (b, 0, i))
+    kseg_whole = pl.BlockSpec((None, 1, seq_len), lambda b, h, i: (b, 0, 0))
+    rows = pl.BlockSpec((None, None, block, 1), lambda b, h, i: (b, h, i, 0))  # [B, H, S, 1] lse / delta
+    rows_whole = pl.BlockSpec((None, None, seq_len, 1), lambda b, h, i: (b, h, 0, 0))
+    return blocked, whole, (qseg_blocked, qseg_whole, kseg_blocked, kseg_whole), rows, rows_whole
 
 
-def _compiler_params(backend: str):
+SEED_SPEC = pl.BlockSpec((1, 1), lambda b, h, i: (0, 0))  # the dropout seed, int32 [1, 1], read by every program
+
+
+def _compiler_params(backend: str, interpret: bool):
     """On GPUs, Triton, named explicitly: JAX's default for `pallas_call` there is Mosaic GPU, which takes kernels
     written for its own model (warpgroups, TMA) and rejects this one."""
-    return pltriton.CompilerParams(num_warps=4, num_stages=2) if backend == "gpu" else None
+    return pltriton.CompilerParams(num_warps=4, num_stages=2) if backend == "gpu" and not interpret else None
 
 
 def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate, backend):
-    b, s, h, d = q.shape
+    b, s, h, d = _bshd(q, backend)
     bq, bk = blocks.block_q, blocks.block_k
-    blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
+    blocked, whole, (qseg_blocked, _, _, kseg_whole), rows, _ = _specs(s, d, bq, backend == "tpu")
     has_seg = seg is not None
     kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk, seq_len=s,
                                heads=h, dropout_rate=dropout_rate)
     if not has_seg:
         kernel = _without_segments(kernel, n_before=3, n_after=3)
-    in_specs = [blocked, whole, whole] + ([seg_blocked, seg_whole] if has_seg else []) + [SEED_SPEC]
-    args = (q, k, v) + ((seg, seg) if has_seg else ()) + (seed,)
+    in_specs = [blocked, whole, whole] + ([qseg_blocked, kseg_whole] if has_seg else []) + [SEED_SPEC]
+    args = (q, k, v) + (_seg_layouts(seg) if has_seg else ()) + (seed,)
     o, lse = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-        interpret=interpret, name="flash_attention_fwd", compiler_params=_compiler_params(backend),
+        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
+        interpret=interpret, name="flash_attention_fwd", compiler_params=_compiler_params(backend, interpret),
     )(*args)
     return o, lse
 
 
-SEED_SPEC = pl.BlockSpec((1,), lambda b, h, i: (0,))  # the dropout seed, int32[1], read by every program
+def _bshd(q, backend):
+    """(batch, seq, heads, head_dim) of q in the kernels' layout for this backend."""
+    if backend == "tpu":
+        b, h, s, d = q.shape
+        return b, s, h, d
+    return q.shape
+
+
+def _seg_layouts(seg):
+    return seg[:, :, None], seg[:, None, :]  # queries [B, S, 1], keys [B, 1, S]
 
 
 def _without_segments(kernel, n_before, n_after):
@@ -195,33 +232,35 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg
     j = pl.program_id(2)
     bh = pl.program_id(0) * heads + pl.program_id(1)
     k, v = k_ref[...], v_ref[...]  # [bk, D]
-    k_idx = j * block_k + jnp.arange(block_k)
-    k_seg = None if kseg_ref is None else kseg_ref[...]
-    first = (j * block_k) // block_q if causal else 0  # query blocks below the diagonal only
+    k_idx = _cols(block_k, j * block_k)
+    k_seg = None if kseg_ref is None else kseg_ref[...]  # [1, bk]
+    first = jax.lax.div(j * block_k, block_q) if causal else 0  # query blocks below the diagonal only (lax.div:
+    # non-negative, so no floor-division sign fix-up, which Mosaic TPU cannot lower off a TPU host)
 
     def body(i, carry):
         dk, dv = carry
         start = pl.multiple_of(i * block_q, block_q)
         q = q_ref[pl.ds(start, block_q), :]
         do = do_ref[pl.ds(start, block_q), :]
-        lse = lse_ref[pl.ds(start, block_q)]
-        delta = delta_ref[pl.ds(start, block_q)]
+        lse = lse_ref[pl.ds(start, block_q), :]  # [bq, 1]
+        delta = delta_ref[pl.ds(start, block_q), :]
         s = _dot(q, k, trans_b=True) * sm_scale  # [bq, bk]
-        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, block_q)]
-        mask = _mask(start + jnp.arange(block_q), k_idx, q_seg, k_seg, causal)
-        p = jnp.exp(s - lse[:, None])
+        q_idx = _rows(block_q, start)
+        q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, block_q), :]
+        mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
+        p = jnp.exp(s - lse)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, trans_b=True)
         if dropout_rate > 0.0:
-            keep = dropout_keep(seed_ref[0], bh, (start + jnp.arange(block_q))[:, None], k_idx[None, :], dropout_rate)
+            keep = dropout_keep(seed_ref[...], bh, q_idx, k_idx, dropout_rate)
             scale = 1.0 / (1.0 - dropout_rate)
-            dv = dv + _dot((jnp.where(keep, p, 0.0) * scale).astype(do.dtype).T, do)
+            dv = dv + _dot((jnp.where(keep, p, 0.0) * scale).astype(do.dtype), do, trans_a=True)
             dp = jnp.where(keep, dp, 0.0) * scale
         else:
-            dv = dv + _dot(p.astype(do.dtype).T, do)
-        ds = p * (dp - delta[:, None])
-        dk = dk + _dot(ds.astype(q.dtype).T, q) * sm_scale
+            dv = dv + _dot(p.astype(do.dtype), do, trans_a=True)
+        ds = p * (dp - delta)
+        dk = dk + _dot(ds.astype(q.dtype), q, trans_a=True) * sm_scale
         return dk, dv
 
     zeros = jnp.zeros(k.shape, jnp.float32)
@@ -235,8 +274,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
     i = pl.program_id(2)
     bh = pl.program_id(0) * heads + pl.program_id(1)
     q, do = q_ref[...], do_ref[...]
-    lse, delta = lse_ref[...], delta_ref[...]
-    q_idx = i * block_q + jnp.arange(block_q)
+    lse, delta = lse_ref[...], delta_ref[...]  # [bq, 1]
+    q_idx = _rows(block_q, i * block_q)
     q_seg = None if qseg_ref is None else qseg_ref[...]
     n_kv = pl.cdiv((i + 1) * block_q, block_k) if causal else seq_len // block_k
 
@@ -245,16 +284,17 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
         s = _dot(q, k, trans_b=True) * sm_scale
-        k_seg = None if kseg_ref is None else kseg_ref[pl.ds(start, block_k)]
-        mask = _mask(q_idx, start + jnp.arange(block_k), q_seg, k_seg, causal)
-        p = jnp.exp(s - lse[:, None])
+        k_idx = _cols(block_k, start)
+        k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(start, block_k)]
+        mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
+        p = jnp.exp(s - lse)
         if mask is not None:
             p = jnp.where(mask, p, 0.0)
         dp = _dot(do, v, trans_b=True)
         if dropout_rate > 0.0:
-            keep = dropout_keep(seed_ref[0], bh, q_idx[:, None], (start + jnp.arange(block_k))[None, :], dropout_rate)
+            keep = dropout_keep(seed_ref[...], bh, q_idx, k_idx, dropout_rate)
             dp = jnp.where(keep, dp, 0.0) * (1.0 / (1.0 - dropout_rate))
-        ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta)
         return dq + _dot(ds.astype(k.dtype), k) * sm_scale
 
     dq = jax.lax.fori_loop(0, n_kv, body, jnp.zeros(q.shape, jnp.float32))
@@ -263,37 +303,40 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
 
 def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate,
               backend):
-    b, s, h, d = q.shape
-    delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+    b, s, h, d = _bshd(q, backend)
+    heads_major = backend == "tpu"
+    spec = "bhsd,bhsd->bhs" if heads_major else "bshd,bshd->bhs"
+    delta = jnp.einsum(spec, o.astype(jnp.float32), do.astype(jnp.float32))[..., None]  # [B, H, S, 1]
     has_seg = seg is not None
+    segs = _seg_layouts(seg) if has_seg else ()
     common = dict(sm_scale=sm_scale, causal=causal, seq_len=s, heads=h, dropout_rate=dropout_rate)
 
     # dK, dV: one program per key block.
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
-    blocked, whole, seg_blocked, seg_whole, _, rows_whole = _specs(s, d, bk)
+    blocked, whole, (_, qseg_whole, kseg_blocked, _), _, rows_whole = _specs(s, d, bk, heads_major)
     kernel = functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **common)
     if not has_seg:
         kernel = _without_segments(kernel, n_before=6, n_after=3)
-    in_specs = ([whole, blocked, blocked, whole, rows_whole, rows_whole] + ([seg_whole, seg_blocked] if has_seg else [])
+    in_specs = ([whole, blocked, blocked, whole, rows_whole, rows_whole] + ([qseg_whole, kseg_blocked] if has_seg else [])
                 + [SEED_SPEC])
-    args = (q, k, v, do, lse, delta) + ((seg, seg) if has_seg else ()) + (seed,)
+    args = (q, k, v, do, lse, delta) + segs + (seed,)
     dk, dv = pl.pallas_call(
         kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="flash_attention_dkdv", compiler_params=_compiler_params(backend),
+        interpret=interpret, name="flash_attention_dkdv", compiler_params=_compiler_params(backend, interpret),
     )(*args)
 
     # dQ: one program per query block.
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
-    blocked, whole, seg_blocked, seg_whole, rows, _ = _specs(s, d, bq)
+    blocked, whole, (qseg_blocked, _, _, kseg_whole), rows, _ = _specs(s, d, bq, heads_major)
     kernel = functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common)
     if not has_seg:
         kernel = _without_segments(kernel, n_before=6, n_after=2)
-    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([seg_blocked, seg_whole] if has_seg else []) + [SEED_SPEC]
+    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([qseg_blocked, kseg_whole] if has_seg else []) + [SEED_SPEC]
     dq = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
-        compiler_params=_compiler_params(backend),
+        compiler_params=_compiler_params(backend, interpret),
     )(*args)
     return dq, dk, dv
 
@@ -375,18 +418,23 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
         real = jnp.ones((b, s), jnp.int32) if seg is None else seg
         seg = jnp.pad(real, ((0, 0), (0, pad)), constant_values=PAD_SEGMENT)
-    static = _Static(causal, sm_scale, blocks, interpret, dropout_rate, "interpret" if interpret else backend)
-    o, lse = _flash(q, k, v, seg, seed, static)
-    o, lse = o[:, :s], lse[:, :, :s]
+    static = _Static(causal, sm_scale, blocks, interpret, dropout_rate, backend)
+    if static.backend == "tpu":  # heads-major for Mosaic; autodiff carries the transposes
+        q, k, v = (x.transpose(0, 2, 1, 3) for x in (q, k, v))
+        o, lse = _flash(q, k, v, seg, seed, static)
+        o = o.transpose(0, 2, 1, 3)
+    else:
+        o, lse = _flash(q, k, v, seg, seed, static)
+    o, lse = o[:, :s], lse[:, :, :s, 0]
     return (o, lse) if return_lse else o
 
 
 def _seed_array(seed):
-    """int32[1]: the kernels take the seed as a one-element input (its bits are reinterpreted as uint32 inside)."""
+    """int32 [1, 1]: the kernels take the seed as a tiny input (its bits are reinterpreted as uint32 inside)."""
     seed = jnp.asarray(seed)
     if seed.dtype == jnp.uint32:
         seed = jax.lax.bitcast_convert_type(seed, jnp.int32)
-    return seed.astype(jnp.int32).reshape(1)
+    return seed.astype(jnp.int32).reshape(1, 1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -412,7 +460,7 @@ def reference_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_sc
         b, _, h, _ = q.shape
         bh = (jnp.arange(b)[:, None] * h + jnp.arange(h)[None, :])[:, :, None, None]
         idx = jnp.arange(n)
-        keep = dropout_keep(_seed_array(dropout_seed)[0], bh, idx[:, None], idx[None, :], dropout_rate)
+        keep = dropout_keep(_seed_array(dropout_seed)[0, 0], bh, idx[:, None], idx[None, :], dropout_rate)
         p = jnp.where(keep, p, 0.0) / (1.0 - dropout_rate)
     o = jnp.einsum("bhqk,bkhd->bqhd", p, v.astype(jnp.float32)).astype(q.dtype)
     return (o, lse) if return_lse else o
