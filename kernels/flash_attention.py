@@ -227,6 +227,13 @@ def _without_segments(kernel, n_before, n_after):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _rebuild_probs(q, k, lse, q_idx, k_idx, q_seg, k_seg, *, sm_scale, causal):
+    """[bq, bk] softmax probabilities from the saved lse, masked: the backward kernels rebuild them, never store them."""
+    p = jnp.exp(_dot(q, k, trans_b=True) * sm_scale - lse)
+    mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
+    return p if mask is None else jnp.where(mask, p, 0.0)
+
+
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_ref, seed_ref, dk_ref, dv_ref, *,
                  sm_scale, causal, block_q, block_k, seq_len, heads, dropout_rate):
     j = pl.program_id(2)
@@ -244,13 +251,9 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg
         do = do_ref[pl.ds(start, block_q), :]
         lse = lse_ref[pl.ds(start, block_q), :]  # [bq, 1]
         delta = delta_ref[pl.ds(start, block_q), :]
-        s = _dot(q, k, trans_b=True) * sm_scale  # [bq, bk]
         q_idx = _rows(block_q, start)
         q_seg = None if qseg_ref is None else qseg_ref[pl.ds(start, block_q), :]
-        mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
-        p = jnp.exp(s - lse)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
+        p = _rebuild_probs(q, k, lse, q_idx, k_idx, q_seg, k_seg, sm_scale=sm_scale, causal=causal)  # [bq, bk]
         dp = _dot(do, v, trans_b=True)
         if dropout_rate > 0.0:
             keep = dropout_keep(seed_ref[...], bh, q_idx, k_idx, dropout_rate)
@@ -283,13 +286,9 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, qseg_ref, kseg_r
         start = pl.multiple_of(j * block_k, block_k)
         k = k_ref[pl.ds(start, block_k), :]
         v = v_ref[pl.ds(start, block_k), :]
-        s = _dot(q, k, trans_b=True) * sm_scale
         k_idx = _cols(block_k, start)
         k_seg = None if kseg_ref is None else kseg_ref[:, pl.ds(start, block_k)]
-        mask = _mask(q_idx, k_idx, q_seg, k_seg, causal)
-        p = jnp.exp(s - lse)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
+        p = _rebuild_probs(q, k, lse, q_idx, k_idx, q_seg, k_seg, sm_scale=sm_scale, causal=causal)
         dp = _dot(do, v, trans_b=True)
         if dropout_rate > 0.0:
             keep = dropout_keep(seed_ref[...], bh, q_idx, k_idx, dropout_rate)
