@@ -88,22 +88,14 @@ class ModelEmbedder:
         import jax
         from flax import nnx
 
-        from phi1_jax import checkpoint, convert
-        from phi1_jax.tokenizer import Tokenizer
+        from phi1_jax.inspect import load_model_and_tokenizer
 
         p = Path(path)
         self.spec = f"model:{p}"
-        if (p / "model_config.json").exists():
-            from phi1_jax.inspect import find_tokenizer
-
-            self.model, self.tokenizer = checkpoint.load_model(p), find_tokenizer(p)
-        elif (p / "config.json").exists():
-            self.model = convert.from_hf(p)
-            found = [p / n for n in ("tokenizer.json", "tokenizer.model") if (p / n).exists()]
-            self.tokenizer = Tokenizer.load(found[0]) if found else None
-        else:
+        if not (p / "model_config.json").exists() and not (p / "config.json").exists():
             raise EmbedError(f"{p}: neither a phi1_jax workdir (model_config.json) nor a Hugging Face directory "
                              "(config.json)")
+        self.model, self.tokenizer = load_model_and_tokenizer(p)
         if self.tokenizer is None:
             raise EmbedError(f"{p}: no tokenizer (tokenizer.model or tokenizer.json) beside the model")
         self.max_tokens = min(max_tokens, self.model.cfg.max_seq_len)

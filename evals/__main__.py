@@ -86,20 +86,18 @@ def load_generator(checkpoint: str):
     """(model, tokenizer) from a trainer workdir / phi1_jax checkpoint, or a Hugging Face directory."""
     from phi1_jax import checkpoint as ckpt
     from phi1_jax import convert, inspect
-    from phi1_jax.tokenizer import Tokenizer, TokenizerError
+    from phi1_jax.tokenizer import TokenizerError
 
     path = Path(checkpoint)
     if not path.is_dir():
         raise EvalError(f"{path}: checkpoint directory not found")
     try:
-        if (path / "config.json").exists():
-            return convert.from_hf(path), Tokenizer.load(path)
-        run = inspect.load(path)
+        model, tokenizer = inspect.load_model_and_tokenizer(path)
     except (convert.ConversionError, ckpt.CheckpointError, TokenizerError) as e:
         raise EvalError(f"--checkpoint: {e}") from None
-    if run.tokenizer is None:
+    if tokenizer is None:
         raise EvalError(f"{path}: no tokenizer.model or tokenizer.json beside the checkpoint")
-    return run.model, run.tokenizer
+    return model, tokenizer
 
 
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:

@@ -53,6 +53,18 @@ def load(workdir, step: int | None = None, **overrides) -> Run:
     return Run(workdir, step if step is not None else (steps[-1] if steps else None), model, find_tokenizer(workdir))
 
 
+def load_model_and_tokenizer(path) -> tuple[Phi, Tokenizer | None]:
+    """A model and its tokenizer (None if there is none) from a trainer workdir (newest checkpoint) or a Hugging Face
+    Phi directory (config.json, weights, and tokenizer.json or tokenizer.model): what evals and data_gen embed with."""
+    from phi1_jax import convert
+
+    path = Path(path)
+    if (path / "config.json").exists():
+        return convert.from_hf(path), find_tokenizer(path)
+    run = load(path)
+    return run.model, run.tokenizer
+
+
 def _flat_params(model: Phi) -> dict[str, np.ndarray]:
     return {"/".join(map(str, path)): np.asarray(jax.device_get(v[...]))
             for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
