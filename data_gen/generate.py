@@ -117,12 +117,13 @@ class Generator:
         self.params = {"temperature": temperature, "max_tokens": max_tokens}
         self.path = out / f"{kind}.jsonl"
         self.records = load_records(self.path)
-        self.done = {r["meta"]["attempt"] for r in self.records}
+        self.done = {r["meta"]["attempt"] for r in self.records}  # attempts written, by this run or an earlier one
         self.index = NearDuplicateIndex(dedup_threshold) if dedup_threshold > 0 else None
-        for r in self.records:
-            if self.index is not None:
+        if self.index is not None:
+            for r in self.records:
                 self.index.insert(r["id"], r["text"])
         self.rejected: collections.Counter = collections.Counter()
+        self.judged: set[int] = set()  # attempts this process has rejected: never judged (or counted) twice
         self.progress = progress
 
     def request(self, k: int):
@@ -134,12 +135,14 @@ class Generator:
         v = validate.check(self.kind, c.text, f)
         if not v.ok:
             self.rejected[v.reason] += 1
+            self.judged.add(k)
             return False
         rid = record_id(self.kind, self.seed, k)
         if self.index is not None:
             dup, m = self.index.duplicate_of(rid, v.text)
             if dup is not None:
                 self.rejected["near-duplicate"] += 1
+                self.judged.add(k)
                 return False
             self.index.insert(rid, v.text, m)
         rec = {"id": rid, "text": v.text}
@@ -205,7 +208,7 @@ class Generator:
             while len(self.records) < self.n:
                 todo, k = [], 0
                 while len(self.records) < self.n and k < self._max_attempts():
-                    if k not in self.done:
+                    if k not in self.done and k not in self.judged:
                         f, messages, params = self.request(k)
                         c = self.client.cached(messages, **params)
                         if c is None:

@@ -1,7 +1,9 @@
 """data_gen.generate end to end: the real `openai` client against a local OpenAI-compatible server with faults."""
 
+import ast
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,7 +101,7 @@ def test_a_line_cut_by_a_kill_is_dropped_and_the_run_goes_on(tmp_path, capsys):
         assert "dropping an incomplete last line" in capsys.readouterr().err
 
 
-def test_batch_mode_survives_failed_lines_and_resumes_a_submitted_batch(tmp_path):
+def test_batch_mode_survives_failed_lines_and_resumes_a_submitted_batch(tmp_path, capsys):
     out = tmp_path / "gen"
     with FakeOpenAI(responder=respond, batch_script=["error", "garbage", "refusal", "error"], batch_polls=2,
                     route_script=["429", "500", "ok", "ok", "drop", "ok", "500"]) as server:
@@ -126,6 +128,9 @@ def test_batch_mode_survives_failed_lines_and_resumes_a_submitted_batch(tmp_path
         answered = [_request_key(b) for b in server.batch_answered]
         assert len(answered) == len(set(answered))
         assert len(server.batch_lines) == len(answered) + 3 and state["batches"][0]["failed"] == 2
+        # each usable reply was judged at most once, across rounds (the refusal is counted once, not once a round)
+        rejected = ast.literal_eval(re.search(r"rejected (\{.*?\})", capsys.readouterr().err).group(1))
+        assert rejected.get("refusal or boilerplate") == 1 and 12 + sum(rejected.values()) <= len(answered)
 
 
 def test_bad_input_gives_clear_errors_and_loses_nothing(tmp_path, capsys):
