@@ -128,7 +128,7 @@ class BatchRunner:
                 continue
             requests[key] = reply
         for key, reply in requests.items():
-            self.client._cache.put(key, reply)
+            self.client.store(key, reply)
             self.client.add_batch_usage(reply["prompt_tokens"], reply["completion_tokens"])
             good += 1
         errors = self._read_file(getattr(b, "error_file_id", None))

@@ -25,16 +25,18 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_gen.llm import BudgetExceeded, LLMClient, LLMError
-from data_gen.shards import ShardError, iter_documents
+from data_gen.llm import BudgetExceeded, LLMClient, LLMError, resolve_api_key
+from data_gen.shards import Document, ShardError, iter_documents
 from phi1_jax.jsonl import read_jsonl
 
 GRADE_MIN, GRADE_MAX = 1, 5
@@ -69,7 +71,7 @@ def parse_grade(reply: str) -> int | None:
     return None
 
 
-def _documents(source: str, args) -> "iter":
+def _documents(source: str, args) -> Iterator[Document]:
     return iter_documents(source, text_field=args.text_field, glob=args.glob, hf_split=args.hf_split,
                           hf_config=args.hf_config)
 
@@ -122,10 +124,7 @@ async def _annotate(client: LLMClient, docs, out: Path, max_chars: int, progress
 
 def annotate(args) -> int:
     out = Path(args.out)
-    api_key = args.api_key or ("EMPTY" if args.base_url else None)
-    if api_key is None:
-        raise FilterError("no API key: set $OPENAI_API_KEY or --api-key (or point --base-url at a local server)")
-    client = LLMClient(base_url=args.base_url, api_key=api_key, model=args.model, concurrency=args.concurrency,
+    client = LLMClient(base_url=args.base_url, api_key=resolve_api_key(args.api_key, args.base_url), model=args.model, concurrency=args.concurrency,
                        timeout_s=args.timeout, max_retries=args.max_retries, budget_usd=args.budget_usd,
                        price_in_per_1k=args.price_in, price_out_per_1k=args.price_out)
     docs = reservoir(_documents(args.corpus, args), args.n, args.scan, args.seed)
@@ -288,7 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--scan", type=int, default=100_000, help="sample from the first SCAN files of the source")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--max-chars", type=int, default=6000, help="cut each file to this many characters for grading")
-    a.add_argument("--base-url", default=None)
+    a.add_argument("--base-url", default=os.environ.get("OPENAI_BASE_URL"),
+                   help="OpenAI-compatible endpoint (default: $OPENAI_BASE_URL or OpenAI)")
     a.add_argument("--model", required=True)
     a.add_argument("--api-key", default=None, help="default: $OPENAI_API_KEY")
     a.add_argument("--concurrency", type=int, default=8)
@@ -317,11 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    import os
-
     args = build_parser().parse_args(argv)
-    if getattr(args, "api_key", None) is None and args.command == "annotate":
-        args.api_key = os.environ.get("OPENAI_API_KEY")
     try:
         return {"annotate": annotate, "train": train, "apply": apply}[args.command](args)
     except BudgetExceeded as e:

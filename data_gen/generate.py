@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from data_gen import prompts, validate
 from data_gen.dedup import NearDuplicateIndex
-from data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError
+from data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError, resolve_api_key
 
 RUN_FILE, CACHE_FILE, BATCH_FILE = "run.json", "cache.sqlite", "batches.json"
 IDENTITY_KEYS = ("kind", "seed", "model", "temperature", "max_tokens", "template_version")
@@ -274,10 +274,10 @@ def main(argv=None) -> int:
     if a.n < 1 or a.concurrency < 1:
         print("error: --n and --concurrency must be at least 1", file=sys.stderr)
         return 2
-    api_key = a.api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if a.base_url else None)
-    if api_key is None:
-        print("error: no API key: set $OPENAI_API_KEY or --api-key (or point --base-url at a local server)",
-              file=sys.stderr)
+    try:
+        api_key = resolve_api_key(a.api_key, a.base_url)
+    except LLMError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     max_tokens = a.max_tokens or (2048 if a.kind == "textbooks" else 768)
     out = Path(a.out)

@@ -26,6 +26,7 @@ import asyncio
 import dataclasses
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 from pathlib import Path
@@ -76,6 +77,14 @@ class RequestCache:
     def __len__(self) -> int:
         with self._lock:
             return self._db.execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+
+def resolve_api_key(api_key: str | None, base_url: str | None) -> str:
+    """--api-key, else $OPENAI_API_KEY, else a placeholder when --base-url names a local server (which needs none)."""
+    key = api_key or os.environ.get("OPENAI_API_KEY") or ("EMPTY" if base_url else None)
+    if key is None:
+        raise LLMError("no API key: set $OPENAI_API_KEY or --api-key (or point --base-url at a local server)")
+    return key
 
 
 class LLMClient:
@@ -182,9 +191,9 @@ class LLMClient:
         self.batch_prompt_tokens += prompt_tokens
         self.batch_completion_tokens += completion_tokens
 
-    def store(self, request: dict, reply: dict) -> None:
-        """Cache a reply obtained elsewhere (a batch's output file) under its request."""
-        self._cache.put(RequestCache.key(request), reply)
+    def store(self, key: str, reply: dict) -> None:
+        """Cache a reply obtained elsewhere (a batch's output file) under its request's key (`RequestCache.key`)."""
+        self._cache.put(key, reply)
 
     async def _send(self, req: dict) -> dict:
         where = self.base_url or "api.openai.com"
