@@ -22,7 +22,8 @@ _SKIP = (ast.Load, ast.Store, ast.Del, ast.expr_context)
 MIN_NODES = 12  # functions smaller than this (a one-line return) match too easily to say anything
 
 
-def _strip_docstrings(tree: ast.AST) -> None:
+def strip_docstrings(tree: ast.AST) -> None:
+    """Removes the docstring of the module and of every function and class, in place."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.body:
             first = node.body[0]
@@ -51,7 +52,7 @@ def functions(code: str) -> list[tuple[str, list[str]]]:
         tree = ast.parse(code)
     except (SyntaxError, ValueError):
         return []
-    _strip_docstrings(tree)
+    strip_docstrings(tree)
     funcs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))]
     units = [(f.name, node_sequence(f)) for f in funcs] or [("<module>", node_sequence(tree))]
     return [(name, seq) for name, seq in units if len(seq) >= MIN_NODES]

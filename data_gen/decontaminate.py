@@ -159,7 +159,7 @@ def ast_rates(items: list[str], refs: list[Reference], min_tau: float) -> dict[t
 def code_only(text: str) -> str:
     """The code of an item without docstrings and comments (unparsed from the AST), so that a rewritten docstring does
     not hide a copied solution from the embedding test; code that does not parse is kept as it is."""
-    from data_gen.ast_match import _strip_docstrings
+    from data_gen.ast_match import strip_docstrings
 
     parts = []
     for unit in code_units(text):
@@ -168,7 +168,7 @@ def code_only(text: str) -> str:
         except (SyntaxError, ValueError):
             parts.append(unit)
             continue
-        _strip_docstrings(tree)
+        strip_docstrings(tree)
         parts.append(ast.unparse(tree))
     return "\n\n".join(parts)
 
@@ -296,7 +296,11 @@ def main(argv=None) -> int:
     except (DecontaminationError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    ast_removed = {i for (i, _), v in rates.items() if v >= a.tau}
+    ast_hits: dict[int, dict[str, float]] = collections.defaultdict(dict)  # item -> {problem: rate >= tau}
+    for (i, j), v in rates.items():
+        if v >= a.tau:
+            ast_hits[i][refs[j].id] = round(v, 4)
+    ast_removed = set(ast_hits)
     ngram_items = {i for i, h in enumerate(ngram) if h}
     removed = ast_removed | ngram_items | near
     ids = [f"{name}#{rec.get('id', k)}" for k, (name, rec) in enumerate(records)]
@@ -317,7 +321,7 @@ def main(argv=None) -> int:
     with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
         for k in sorted(removed):
             why = {"ngram": sorted(refs[j].id for j in ngram[k]),
-                   "ast": {refs[j].id: round(v, 4) for (i, j), v in rates.items() if i == k and v >= a.tau},
+                   "ast": ast_hits.get(k, {}),
                    "embedding": k in near}
             f.write(json.dumps({"item": ids[k], **why}) + "\n")
     (out / "decontamination_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -255,11 +255,7 @@ class Sandbox:
             if server is not None:
                 server.close()
             return self._run(program, SLOT_UID_BASE + slot)
-        if timed_out:
-            return Result("timeout", f"timed out after {self.limits.timeout_s:g} s (wall clock)", seconds)
-        if code == 0:
-            return Result("passed", "", seconds)
-        return Result("failed", self._reason_text(code, _last_line(err)), seconds)
+        return self._result(code, timed_out, seconds, err)
 
     def close_servers(self) -> None:
         with self._servers_lock:
@@ -293,19 +289,21 @@ class Sandbox:
                         pass
                     proc.wait()
             seconds = time.perf_counter() - start
-            if timed_out:
-                return Result("timeout", f"timed out after {self.limits.timeout_s:g} s (wall clock)", seconds)
-            if code == 0:
-                return Result("passed", "", seconds)
-            return Result("failed", self._reason(code, workdir), seconds)
+            failed = code != 0 and not timed_out
+            return self._result(code, timed_out, seconds, _tail(workdir / "stderr") if failed else "")
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _reason(self, code: int, workdir: Path) -> str:
-        return self._reason_text(code, _last_line(_tail(workdir / "stderr")))
+    def _result(self, code: int, timed_out: bool, seconds: float, stderr: str) -> Result:
+        """The verdict on one run, the same for both ways of running a program."""
+        if timed_out:
+            return Result("timeout", f"timed out after {self.limits.timeout_s:g} s (wall clock)", seconds)
+        if code == 0:
+            return Result("passed", "", seconds)
+        return Result("failed", self._reason(code, _last_line(stderr)), seconds)
 
     @staticmethod
-    def _reason_text(code: int, err: str) -> str:
+    def _reason(code: int, err: str) -> str:
         if code < 0 or code > 128:  # killed by a signal (directly, or as reported through the shell)
             sig = -code if code < 0 else code - 128
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
