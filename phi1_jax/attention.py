@@ -10,7 +10,7 @@ Implementations:
 Decoding with a KV cache always takes the xla path (`cached_attention`: one query row per step, nothing for a flash
 kernel to tile).
 
-Shapes: q [B, T, N, H]; k, v [B, S, N, H]; q_segment_ids [B, T]; kv_segment_ids [B, S].
+Shapes: q, k, v [B, T, N, H] and segment_ids [B, T] for `attend`; the KV cache is [B, N, S, H] (`cached_attention`).
 """
 
 from __future__ import annotations
@@ -35,12 +35,16 @@ def make_mask(q_segment_ids, kv_segment_ids, q_offset=0):
     return (causal[None] & same_segment)[:, None]  # [B, 1, T, S]
 
 
+def _probs(q, k, mask, k_layout: str):
+    """[B, N, T, S] softmax probabilities, logits and softmax in fp32; k_layout "BSNH" or "BNSH" (the KV cache)."""
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum(f"BTNH,{k_layout}->BNTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
+    return jax.nn.softmax(jnp.where(mask, logits, jnp.finfo(jnp.float32).min), axis=-1)
+
+
 def xla_attention(q, k, v, mask, *, dropout_rate=0.0, dropout_rng=None):
     """Reference attention: fp32 logits and softmax, probabilities cast back to v's dtype as Hugging Face does."""
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
+    probs = _probs(q, k, mask, "BSNH")
     if dropout_rng is not None and dropout_rate > 0.0:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
@@ -53,11 +57,7 @@ def cached_attention(q, k, v, mask):
     The same numerics as `xla_attention`; the layout lets the batched dots run over (B, N) without copying the cache
     into another layout at every step (which XLA:CPU otherwise does: most of a decode step's time).
     """
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("BTNH,BNSH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32)) * scale
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1)  # [B, N, T, S]
-    return jnp.einsum("BNTS,BNSH->BNTH", probs.astype(v.dtype), v)
+    return jnp.einsum("BNTS,BNSH->BNTH", _probs(q, k, mask, "BNSH").astype(v.dtype), v)
 
 
 def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
@@ -65,21 +65,23 @@ def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation)
 
 
-def attend(q, k, v, *, q_segment_ids, kv_segment_ids, q_offset=0, impl="xla", dropout_rate=0.0, dropout_rng=None):
-    """Causal, segment-masked attention. q [B, T, N, H], k/v [B, S, N, H] -> [B, T, N, H] in v's dtype."""
+def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=None):
+    """Causal, segment-masked self-attention without a cache (training, prefill, evaluation).
+
+    q, k, v [B, T, N, H], segment_ids [B, T] -> [B, T, N, H] in v's dtype. (Decoding uses `cached_attention`.)"""
     no_dropout = dropout_rng is None or dropout_rate == 0.0
     if impl == "cudnn" and not no_dropout:
         raise ValueError("attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use "
                          "attention_impl='pallas' or 'xla'")
-    if impl == "pallas" and kv_segment_ids is q_segment_ids:  # no cache: the model passes one array for both
+    if impl == "pallas":
         from kernels.flash_attention import flash_attention
 
         seed = None if no_dropout else jax.random.bits(dropout_rng, (), jnp.uint32)  # the kernel hashes its mask
-        return flash_attention(q, k, v, segment_ids=q_segment_ids, causal=True,
+        return flash_attention(q, k, v, segment_ids=segment_ids, causal=True,
                                interpret=jax.default_backend() == "cpu",
                                dropout_rate=0.0 if no_dropout else dropout_rate, dropout_seed=seed)
-    mask = make_mask(q_segment_ids, kv_segment_ids, q_offset)
-    if impl in ("xla", "pallas"):
+    mask = make_mask(segment_ids, segment_ids)
+    if impl == "xla":
         return xla_attention(q, k, v, mask, dropout_rate=dropout_rate, dropout_rng=dropout_rng)
     if impl == "cudnn":
         return cudnn_attention(q, k, v, mask)

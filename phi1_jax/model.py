@@ -268,8 +268,7 @@ class Attention(nnx.Module):
         if not deterministic and self.cfg.attn_dropout > 0.0:
             dropout_rng = _require_rngs(rngs).dropout()
         out = attention.attend(
-            q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids,
-            impl=self.cfg.attention_impl, dropout_rate=self.cfg.attn_dropout, dropout_rng=dropout_rng,
+            q, k, v, segment_ids=segment_ids, impl=self.cfg.attention_impl, dropout_rate=self.cfg.attn_dropout, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
         return self.dense(out), layer_cache
 

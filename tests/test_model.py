@@ -189,7 +189,7 @@ def test_cudnn_refuses_attention_dropout():
     q = jnp.ones((1, 4, 1, 8))
     seg = jnp.ones((1, 4), jnp.int32)
     with pytest.raises(ValueError, match="dropout"):
-        attention.attend(q, q, q, q_segment_ids=seg, kv_segment_ids=seg, impl="cudnn", dropout_rate=0.1,
+        attention.attend(q, q, q, segment_ids=seg, impl="cudnn", dropout_rate=0.1,
                          dropout_rng=jax.random.key(0))
 
 
