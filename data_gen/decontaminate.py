@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data_gen.records import check_outputs, read_records, write_records
+
 _WORD = re.compile(r"\w+")
 NGRAM = 13
 TAUS = (0.95, 0.9, 0.85, 0.8)
@@ -229,20 +231,6 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _read_items(paths: list[Path], text_field: str) -> list[tuple[str, dict]]:
-    from phi1_jax.jsonl import read_jsonl
-
-    out = []
-    for path in paths:
-        if not path.exists():
-            raise DecontaminationError(f"{path}: input not found")
-        for where, rec in read_jsonl(path, DecontaminationError):
-            if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-                raise DecontaminationError(f"{where}: record has no string field {text_field!r}")
-            out.append((path.name, rec))
-    return out
-
-
 def _pass_rates(path: str) -> dict[str, float]:
     from phi1_jax.jsonl import read_jsonl
 
@@ -277,11 +265,8 @@ def main(argv=None) -> int:
         taus = sorted({float(t) for t in a.taus.split(",")} | {a.tau}, reverse=True)
         if not all(0 < t <= 1 for t in taus):
             raise DecontaminationError(f"taus must be in (0, 1]: {taus}")
-        if len({i.name for i in inputs}) != len(inputs):
-            raise DecontaminationError("inputs must have distinct file names (outputs are OUT/<name>)")
-        if clash := [str(i) for i in inputs if (out / i.name).resolve() == i.resolve()]:
-            raise DecontaminationError(f"--out={out} would overwrite the input(s) {clash}")
-        records = _read_items(inputs, a.text_field)
+        check_outputs(inputs, out)
+        records = [(i.name, rec) for i in inputs for rec in read_records(i, a.text_field)]
         refs = humaneval_references() + (mbpp_references(a.mbpp) if a.mbpp else [])
         pass_rate = _pass_rates(a.humaneval_results) if a.humaneval_results else None
         texts = [rec[a.text_field] for _, rec in records]
@@ -293,7 +278,7 @@ def main(argv=None) -> int:
 
             dist, _ = nearest_l2(make_embedder(a.embedder), texts, refs)
             near = {int(i) for i in np.nonzero(dist < a.l2_threshold)[0]}
-    except (DecontaminationError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DecontaminationError and RecordsError included
         print(f"error: {e}", file=sys.stderr)
         return 1
     ast_hits: dict[int, dict[str, float]] = collections.defaultdict(dict)  # item -> {problem: rate >= tau}
@@ -314,10 +299,8 @@ def main(argv=None) -> int:
     }
     out.mkdir(parents=True, exist_ok=True)
     for path in inputs:
-        kept = [rec for k, (name, rec) in enumerate(records) if name == path.name and k not in removed]
-        tmp = out / f".{path.name}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(out / path.name)
+        write_records(out / path.name,
+                      [rec for k, (name, rec) in enumerate(records) if name == path.name and k not in removed])
     with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
         for k in sorted(removed):
             why = {"ngram": sorted(refs[j].id for j in ngram[k]),

@@ -23,11 +23,7 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from phi1_jax.jsonl import read_jsonl
-
-
-class DedupError(ValueError):
-    """Bad input to dedup: the message names the file and line."""
+from data_gen.records import RecordsError, check_outputs, read_records, write_records
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -128,32 +124,20 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     inputs = [Path(i) for i in a.inputs]
-    names = [i.name for i in inputs]
-    if len(set(names)) != len(names):
-        print(f"error: inputs must have distinct file names (outputs are OUT/<name>): {names}", file=sys.stderr)
-        return 2
-    targets = {(out / n).resolve() for n in names}
-    if clash := [str(i) for i in inputs if i.resolve() in targets]:
-        print(f"error: --out={out} would overwrite the input(s) {clash}; choose another folder", file=sys.stderr)
+    try:
+        check_outputs(inputs, out)
+    except RecordsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        loaded = []
-        for i in inputs:
-            recs = []
-            for where, r in read_jsonl(i, DedupError):
-                if not isinstance(r, dict) or not isinstance(r.get(a.text_field), str):
-                    raise DedupError(f"{where}: record has no string field {a.text_field!r}")
-                recs.append(r)
-            loaded.append((i.name, recs))
+        loaded = [(i.name, read_records(i, a.text_field)) for i in inputs]
         kept, removed = dedup_records(loaded, threshold=a.threshold, num_perm=a.num_perm, text_field=a.text_field)
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)
     for name, recs in kept.items():
-        tmp = out / f".{name}.tmp"
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in recs))
-        tmp.replace(out / name)
+        write_records(out / name, recs)
     n_in, n_kept = sum(len(r) for _, r in loaded), sum(len(r) for r in kept.values())
     report = {"threshold": a.threshold, "num_perm": a.num_perm, "records_in": n_in, "records_kept": n_kept,
               "unique_fraction": n_kept / n_in if n_in else 1.0, "removed": removed,
