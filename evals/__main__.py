@@ -107,7 +107,13 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
 
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
+    import jax
+
+    from phi1_jax.model import decode_layout
+
     model, tok = load_generator(args.checkpoint)
+    if jax.default_backend() == "cpu":  # generate would convert at every call; once here, and the original goes
+        model = decode_layout(model)
     done = defaultdict(int)
     if samples_path.exists():  # continue an interrupted run
         for s in read_samples(samples_path, task):

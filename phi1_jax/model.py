@@ -135,26 +135,50 @@ class Projection(nnx.Module):
     """`y = einsum(spec, x, kernel) + bias`, computed in the config's compute dtype.
 
     `out_axes` are the logical axes of y; constraining them keeps the batch sharded when the weights are sharded too
-    (XLA then gathers weights, FSDP-style, instead of gathering activations).
+    (XLA then gathers weights, FSDP-style, instead of gathering activations). The kernel's leading dims are the
+    contracted ones (the trailing dims of x), its trailing dims the output's.
     """
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, out_axes, cfg: PhiConfig, *,
                  rngs: nnx.Rngs):
         self.spec, self.out_axes = spec, tuple(out_axes)
+        x_spec, k_spec = spec.split("->")[0].split(",")
+        self.n_in = sum(c in x_spec for c in k_spec)  # contracted kernel dims
+        assert k_spec[:self.n_in] == x_spec[-self.n_in:], spec
         self.dtype = cfg.compute_dtype
         self.kernel = _param(rngs, nnx.initializers.normal(cfg.init_std), kernel_shape, kernel_axes, cfg)
         self.bias = _param(rngs, nnx.initializers.zeros, bias_shape, bias_axes, cfg)
+        self.kernel_t = nnx.data(None)  # set by decode_layout: the kernel as one [out, in] matrix
 
     def __call__(self, x: Array) -> Array:
+        if self.kernel_t is not None:
+            return self.flat(x.reshape(*x.shape[:x.ndim - self.n_in], -1))
         y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
 
     def flat(self, x: Array) -> Array:
         """The same map for x [..., K] with the contracted kernel dims flattened into K: one plain matrix multiply.
         (Decoding uses it: given the einsum over two contracted dims, XLA:CPU transposes the kernel at every step.)"""
-        kernel = self.kernel[...].astype(self.dtype)
-        y = x.astype(self.dtype) @ kernel.reshape(-1, kernel.shape[-1])
-        return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
+        bias = self.bias[...].astype(self.dtype)
+        if self.kernel_t is not None:
+            y = jnp.einsum("...k,ok->...o", x.astype(self.dtype), self.kernel_t[...].astype(self.dtype))
+            y = y.reshape(*y.shape[:-1], *bias.shape)
+        else:
+            kernel = self.kernel[...].astype(self.dtype)
+            y = x.astype(self.dtype) @ kernel.reshape(-1, math.prod(kernel.shape[self.n_in:]))
+            y = y.reshape(*y.shape[:-1], *kernel.shape[self.n_in:])
+        return nn.with_logical_constraint(y + bias, self.out_axes)
+
+    def decode_layout(self) -> None:
+        """Stores the kernel as one [out, in] matrix (and drops the [in..., out...] one).
+
+        At decoding's small batches XLA:CPU's matrix multiply runs ~40% faster with the weight in this layout (measured
+        in docs/benchmarks.md); only generation on CPU uses it, on a copy of the model (`phi1_jax.model.decode_layout`).
+        """
+        kernel = self.kernel[...]
+        k = math.prod(kernel.shape[:self.n_in])
+        self.kernel_t = nnx.Variable(jnp.transpose(kernel.reshape(k, -1)))
+        del self.kernel
 
 
 def _layer_norm(cfg: PhiConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -349,7 +373,8 @@ class Phi(nnx.Module):
     ):
         """input_ids [B, T] int -> logits [B, T, V] fp32, or (logits, updated cache) when `cache` is given.
 
-        return_hidden: return the final LayerNorm's output [B, T, D] instead of logits (embeddings for data_gen).
+        return_hidden: return the final LayerNorm's output [B, T, D] instead of logits (embeddings for data_gen; the
+        prefill of generation, which needs logits at the last position only, applies `lm_head` to that one itself).
 
         segment_ids [B, T]: >= 1 for tokens, 0 for padding; attention stays within one segment id (packed documents
         never see each other). Default: all ones. positions [B, T]: rotary positions; default: restart at 0 with
@@ -389,12 +414,11 @@ class Phi(nnx.Module):
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
 
-        if return_hidden:
-            return self.final_ln(x).astype(jnp.float32)  # [B, T, D]
-        logits = self.lm_head(self.final_ln(x)).astype(jnp.float32)  # [B, T, V]
+        hidden = self.final_ln(x)
+        out = hidden.astype(jnp.float32) if return_hidden else self.lm_head(hidden).astype(jnp.float32)  # [B, T, D|V]
         if cache is None:
-            return logits
-        return logits, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segment_ids, index=cache_index + t)
+            return out
+        return out, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segment_ids, index=cache_index + t)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -405,6 +429,25 @@ class Phi(nnx.Module):
 def abstract_model(cfg: PhiConfig) -> Phi:
     """The model with `jax.ShapeDtypeStruct`s instead of arrays: nothing is allocated."""
     return nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(0)))
+
+
+def decode_layout(model: Phi) -> Phi:
+    """A model with the same weights whose projections keep their kernels as [out, in] matrices (see
+    `Projection.decode_layout`); `model` is untouched and the other weights are shared, not copied. For inference
+    only (the trainer's sharding rules know nothing of the [out, in] kernels). Converting phi-1-small takes ~1 s on
+    CPU, so a caller that generates many times (`python -m evals`) converts once at load."""
+    if is_decode_layout(model):
+        return model
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state, copy=False)
+    for _, module in nnx.iter_modules(copy):
+        if isinstance(module, Projection):
+            module.decode_layout()
+    return copy
+
+
+def is_decode_layout(model: Phi) -> bool:
+    return model.lm_head.kernel_t is not None
 
 
 def count_params(model: Phi) -> int:

@@ -1,4 +1,5 @@
-"""The Pallas flash-attention kernel against its reference, in interpret mode (CPU), and inside the model.
+"""The Pallas flash-attention kernel against its reference, in interpret mode (CPU) or compiled (on a GPU host: the
+same tests, `pytest tests/test_flash_attention.py`), and inside the model.
 
 Tolerances: fp32 runs agree with the fp32 reference to float rounding (2e-5 absolute on unit-scale inputs). bf16 runs
 are compared with the reference computed from the same bf16 inputs in fp32: the kernel rounds P to bf16 before the PV
@@ -14,6 +15,18 @@ from flax import nnx
 
 from kernels.flash_attention import BlockSizes, dropout_keep, flash_attention, reference_attention
 from phi1_jax.model import Phi, PhiConfig
+
+# Interpreted on CPU; on a GPU host the same tests run the compiled kernel (fp32 dots are IEEE there, not TF32).
+INTERPRET = jax.default_backend() == "cpu"
+
+
+
+@pytest.fixture(autouse=True)
+def _fp32_matmuls_in_fp32():
+    """On GPUs XLA multiplies fp32 in TF32 by default; the references here must be exact fp32 (no-op on CPU)."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
 
 TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (3e-2, 1e-1)}  # (forward, gradients), absolute
 
@@ -44,7 +57,7 @@ def test_kernel_matches_reference(b, s, h, d, dtype, causal, segments, bq, bk):
     q, k, v, seg = _inputs(b, s, h, d, dtype, segments)
     blocks = BlockSizes(bq, bk, bq, bk, bq, bk)
     kw = dict(segment_ids=seg, causal=causal)
-    o, lse = flash_attention(q, k, v, block_sizes=blocks, interpret=True, return_lse=True, **kw)
+    o, lse = flash_attention(q, k, v, block_sizes=blocks, interpret=INTERPRET, return_lse=True, **kw)
     ro, rlse = reference_attention(q, k, v, return_lse=True, **kw)
     fwd_tol, grad_tol = TOL[dtype]
     assert o.dtype == dtype and o.shape == q.shape and lse.shape == (b, h, s)
@@ -57,7 +70,7 @@ def test_kernel_matches_reference(b, s, h, d, dtype, causal, segments, bq, bk):
         loss = lambda q, k, v: (fn(q, k, v, **kw, **extra).astype(jnp.float32) * w).sum()  # noqa: E731
         return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
 
-    for name, got, want in zip("qkv", grads(flash_attention, block_sizes=blocks, interpret=True),
+    for name, got, want in zip("qkv", grads(flash_attention, block_sizes=blocks, interpret=INTERPRET),
                                grads(reference_attention)):
         np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), atol=grad_tol,
                                    err_msg=f"d{name}")
@@ -72,7 +85,7 @@ def test_bad_shapes_are_clear_errors():
     with pytest.raises(ValueError, match="segment_ids must be"):
         flash_attention(q, q, q, segment_ids=jnp.ones((1, 64), jnp.int32))
     with pytest.raises(ValueError, match="power of two"):
-        flash_attention(q, q, q, block_sizes=BlockSizes(48, 64, 64, 64, 64, 64), interpret=True)
+        flash_attention(q, q, q, block_sizes=BlockSizes(48, 64, 64, 64, 64, 64), interpret=INTERPRET)
 
 
 def test_model_with_pallas_equals_xla_on_a_packed_batch():
@@ -96,12 +109,12 @@ def test_dropout_matches_reference_with_the_same_mask(rate, causal, segments):
     q, k, v, seg = _inputs(2, 200, 3, 64, jnp.float32, segments)  # 200: padded to the blocks
     blocks = BlockSizes(64, 32, 32, 64, 64, 32)
     kw = dict(segment_ids=seg, causal=causal, dropout_rate=rate, dropout_seed=1234)
-    o = flash_attention(q, k, v, block_sizes=blocks, interpret=True, **kw)
+    o = flash_attention(q, k, v, block_sizes=blocks, interpret=INTERPRET, **kw)
     np.testing.assert_allclose(o, reference_attention(q, k, v, **kw), atol=2e-5)
     assert np.abs(np.asarray(o - reference_attention(q, k, v, segment_ids=seg, causal=causal))).max() > 0.01
     w = jax.random.normal(jax.random.key(9), q.shape, jnp.float32)
     grads = [jax.grad(lambda q, k, v: (fn(q, k, v, **kw, **extra) * w).sum(), argnums=(0, 1, 2))(q, k, v)  # noqa: B023
-             for fn, extra in ((flash_attention, dict(block_sizes=blocks, interpret=True)), (reference_attention, {}))]
+             for fn, extra in ((flash_attention, dict(block_sizes=blocks, interpret=INTERPRET)), (reference_attention, {}))]
     for name, got, want in zip("qkv", *grads):
         np.testing.assert_allclose(got, want, atol=2e-5, err_msg=f"d{name}")
 
@@ -117,7 +130,7 @@ def test_dropout_mask_rate_and_seeds():
     np.testing.assert_array_equal(keep, np.asarray(dropout_keep(jnp.int32(5), bh, idx[:, None], idx[None, :], 0.1)))
     with pytest.raises(ValueError, match="needs a dropout_seed"):
         q = jnp.zeros((1, 128, 2, 64))
-        flash_attention(q, q, q, dropout_rate=0.1, interpret=True)
+        flash_attention(q, q, q, dropout_rate=0.1, interpret=INTERPRET)
 
 
 def test_model_trains_with_pallas_attention_dropout():
@@ -148,11 +161,18 @@ def test_model_trains_with_pallas_attention_dropout():
 def test_compiled_on_gpu_matches_reference():
     if jax.default_backend() != "gpu":
         pytest.skip("needs a CUDA GPU")
-    for b, s, h, d, dtype, causal, segments, _, _ in CASES:
+    for b, s, h, d, dtype, causal, segments, _, _ in CASES:  # the default (tuned) block sizes, compiled
         q, k, v, seg = _inputs(b, s, h, d, dtype, segments)
-        o = flash_attention(q, k, v, segment_ids=seg, causal=causal)  # default blocks, compiled
-        ro = reference_attention(q, k, v, segment_ids=seg, causal=causal)
+        kw = dict(segment_ids=seg, causal=causal)
+        o, lse = flash_attention(q, k, v, return_lse=True, **kw)
+        ro, rlse = reference_attention(q, k, v, return_lse=True, **kw)
         np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ro, np.float32), atol=TOL[dtype][0])
+        np.testing.assert_allclose(lse, rlse, atol=2e-5 if dtype == jnp.float32 else 2e-2)
+        loss = lambda fn: lambda q, k, v: fn(q, k, v, **kw).astype(jnp.float32).sum()  # noqa: E731
+        got = jax.grad(loss(flash_attention), argnums=(0, 1, 2))(q, k, v)
+        want = jax.grad(loss(reference_attention), argnums=(0, 1, 2))(q, k, v)
+        for g, r in zip(got, want):
+            np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=TOL[dtype][1])
 
 
 @pytest.mark.parametrize("dtype,rate,segments", [(jnp.bfloat16, 0.0, False), (jnp.float16, 0.1, True)])

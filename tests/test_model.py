@@ -11,8 +11,8 @@ from flax import nnx
 from configs import phi1, phi1_finetune, phi1_small, tiny
 from phi1_jax import attention
 from phi1_jax.model import (
-    ConfigError, KVCache, Phi, PhiConfig, abstract_model, apply_rotary, count_params, logical_axes,
-    positions_from_segments, rotary_cos_sin,
+    ConfigError, KVCache, Phi, PhiConfig, abstract_model, apply_rotary, count_params, decode_layout, is_decode_layout,
+    logical_axes, positions_from_segments, rotary_cos_sin,
 )
 
 SMALL = PhiConfig(vocab_size=97, num_layers=2, d_model=48, num_heads=3, head_dim=16, mlp_dim=96, rotary_dim=8,
@@ -98,6 +98,21 @@ def test_kv_cache_decoding_equals_full_forward(model, prefill):
         pieces.append(out)
     assert int(cache.index) == 12
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_decode_layout_computes_the_same_function(model):
+    """[out, in] kernels (generation on CPU): the same logits with and without a cache; the original is untouched."""
+    fast = decode_layout(model)
+    assert is_decode_layout(fast) and not is_decode_layout(model) and decode_layout(fast) is fast
+    assert model.layers[0].attn.dense.kernel.shape == (3, 16, 48)  # [N, H, D], as stored
+    assert fast.layers[0].attn.dense.kernel_t.shape == (48, 48) and fast.layers[0].attn.q_proj.kernel_t.shape == (48, 48)
+    ids = _ids((2, 12), seed=9)
+    np.testing.assert_allclose(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
+    cache = KVCache.init(SMALL, batch=2, max_len=12)
+    hidden, cache = fast(ids[:, :7], cache=cache, return_hidden=True)  # generation's prefill
+    np.testing.assert_allclose(fast.lm_head(hidden[:, -1]), model(ids[:, :7])[:, -1], atol=1e-5, rtol=1e-5)
+    out, cache = fast(ids[:, 7:], cache=cache)
+    np.testing.assert_allclose(out, model(ids)[:, 7:], atol=1e-5, rtol=1e-5)
 
 
 def test_kv_cache_under_jit(model):
