@@ -54,13 +54,19 @@ def flops_per_token(model_cfg, seq_len: int) -> float:
     return 6.0 * matmul_params + 6.0 * n_layers * seq_len * d
 
 
-# Dense bf16/fp16 peak FLOP/s per device (vendor datasheets, no sparsity).
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "V5E": 197e12, "V5P": 459e12, "V4": 275e12}
+# Dense bf16/fp16 peak FLOP/s per device (vendor datasheets, no sparsity), by JAX's `device_kind` with spaces removed,
+# upper case. The first name found in the kind wins, so variants come before their family: "NVIDIA H100 PCIe" is a
+# 756 TFLOP/s part, the SXM H100 ("NVIDIA H100 80GB HBM3") 989; TPU v5e is "TPU v5 lite", v5p "TPU v5".
+PEAK_FLOPS = {
+    "H100PCIE": 756e12, "H100": 989e12, "H200": 989e12, "A100": 312e12,
+    "TPUV5LITE": 197e12, "TPUV5E": 197e12, "TPUV6LITE": 918e12, "TPUV6E": 918e12, "TPUV5": 459e12,
+    "TPUV4LITE": None, "TPUV4": 275e12,
+}
 
 
 def peak_flops(device) -> float | None:
     kind = device.device_kind.upper().replace(" ", "")
     for name, flops in PEAK_FLOPS.items():
         if name in kind:
-            return flops
+            return flops  # None: a known kind with no figure here
     return None

@@ -265,3 +265,55 @@ def test_keep_policy_nan_stop_and_missing_data(tmp_path, embedded):
              "--config.grad_accum_steps=1", "--config.batch_size=2")
     assert r.returncode == 2 and f"source 'code': {tmp_path / 'nope'}: shard directory not found" in r.stderr
     assert not (tmp_path / "nodata" / "checkpoints").exists()
+
+
+# --- the MFU formula ---------------------------------------------------------------------------------------------------
+
+
+def _dot_flops(jaxpr) -> int:
+    """2 * M * N * K summed over every dot_general in a jaxpr and the jaxprs inside it."""
+    import math
+
+    from jax.extend import core as jcore
+
+    total = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            (contract, _), _ = eqn.params["dimension_numbers"]
+            k = math.prod(eqn.invars[0].aval.shape[d] for d in contract)
+            total += 2 * math.prod(eqn.outvars[0].aval.shape) * k
+        for sub in jcore.jaxprs_in_params(eqn.params):
+            total += _dot_flops(sub)
+    return total
+
+
+def test_flops_per_token_counts_the_models_matrix_multiplies():
+    """The formula of docs/flops.md against the matrix multiplies the model's forward pass really makes (read off its
+    jaxpr): 3x forward (forward + backward), with the full T x T attention products halved for causality."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from phi1_jax.model import Phi, PhiConfig
+    from phi1_jax.optim import flops_per_token
+
+    cfg = PhiConfig(vocab_size=96, num_layers=3, d_model=64, num_heads=4, head_dim=16, mlp_dim=160, rotary_dim=8,
+                    max_seq_len=32)
+    b, t = 2, 32
+    graphdef, state = nnx.split(Phi(cfg, rngs=nnx.Rngs(0)))
+    jaxpr = jax.make_jaxpr(lambda s, ids: nnx.merge(graphdef, s)(ids))(state, jnp.zeros((b, t), jnp.int32))
+    forward = _dot_flops(jaxpr.jaxpr)
+    full_attention = 2 * (2 * b * cfg.num_heads * t * t * cfg.head_dim) * cfg.num_layers  # QK^T and AV, T x T each
+    assert flops_per_token(cfg, t) * b * t == 3 * (forward - full_attention // 2)
+
+
+def test_peak_flops_by_device_kind():
+    from types import SimpleNamespace
+
+    from phi1_jax.optim import peak_flops
+
+    kinds = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
+             "NVIDIA A100-SXM4-80GB": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
+             "TPU v6 lite": 918e12, "TPU v4 lite": None, "cpu": None}
+    for kind, want in kinds.items():
+        assert peak_flops(SimpleNamespace(device_kind=kind)) == want, kind
