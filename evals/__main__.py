@@ -101,16 +101,14 @@ def load_generator(checkpoint: str):
 
 
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
+    import jax
     from tqdm import tqdm
 
     from phi1_jax.generate import generate
+    from phi1_jax.model import decode_layout
 
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
-    import jax
-
-    from phi1_jax.model import decode_layout
-
     model, tok = load_generator(args.checkpoint)
     if jax.default_backend() == "cpu":  # generate would convert at every call; once here, and the original goes
         model = decode_layout(model)
@@ -119,7 +117,11 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
         for s in read_samples(samples_path, task):
             done[s["task_id"]] += 1
     ids = list(task.problems)[: args.limit] if args.limit else list(task.problems)
+    encoded = {tid: tok.encode(task.problems[tid].prompt) for tid in ids}
     todo = [(tid, i) for tid in ids for i in range(done[tid], args.n_samples)]
+    # Batches of similar prompt lengths pad less (a batch is left-padded to its longest prompt); the sort is stable,
+    # so the samples of one problem stay together.
+    todo.sort(key=lambda item: len(encoded[item[0]]))
     stops = task.stop
 
     def text_stop(row):
@@ -134,7 +136,7 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
                                                                 disable=not progress, unit="sample") as bar:
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start:start + args.batch_size]
-            prompts = [tok.encode(task.problems[tid].prompt) for tid, _ in batch]
+            prompts = [encoded[tid] for tid, _ in batch]
             truncated += sum(len(p) > room for p in prompts)
             prompts = [p[-room:] for p in prompts]  # a prompt longer than the context keeps its end
             outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
