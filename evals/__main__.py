@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -100,6 +101,16 @@ def load_generator(checkpoint: str):
     return model, tokenizer
 
 
+def _drop_cut_last_line(path: Path) -> None:
+    """A run killed while writing leaves its last line without a newline: that sample is dropped, to be made again."""
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+        print(f"note: {path}: its last line was cut off (an interrupted run); that sample is made again",
+              file=sys.stderr)
+
+
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
     import jax
     from tqdm import tqdm
@@ -112,16 +123,19 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
     model, tok = load_generator(args.checkpoint)
     if jax.default_backend() == "cpu":  # generate would convert at every call; once here, and the original goes
         model = decode_layout(model)
-    done = defaultdict(int)
-    if samples_path.exists():  # continue an interrupted run
+    done = defaultdict(int)  # samples already written per problem (a rerun continues)
+    if samples_path.exists():
+        _drop_cut_last_line(samples_path)
         for s in read_samples(samples_path, task):
             done[s["task_id"]] += 1
     ids = list(task.problems)[: args.limit] if args.limit else list(task.problems)
     encoded = {tid: tok.encode(task.problems[tid].prompt) for tid in ids}
-    todo = [(tid, i) for tid in ids for i in range(done[tid], args.n_samples)]
-    # Batches of similar prompt lengths pad less (a batch is left-padded to its longest prompt); the sort is stable,
-    # so the samples of one problem stay together.
-    todo.sort(key=lambda item: len(encoded[item[0]]))
+    # Batches of similar prompt lengths pad less (a batch is left-padded to its longest prompt); the sort is stable, so
+    # the samples of one problem stay together. Batches and seeds come from the whole list, done or not, so a rerun
+    # makes exactly the samples an uninterrupted run would have made (a batch written in part is remade whole).
+    items = sorted(((tid, i) for tid in ids for i in range(args.n_samples)), key=lambda item: len(encoded[item[0]]))
+    batches = [(start, items[start:start + args.batch_size]) for start in range(0, len(items), args.batch_size)]
+    batches = [(start, batch) for start, batch in batches if any(i >= done[tid] for tid, i in batch)]
     stops = task.stop
 
     def text_stop(row):
@@ -132,19 +146,21 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
         raise EvalError(f"--max-new-tokens={args.max_new_tokens} leaves no room for a prompt in the model's "
                         f"max_seq_len {model.cfg.max_seq_len}")
     truncated = 0
-    with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=len(todo), desc=f"generating {task.name}",
+    todo = sum(i >= done[tid] for _, batch in batches for tid, i in batch)
+    with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=todo, desc=f"generating {task.name}",
                                                                 disable=not progress, unit="sample") as bar:
-        for start in range(0, len(todo), args.batch_size):
-            batch = todo[start:start + args.batch_size]
+        for start, batch in batches:
             prompts = [encoded[tid] for tid, _ in batch]
             truncated += sum(len(p) > room for p in prompts)
             prompts = [p[-room:] for p in prompts]  # a prompt longer than the context keeps its end
             outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_p=args.top_p, stop=text_stop, seed=args.seed + start, eos_id=tok.eos_id)
-            for (tid, _), row in zip(batch, outs):
-                out.write(json.dumps({"task_id": tid, "completion": tasks.truncate_at_stop(tok.decode(row), stops)}) + "\n")
-            out.flush()  # a crash loses at most the batch in flight
-            bar.update(len(batch))
+            lines = [json.dumps({"task_id": tid, "completion": tasks.truncate_at_stop(tok.decode(row), stops)}) + "\n"
+                     for (tid, i), row in zip(batch, outs) if i >= done[tid]]
+            out.write("".join(lines))  # one write per batch: a crash loses at most the batch in flight
+            out.flush()
+            os.fsync(out.fileno())
+            bar.update(len(lines))
     if truncated:
         print(f"note: {truncated} prompts were longer than max_seq_len - max_new_tokens = {room} tokens and kept "
               "only their last tokens", file=sys.stderr)

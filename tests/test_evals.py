@@ -254,6 +254,18 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     r = _evals(*common, "--n-samples=2")
     assert r.returncode == 2 and "--temperature=0 is greedy" in r.stderr
 
+    # Sampling, killed while writing the second sample of a batch: the rerun drops the cut line and makes exactly the
+    # sample the uninterrupted run made (same batch, same seed), not a new one.
+    sampled = ["--task=humaneval", f"--checkpoint={ckpt}", f"--out={tmp_path / 's.json'}", "--max-new-tokens=8",
+               "--batch-size=2", "--limit=1", "--n-samples=2", "--temperature=1.0"]
+    assert _evals(*sampled).returncode == 0
+    whole = (tmp_path / "s.samples.jsonl").read_text().splitlines()
+    assert len(whole) == 2 and whole[0] != whole[1]
+    (tmp_path / "s.samples.jsonl").write_text(whole[0] + "\n" + whole[1][: len(whole[1]) // 2])
+    r = _evals(*sampled)
+    assert r.returncode == 0 and "last line was cut off" in r.stderr, r.stderr[-2000:]
+    assert (tmp_path / "s.samples.jsonl").read_text().splitlines() == whole
+
 
 @pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
                     reason="the namespaces sandbox needs root and util-linux")
