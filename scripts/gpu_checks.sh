@@ -19,6 +19,12 @@
 # scripts/gpu_wheels.sh here first and carry `.whl`. The checkout itself is used from PYTHONPATH, not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+all_steps=(env kernels kbench train dryrun generate)
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
+for step in "${steps[@]}"; do
+  [[ " ${all_steps[*]} " == *" $step "* ]] || { echo "unknown step '$step'; steps: ${all_steps[*]}" >&2; exit 2; }
+done
 logs=${OUT:-gpu_checks}
 mkdir -p "$logs"
 py=${PYTHON:-python3}
@@ -44,8 +50,6 @@ run() {  # run NAME SECONDS CMD...: CMD's output to LOGDIR/NAME.log, its status 
 phi1_bench=("$py" -m phi1_jax.bench_train --config=configs/phi1.py --peer=none --steps=8 --warmup=2 --config.mesh.fsdp=1
             --config.seq_len=2048)
 
-steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(env kernels kbench train dryrun generate)
 for step in "${steps[@]}"; do
   case $step in
     env)
@@ -71,9 +75,6 @@ torch.__version__, \"transformers\", transformers.__version__); print(jax.device
         --config.mesh.fsdp=-1 --config.model.attention_impl=pallas --config.grad_accum_steps=128 ;;
     generate)
       run generate 300 "$py" -m evals.bench --part=generation --model=phi1 --dtype=bfloat16 --batches=1,16 ;;
-    *)
-      echo "unknown step '$step'; steps: env kernels kbench train dryrun generate" >&2
-      exit 2 ;;
   esac
 done
 cat "$logs/summary.txt"
