@@ -113,14 +113,17 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", default="scoring,generation")
-    p.add_argument("--prompt-len", type=int, default=128)
-    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--part", default="scoring,generation", help="comma-separated: scoring, generation")
+    p.add_argument("--prompt-len", type=int, default=128, help="generation: tokens per prompt")
+    p.add_argument("--new-tokens", type=int, default=64, help="generation: tokens generated per row")
     p.add_argument("--model", default="phi1_small", choices=["phi1_small", "phi1"], help="shape for generation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute for generation, on both sides (GPUs: bfloat16)")
     p.add_argument("--batches", default="1,16", help="generation batch sizes, comma-separated")
     args = p.parse_args()
+    unknown = set(args.part.split(",")) - {"scoring", "generation"}
+    if unknown:
+        p.error(f"--part: unknown {sorted(unknown)}; choose from scoring, generation")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     if "scoring" in args.part:
         bench_scoring()
