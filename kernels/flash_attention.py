@@ -46,12 +46,22 @@ PAD_SEGMENT = -1  # segment id of padding added by the wrapper; never equal to a
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
+    """Tile sizes of the three kernels, and Triton's launch settings (warps per program, software-pipelining stages)
+    for the forward and the two backward kernels; the Triton settings are ignored elsewhere. `python -m kernels.tune`
+    measures candidates on a GPU."""
+
     block_q: int = 64
     block_k: int = 64
     block_q_dkv: int = 64
     block_k_dkv: int = 64
     block_q_dq: int = 64
     block_k_dq: int = 64
+    num_warps: int = 4  # Triton, forward
+    num_stages: int = 2
+    num_warps_bwd: int = 4  # Triton, dK/dV and dQ
+    num_stages_bwd: int = 2
+
+    BLOCK_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
 
     @classmethod
     def default(cls, head_dim: int, backend: str | None = None) -> "BlockSizes":
@@ -63,7 +73,7 @@ class BlockSizes:
         return cls(128, 128, 128, 128, 128, 128)  # interpret mode: fewer, larger blocks run faster
 
     def max_block(self) -> int:
-        return max(dataclasses.astuple(self))
+        return max(getattr(self, f) for f in self.BLOCK_FIELDS)
 
 
 def _mask(q_idx, k_idx, q_seg, k_seg, causal: bool):
@@ -179,10 +189,12 @@ def _specs(seq_len, head_dim, block, heads_major):
 SEED_SPEC = pl.BlockSpec((1, 1), lambda b, h, i: (0, 0))  # the dropout seed, int32 [1, 1], read by every program
 
 
-def _compiler_params(backend: str, interpret: bool):
+def _compiler_params(backend: str, interpret: bool, num_warps: int, num_stages: int):
     """On GPUs, Triton, named explicitly: JAX's default for `pallas_call` there is Mosaic GPU, which takes kernels
     written for its own model (warpgroups, TMA) and rejects this one."""
-    return pltriton.CompilerParams(num_warps=4, num_stages=2) if backend == "gpu" and not interpret else None
+    if backend != "gpu" or interpret:
+        return None
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
 def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate, backend):
@@ -199,7 +211,8 @@ def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interp
     o, lse = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
-        interpret=interpret, name="flash_attention_fwd", compiler_params=_compiler_params(backend, interpret),
+        interpret=interpret, name="flash_attention_fwd",
+        compiler_params=_compiler_params(backend, interpret, blocks.num_warps, blocks.num_stages),
     )(*args)
     return o, lse
 
@@ -325,7 +338,8 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
     dk, dv = pl.pallas_call(
         kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="flash_attention_dkdv", compiler_params=_compiler_params(backend, interpret),
+        interpret=interpret, name="flash_attention_dkdv",
+        compiler_params=_compiler_params(backend, interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
     )(*args)
 
     # dQ: one program per query block.
@@ -338,7 +352,7 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
     dq = pl.pallas_call(
         kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
         out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
-        compiler_params=_compiler_params(backend, interpret),
+        compiler_params=_compiler_params(backend, interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
     )(*args)
     return dq, dk, dv
 
@@ -403,7 +417,8 @@ def flash_attention(q, k, v, *, segment_ids=None, causal: bool = True, sm_scale:
         raise ValueError(f"flash_attention: segment_ids must be [batch, seq] = {(b, s)}, got {segment_ids.shape}")
     backend = backend or jax.default_backend()
     blocks = block_sizes or BlockSizes.default(d, backend)
-    for name, size in dataclasses.asdict(blocks).items():
+    for name in BlockSizes.BLOCK_FIELDS:
+        size = getattr(blocks, name)
         if size < 16 or size & (size - 1):
             raise ValueError(f"flash_attention: block size {name}={size} must be a power of two >= 16")
     sm_scale = 1.0 / math.sqrt(d) if sm_scale is None else float(sm_scale)

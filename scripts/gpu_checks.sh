@@ -1,25 +1,27 @@
 #!/usr/bin/env bash
 # The project's GPU checks and GPU benchmarks in one command, for a CUDA host (a lent device machine, or yours).
 #
-#   bash scripts/gpu_checks.sh [STEP ...]    STEP: env kernels kbench train dryrun generate   (default: all of them)
+#   bash scripts/gpu_checks.sh [STEP ...]    STEP: env kernels kbench tune train dryrun generate   (default: all)
 #
 #   env       nvidia-smi, versions, jax.devices()
 #   kernels   tests/test_flash_attention.py compiled (the interpret-mode tests run the compiled kernel on a GPU host,
 #             plus the gpu-marked test with the tuned default block sizes), and tests/test_model.py's GPU test
 #   kbench    python -m kernels.bench (Pallas vs XLA vs cuDNN, fwd and fwd+bwd, bf16 and fp16, seq sweep), then with
 #             the paper's attention dropout 0.1 at seq 2048
+#   tune      python -m kernels.tune: block sizes and Triton warps/stages at phi-1's shape, bf16; prints the fastest
+#             BlockSizes (put it into BlockSizes.default, then rerun kbench)
 #   train     python -m phi1_jax.bench_train: tokens/s and MFU of phi-1 1.3B at seq 2048 on one GPU, a few settings
 #   dryrun    python -m phi1_jax.train --config=configs/phi1.py --config.dry_run=True on this host's devices
 #   generate  python -m evals.bench --part=generation --model=phi1 --dtype=bfloat16 (transformers on CUDA beside it)
 #
 # Each step writes LOGDIR/<step>.log (LOGDIR: $OUT on the device tool, else ./gpu_checks) and a line to
-# LOGDIR/summary.txt; a failing step does not stop the rest. Each step is time-boxed so that `env kernels kbench` and
-# `train dryrun generate` each fit one 10-minute device call. On the lent machines the image's own jax (CUDA), flax,
-# optax, orbax, torch and transformers are used; the few packages it lacks travel as wheels: run
+# LOGDIR/summary.txt; a failing step does not stop the rest. Each step is time-boxed so that `env kernels kbench`,
+# `tune train` and `dryrun generate` each fit one 10-minute device call. On the lent machines the image's own jax
+# (CUDA), flax, optax, orbax, torch and transformers are used; the few packages it lacks travel as wheels: run
 # scripts/gpu_wheels.sh here first and carry `.whl`. The checkout itself is used from PYTHONPATH, not installed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-all_steps=(env kernels kbench train dryrun generate)
+all_steps=(env kernels kbench tune train dryrun generate)
 steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=("${all_steps[@]}")
 for step in "${steps[@]}"; do
@@ -62,6 +64,8 @@ torch.__version__, \"transformers\", transformers.__version__); print(jax.device
     kbench)
       run kbench 300 "$py" -m kernels.bench --iters=10
       run kbench_dropout 120 "$py" -m kernels.bench --iters=10 --seqs=2048 --dropout=0.1 ;;
+    tune)
+      run tune 420 "$py" -m kernels.tune --iters=10 ;;
     train)
       # The paper's microbatch is 32 sequences per 8 GPUs = 4 per GPU; larger ones fill an H100 better.
       run train_pallas_b8 200 "${phi1_bench[@]}" --config.batch_size=8 --config.grad_accum_steps=1 \

@@ -231,3 +231,14 @@ def test_lowers_to_mosaic_for_a_tpu_from_this_host(dtype, head_dim, rate):
     allow = [export.DisabledSafetyCheck.custom_call("tpu_custom_call")]
     module = export.export(jax.jit(train), platforms=["tpu"], disabled_checks=allow)(q, q, q, seg).mlir_module()
     assert module.count("tpu_custom_call") == 3
+
+
+def test_tuner_returns_a_measured_candidate_that_agrees_with_the_reference():
+    """kernels.tune's plumbing (interpreted here; its timings only mean something on a GPU)."""
+    from kernels.tune import tune
+
+    lines = []
+    best = tune(1, 256, 2, 64, "bfloat16", iters=1, interpret=True, tiles=[(64, 64), (128, 64)],
+                fwd_launch=[(4, 2)], bwd_launch=[(8, 3)], report=lines.append)
+    assert (best.block_q, best.block_k) in {(64, 64), (128, 64)} and (best.num_warps_bwd, best.num_stages_bwd) == (8, 3)
+    assert sum("TFLOP/s" in line for line in lines) == 4 and lines[-1].startswith("fastest: BlockSizes(")
