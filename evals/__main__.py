@@ -112,17 +112,14 @@ def _drop_cut_last_line(path: Path) -> None:
 
 
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
-    import jax
     from tqdm import tqdm
 
-    from phi1_jax.generate import generate
-    from phi1_jax.model import decode_layout
+    from phi1_jax.generate import for_decoding, generate
 
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
     model, tok = load_generator(args.checkpoint)
-    if jax.default_backend() == "cpu":  # generate would convert at every call; once here, and the original goes
-        model = decode_layout(model)
+    model = for_decoding(model)  # once here rather than at every generate call; the original is dropped
     done = defaultdict(int)  # samples already written per problem (a rerun continues)
     if samples_path.exists():
         _drop_cut_last_line(samples_path)

@@ -69,8 +69,8 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
 
     from configs import phi1, phi1_small
     from phi1_jax.convert import to_hf
-    from phi1_jax.generate import generate
-    from phi1_jax.model import Phi, PhiConfig, decode_layout
+    from phi1_jax.generate import for_decoding, generate
+    from phi1_jax.model import Phi, PhiConfig
 
     base = {"phi1": phi1, "phi1_small": phi1_small}[model_name].get_config().model
     cfg = PhiConfig(**{**PhiConfig.from_dict(base).to_dict(), "dtype": dtype, "param_dtype": dtype,
@@ -81,11 +81,10 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
         to_hf(model, tmp)
         hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager",
                                                          dtype=getattr(torch, dtype)).to(device).eval()
-    if jax.default_backend() == "cpu":
-        t0 = time.perf_counter()
-        model = decode_layout(model)  # what `python -m evals` does once at load on CPU
-        jax.block_until_ready(nnx.state(model))
-        print(f"decode layout ([out, in] kernels) made once in {time.perf_counter() - t0:.2f} s")
+    t0 = time.perf_counter()
+    model = for_decoding(model)  # what `python -m evals` does once at load
+    jax.block_until_ready(nnx.state(model))
+    print(f"model prepared for decoding once, in {time.perf_counter() - t0:.2f} s")
     rng = np.random.default_rng(0)
     print(f"generation, {model_name} shape ({cfg.num_layers} layers, d_model {cfg.d_model}), {dtype}, greedy, prompt "
           f"{prompt_len} tokens, {new_tokens} new tokens per row; jax {jax.__version__} on {jax.devices()[0].device_kind}"

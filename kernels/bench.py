@@ -27,7 +27,7 @@ def flops(batch, seq, heads, head_dim, causal=True, backward=False):
     return f * 3.5 if backward else f
 
 
-def _time(fn, *args, iters):
+def median_time(fn, *args, iters):
     out = fn(*args)
     jax.block_until_ready(out)
     times = []
@@ -79,8 +79,8 @@ def main():
                 fwd = jax.jit(fn)
                 fwd_bwd = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
                 try:
-                    t_f = _time(fwd, q, k, v, iters=args.iters)
-                    t_fb = _time(fwd_bwd, q, k, v, iters=args.iters)
+                    t_f = median_time(fwd, q, k, v, iters=args.iters)
+                    t_fb = median_time(fwd_bwd, q, k, v, iters=args.iters)
                 except Exception as e:  # e.g. cuDNN refusing a shape, or out of memory for the XLA reference
                     print(f"{dtype:>9} {seq:>6} {name:>7}   failed: {type(e).__name__}: {str(e)[:80]}")
                     continue

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import _time, flops
+from kernels.bench import flops, median_time
 from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
 
 TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]
@@ -75,7 +75,7 @@ def tune(batch: int, seq: int, heads: int, head_dim: int, dtype: str = "bfloat16
             ok = _close(fwd(q, k, v), want_o, dtype) and (not backward or _close(grad(q, k, v), want_g, dtype))
             if not ok:
                 return None, "wrong"
-            t = _time(grad if backward else fwd, q, k, v, iters=iters)
+            t = median_time(grad if backward else fwd, q, k, v, iters=iters)
         except Exception as e:  # noqa: BLE001  a candidate the compiler refuses (shared memory, registers)
             return None, f"failed: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}"
         tflops = (f_all if backward else f_fwd) / t / 1e12
