@@ -6,13 +6,20 @@ Layout of a model checkpoint directory:
 
 The trainer's step checkpoints (params + opt_state + step + data_iter) use the same `params` item and config file, so
 `load_model` is how inspect, convert and evals read any of them.
+
+A step checkpoint that cannot be read (a file truncated or lost after Orbax committed it: a full disk, a copy cut
+short) should cost one line, not the run: readers of a workdir's newest checkpoint fall back to the newest one that
+reads (`newest_readable`), and say so. The trainer also moves the broken one aside (`set_aside`), out of Orbax's
+sight but not deleted.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
+from typing import Callable, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
@@ -22,6 +29,9 @@ from phi1_jax.model import Phi, PhiConfig, abstract_model
 
 CONFIG_FILE = "model_config.json"
 PARAMS_ITEM = "params"
+CORRUPT_SUFFIX = ".corrupt"  # checkpoints/<step>.corrupt: not a step name, so Orbax and checkpoint_steps skip it
+
+T = TypeVar("T")
 
 
 class CheckpointError(ValueError):
@@ -44,6 +54,10 @@ def save_model(directory: str | os.PathLike, model: Phi) -> None:
 
 
 def read_model_config(directory: str | os.PathLike) -> PhiConfig:
+    if not Path(directory).exists():
+        raise CheckpointError(f"{directory}: does not exist")
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"{directory}: is a file, not a model checkpoint or trainer workdir (a directory)")
     path = Path(directory) / CONFIG_FILE
     try:
         return PhiConfig.from_dict(json.loads(path.read_text()))
@@ -74,25 +88,101 @@ def params_dir(directory: str | os.PathLike, step: int | None = None) -> Path:
     return directory / "checkpoints" / str(steps[-1]) / PARAMS_ITEM
 
 
-def load_params(directory: str | os.PathLike, cfg: PhiConfig | None = None, step: int | None = None) -> dict:
-    """The parameters (a pure dict) of a model checkpoint or trainer workdir, checked against its config."""
+def unreadable_reason(e: BaseException) -> str:
+    """One line on why a checkpoint did not read: the innermost cause (Orbax wraps TensorStore's useful message in a
+    bare Exception that points at a multi-line spec), first line, shortened."""
+    while e.__cause__ is not None:
+        e = e.__cause__
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return text if len(text) <= 200 else text[:197] + "..."
+
+
+def newest_readable(steps: list[int], read: Callable[[int], T]) -> tuple[int, T, list[tuple[int, str]]]:
+    """(step, read(step), [(newer step, why it did not read)]) for the newest of `steps` that `read` can read.
+
+    Any exception counts as unreadable (Orbax raises bare Exceptions for a truncated file), but only because an older
+    checkpoint then reads with the same code: if none does, the problem is not the files, and CheckpointError names
+    the newest one's failure instead.
+    """
+    failed = []
+    for step in sorted(steps, reverse=True):
+        try:
+            return step, read(step), failed
+        except Exception as e:  # noqa: BLE001 -- see the docstring
+            failed.append((step, unreadable_reason(e)))
+    if not failed:
+        raise CheckpointError("no checkpoints to read")
+    raise CheckpointError(f"no checkpoint can be read (steps {sorted(steps)}); the newest, step {failed[0][0]}: "
+                          f"{failed[0][1]}")
+
+
+def describe_failures(failed: list[tuple[int, str]]) -> str:
+    """'checkpoint step 16 cannot be read (why)' for one or more (step, why), on one line."""
+    return "; ".join(f"checkpoint step {s} cannot be read ({why})" for s, why in failed)
+
+
+def set_aside(step_dir: Path) -> Path:
+    """Renames a broken checkpoints/<step> to checkpoints/<step>.corrupt (.corrupt.1, ... if taken) and returns the
+    new path: kept for a post-mortem, but no longer a step that Orbax lists, restores or counts for max_to_keep."""
+    target = step_dir.with_name(step_dir.name + CORRUPT_SUFFIX)
+    n = 0
+    while target.exists():
+        n += 1
+        target = step_dir.with_name(f"{step_dir.name}{CORRUPT_SUFFIX}.{n}")
+    os.replace(step_dir, target)
+    return target
+
+
+def _restore_params(path: Path, cfg: PhiConfig) -> dict:
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(abstract_model(cfg)).to_pure_dict())
+    with ocp.StandardCheckpointer() as ckptr:
+        return ckptr.restore(path, target)
+
+
+def load_params_and_step(directory: str | os.PathLike, cfg: PhiConfig | None = None,
+                         step: int | None = None) -> tuple[int | None, dict]:
+    """(step, parameters as a pure dict) of a model checkpoint (step None) or a trainer workdir, checked against its
+    config. A workdir's newest checkpoint that cannot be read is skipped for the newest that can, with one note on
+    stderr naming both; a `step` asked for by name has no fallback."""
     directory = Path(directory).absolute()
     cfg = cfg or read_model_config(directory)
     path = params_dir(directory, step)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(abstract_model(cfg)).to_pure_dict())
+    if step is None and path != directory / PARAMS_ITEM:  # a workdir's newest: fall back if it is broken
+        try:
+            used, params, failed = newest_readable(
+                checkpoint_steps(directory), lambda s: _restore_params(params_dir(directory, s), cfg))
+        except CheckpointError as e:
+            raise CheckpointError(f"{directory}: {e}") from None
+        if failed:
+            print(f"note: {directory}: {describe_failures(failed)}; using step {used}", file=sys.stderr, flush=True)
+        return used, params
     try:
-        with ocp.StandardCheckpointer() as ckptr:
-            return ckptr.restore(path, target)
+        return step, _restore_params(path, cfg)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise CheckpointError(f"{path}: does not match {directory / CONFIG_FILE} ({e})") from None
+        raise CheckpointError(f"{path}: cannot be read, or does not match {directory / CONFIG_FILE} "
+                              f"({unreadable_reason(e)})") from None
+    except Exception as e:  # noqa: BLE001 -- Orbax raises bare Exceptions for unreadable files
+        raise CheckpointError(f"{path}: cannot be read ({unreadable_reason(e)})") from None
 
 
-def load_model(directory: str | os.PathLike, step: int | None = None, **overrides) -> Phi:
-    """Rebuilds the model from the directory alone (a model checkpoint, or a trainer workdir: its newest step unless
-    `step` is given). `overrides` replace config fields (e.g. dtype, attention_impl)."""
+def load_params(directory: str | os.PathLike, cfg: PhiConfig | None = None, step: int | None = None) -> dict:
+    """The parameters (a pure dict) of a model checkpoint or trainer workdir, checked against its config."""
+    return load_params_and_step(directory, cfg, step)[1]
+
+
+def load_model_and_step(directory: str | os.PathLike, step: int | None = None, **overrides) -> tuple[Phi, int | None]:
+    """(model, the step it is from: None for a model checkpoint), rebuilt from the directory alone (a model checkpoint,
+    or a trainer workdir: its newest readable step unless `step` is given). `overrides` replace config fields (e.g.
+    dtype, attention_impl)."""
     cfg = read_model_config(directory)
     if overrides:
         cfg = PhiConfig(**{**cfg.to_dict(), **overrides})
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    abstract_state.replace_by_pure_dict(load_params(directory, cfg, step))
-    return nnx.merge(graphdef, abstract_state)
+    used, params = load_params_and_step(directory, cfg, step)
+    abstract_state.replace_by_pure_dict(params)
+    return nnx.merge(graphdef, abstract_state), used
+
+
+def load_model(directory: str | os.PathLike, step: int | None = None, **overrides) -> Phi:
+    """The model of a model checkpoint or trainer workdir (see load_model_and_step)."""
+    return load_model_and_step(directory, step, **overrides)[0]

@@ -46,16 +46,17 @@ def find_tokenizer(workdir) -> Tokenizer | None:
 
 
 def load(workdir, step: int | None = None, **overrides) -> Run:
-    """A trainer workdir's model (newest checkpoint unless `step`), and its tokenizer."""
+    """A trainer workdir's model (newest readable checkpoint unless `step`: a broken newer one is skipped with a note
+    on stderr naming the step used), and its tokenizer."""
     workdir = Path(workdir)
-    steps = checkpoint_steps(workdir)
-    model = checkpoint.load_model(workdir, step=step, **overrides)
-    return Run(workdir, step if step is not None else (steps[-1] if steps else None), model, find_tokenizer(workdir))
+    model, used = checkpoint.load_model_and_step(workdir, step=step, **overrides)
+    return Run(workdir, used, model, find_tokenizer(workdir))
 
 
 def load_model_and_tokenizer(path) -> tuple[Phi, Tokenizer | None]:
-    """A model and its tokenizer (None if there is none) from a trainer workdir (newest checkpoint) or a Hugging Face
-    Phi directory (config.json, weights, and tokenizer.json or tokenizer.model): what evals and data_gen embed with."""
+    """A model and its tokenizer (None if there is none) from a trainer workdir (newest readable checkpoint) or a Hugging
+    Face Phi directory (config.json, weights, and tokenizer.json or tokenizer.model): what evals and data_gen embed
+    with."""
     from phi1_jax import convert
 
     path = Path(path)
