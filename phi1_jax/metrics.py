@@ -2,6 +2,8 @@
 
 metrics.jsonl has one JSON object per line: training rows (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_sec`,
 `mfu`) and held-out rows (`step`, `eval_loss`). A resumed run appends; readers keep the last row per step and kind.
+A training row's `loss` is the mean over every step since the previous row (the logging window; `TrainWindow`), so
+`log_every` changes how often the curve is sampled, not how noisy it is; `lr` and `grad_norm` are the logged step's.
 """
 
 from __future__ import annotations
@@ -9,6 +11,60 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+
+import numpy as np
+
+
+def _window_zeros():
+    import jax.numpy as jnp
+
+    return {"loss_sum": jnp.float32(0.0), "steps": jnp.int32(0), "first_bad": jnp.int32(-1),
+            "bad_loss": jnp.float32(0.0), "bad_grad_norm": jnp.float32(0.0)}
+
+
+def _window_add(sums, m, step):
+    import jax.numpy as jnp
+
+    # An fp16 step skipped for overflow has non-finite gradients by design and changed nothing: it is not a failure.
+    grads_ok = jnp.isfinite(m["grad_norm"]) | (m["skipped"] > 0) if "skipped" in m else jnp.isfinite(m["grad_norm"])
+    new_bad = (sums["first_bad"] < 0) & ~(jnp.isfinite(m["loss"]) & grads_ok)
+    return {"loss_sum": sums["loss_sum"] + m["loss"], "steps": sums["steps"] + 1,
+            "first_bad": jnp.where(new_bad, step, sums["first_bad"]),
+            "bad_loss": jnp.where(new_bad, m["loss"], sums["bad_loss"]),
+            "bad_grad_norm": jnp.where(new_bad, m["grad_norm"], sums["bad_grad_norm"])}
+
+
+class TrainWindow:
+    """The training steps since the last logged row, summed on the device.
+
+    The logged loss is their mean (one batch's loss is noise), and the first step whose loss or gradient norm was not
+    finite is remembered, so a check at a log or before a save covers every step since the last check. `add` only
+    dispatches a small jitted update (no host sync per step); `read` is the one sync, made when logging or saving.
+    """
+
+    def __init__(self, sharding):
+        import jax
+
+        self._zeros = jax.jit(_window_zeros, out_shardings=sharding)
+        self._add = jax.jit(_window_add, out_shardings=sharding)
+        self.reset()
+
+    def reset(self) -> None:
+        self._sums = self._zeros()
+
+    def add(self, step_metrics: dict, step: int) -> None:
+        m = {k: step_metrics[k] for k in ("loss", "grad_norm", "skipped") if k in step_metrics}
+        self._sums = self._add(self._sums, m, np.int32(step))
+
+    def read(self) -> dict:
+        """{"loss": mean loss (None if no steps), "steps", "first_bad": first non-finite step or None, "bad_loss",
+        "bad_grad_norm"} as host numbers."""
+        import jax
+
+        s = {k: v.item() for k, v in jax.device_get(self._sums).items()}
+        return {"loss": s["loss_sum"] / s["steps"] if s["steps"] else None, "steps": s["steps"],
+                "first_bad": s["first_bad"] if s["first_bad"] >= 0 else None, "bad_loss": s["bad_loss"],
+                "bad_grad_norm": s["bad_grad_norm"]}
 
 
 class MetricsWriter:

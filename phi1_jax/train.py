@@ -1,8 +1,17 @@
 """Trains Phi: `python -m phi1_jax.train --config=configs/<name>.py --workdir=DIR [--config.a.b=value ...]`.
 
-Rerunning the same command on the same DIR resumes from the newest complete checkpoint. Sections: mesh, model and
-optimizer (abstract first, then sharded), data, restore or init, step, loop. Writes DIR/metrics.jsonl (one JSON line
-per `log_every` steps), DIR/model_config.json and DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}.
+Rerunning the same command on the same DIR resumes from the newest complete checkpoint. Sections: workdir checks,
+mesh, model and optimizer (abstract first, then sharded), data, restore or init, step, loop. Writes DIR/metrics.jsonl
+(one JSON line per `log_every` steps, its loss the mean over those steps), DIR/model_config.json and
+DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}.
+
+A workdir that cannot be this run's (a file, not writable, another model's) is refused before any data is read or
+anything compiled. A newest checkpoint that cannot be read is moved aside to checkpoints/<step>.corrupt with one
+warning line, and the run resumes from the newest one that reads. Resuming with another --config.steps moves only the
+stopping point: the learning-rate schedule stays the one the run started with (saved in each checkpoint's meta), so
+the rate never jumps; one line says so. To train longer under a new schedule, start a new workdir with
+--config.init_from=DIR. A loss or gradient that is not finite stops the run before the next log or save; no
+checkpoint holds non-finite weights. Library INFO logs (Orbax, JAX) are off; --verbosity=0 (or -v 0) shows them.
 
 Multi-host: pass --coordinator_address, --num_processes and --process_id (or set JAX's cluster environment and
 --distributed) and run the same command on every host; JAX's runtime connects them and each process feeds its share
@@ -12,7 +21,8 @@ of the batch.
 from __future__ import annotations
 
 import json
-import math
+import logging
+import os
 import shutil
 import signal
 import sys
@@ -21,8 +31,10 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import flags
+from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
@@ -39,6 +51,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 
 SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "rotary_dim")
+META_FILE = "metadata"  # checkpoints/<step>/meta/<this>: the JSON item, read before the trainer builds anything
 
 
 class TrainError(RuntimeError):
@@ -64,6 +77,51 @@ def _check_workdir_model(workdir: Path, cfg: PhiConfig):
         detail = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
         raise TrainError(f"{workdir} holds checkpoints of another model ({detail}). Use another --workdir, or the "
                          "config that wrote it.")
+
+
+def _check_workdir(workdir: Path, cfg: PhiConfig):
+    """Refuses, before any long work and writing nothing, a workdir this run cannot use: a file, a place this user
+    cannot write, or another model's checkpoints."""
+    try:
+        existing = workdir
+        while not existing.exists():
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except OSError as e:  # a parent this user may not look into
+        raise TrainError(f"--workdir={workdir}: {e.filename or workdir}: {e.strerror}") from None
+    if existing == workdir and not is_dir:
+        raise TrainError(f"--workdir={workdir} is a file, not a directory; it was left as it is. Pass a directory "
+                         "(it is created if missing).")
+    if not is_dir:
+        raise TrainError(f"--workdir={workdir} cannot be created: {existing} is a file")
+    for d in (existing, workdir / "checkpoints"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise TrainError(f"--workdir={workdir}: {d} is not writable by this user; pass a workdir you can write")
+    _check_workdir_model(workdir, cfg)
+
+
+def _schedule_steps(workdir: Path, steps: int) -> int:
+    """The `steps` the learning-rate schedule was built for: the run's first `config.steps`, which every checkpoint's
+    meta carries (`steps` for a new run, or for checkpoints from before the meta carried it)."""
+    for step in reversed(checkpoint.checkpoint_steps(workdir)):
+        try:
+            meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable checkpoint; the restore deals with it
+        return int(meta.get("schedule_steps", steps))
+    return steps
+
+
+def _schedule_note(config, schedule_steps: int) -> str:
+    """The one line a resumed run with another --config.steps prints: what happens to the learning rate."""
+    opt, now = config.optimizer, config.steps
+    head = (f"note: --config.steps changed {schedule_steps} -> {now}; the learning-rate schedule stays the one this "
+            "run started with")
+    if now > schedule_steps:
+        return (f"{head} (decay ends at step {schedule_steps}; lr {opt.end_learning_rate:g} after it). For a new "
+                f"schedule, start a new --workdir with --config.init_from.")
+    lr = float(optim.learning_rate_schedule(opt, schedule_steps)(now - 1))
+    return f"{head} (decay to step {schedule_steps}), so it stops at step {now} with lr {lr:.2e}"
 
 
 def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
@@ -103,6 +161,48 @@ def _device_batch(batch, shardings, whole: bool):
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
 
 
+def _restore_newest(manager, make_args, workdir: Path, primary: bool):
+    """(step, restored items) of the newest checkpoint that reads, or (0, None) with none. Newer ones that do not read
+    are moved aside (checkpoints/<step>.corrupt) with one warning line; if none reads, a TrainError that moves nothing.
+    """
+    steps = list(manager.all_steps())
+    if not steps:
+        return 0, None
+    try:
+        step, restored, failed = checkpoint.newest_readable(steps, lambda s: manager.restore(s, args=make_args()))
+    except checkpoint.CheckpointError as e:
+        raise TrainError(f"{workdir / 'checkpoints'}: {e}. Nothing was moved; remove or repair the checkpoints, "
+                         "or use another --workdir.") from None
+    if failed:
+        moved = []
+        for bad, _ in failed:
+            # One process renames (a shared filesystem); it happens long before the next save could reuse the name.
+            moved.append(checkpoint.set_aside(workdir / "checkpoints" / str(bad)).name if primary else f"{bad}.corrupt")
+        manager.reload()
+        print(f"warning: {checkpoint.describe_failures(failed)}; moved aside to checkpoints/{', '.join(moved)}; "
+              f"resuming from step {step}", file=sys.stderr, flush=True)
+    return step, restored
+
+
+def _nonfinite_error(window: dict, latest) -> TrainError:
+    step, loss, gnorm = window["first_bad"], window["bad_loss"], window["bad_grad_norm"]
+    what = f"loss is {loss}" if not np.isfinite(loss) else f"gradient norm is {gnorm} (loss {loss:.4f})"
+    return TrainError(f"{what} at step {step}: stopping without saving this state. {_last_checkpoint(latest)}")
+
+
+def _last_checkpoint(latest) -> str:
+    if latest is None:
+        return "No checkpoint was saved; lower the learning rate or check the data, then rerun."
+    return (f"The last checkpoint is step {latest}; lower the learning rate or check the data, then rerun to resume "
+            "from it.")
+
+
+def _all_finite(tree) -> jax.Array:
+    """True when every floating-point leaf is finite: checked on the state about to be saved."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
 def _print_memory(compiled, n_params):
     mem = compiled.memory_analysis()
     gib = 1024 ** 3
@@ -125,7 +225,17 @@ def _print_memory(compiled, n_params):
 def train_and_evaluate(config, workdir: str):
     workdir = Path(workdir).absolute()
     primary = jax.process_index() == 0
-    b = build(config)
+
+    # --- Workdir: refused before any long work; a resumed run keeps the schedule it started with ----------------------
+    schedule_steps = config.steps
+    if not config.dry_run:
+        _check_workdir(workdir, PhiConfig.from_dict(config.model))
+        schedule_steps = _schedule_steps(workdir, config.steps)
+    schedule_config = config
+    if schedule_steps != config.steps:  # the optimizer's schedule is built for the run's first `steps`
+        schedule_config = config.copy_and_resolve_references()
+        schedule_config.steps = schedule_steps
+    b = build(schedule_config)
     mesh, cfg, abstract, abs_params, p_shard = b.mesh, b.cfg, b.abstract, b.abs_params, b.p_shard
     abs_opt, o_shard, b_shard, replicated = b.abs_opt, b.o_shard, b.b_shard, b.replicated
     step_fn, eval_fn = b.step_fn, b.eval_fn
@@ -154,7 +264,6 @@ def train_and_evaluate(config, workdir: str):
         return total / max(count, 1.0)
 
     # --- Restore or init -----------------------------------------------------------------------------------------------
-    _check_workdir_model(workdir, cfg)
     workdir.mkdir(parents=True, exist_ok=True)
     if primary and not (workdir / checkpoint.CONFIG_FILE).exists():
         (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -168,17 +277,19 @@ def train_and_evaluate(config, workdir: str):
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
                                              enable_async_checkpointing=True),
         item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+                       "data_iter": grain.checkpoint.CheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler(filename=META_FILE)},
     )
-    start = manager.latest_step() or 0
+    start, restored = _restore_newest(manager, lambda: ocp.args.Composite(
+        params=ocp.args.StandardRestore(_abstract_with_shardings(abs_params, p_shard)),
+        opt_state=ocp.args.StandardRestore(_abstract_with_shardings(abs_opt, o_shard)),
+        data_iter=grain.checkpoint.CheckpointRestore(it),
+    ), workdir, primary)
     if start:
-        restored = manager.restore(start, args=ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract_with_shardings(abs_params, p_shard)),
-            opt_state=ocp.args.StandardRestore(_abstract_with_shardings(abs_opt, o_shard)),
-            data_iter=grain.checkpoint.CheckpointRestore(it),
-        ))
         params, opt_state = restored.params, restored.opt_state
         print(f"resumed from {workdir / 'checkpoints' / str(start)}")
+        if schedule_steps != config.steps and primary:
+            print(_schedule_note(config, schedule_steps), file=sys.stderr, flush=True)
     else:
         if config.init_from:  # finetuning: parameters from a pretrained model; optimizer, schedule and step start fresh
             params = jax.device_put(_pretrained_params(config.init_from, cfg), p_shard)
@@ -187,17 +298,32 @@ def train_and_evaluate(config, workdir: str):
             params = init_params(b, config.seed)
         opt_state = jax.jit(b.opt_init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
 
+    # --- Loop ----------------------------------------------------------------------------------------------------------
+    window = metrics.TrainWindow(replicated)  # the steps since the last log: their mean loss, any non-finite step
+    state_finite = jax.jit(_all_finite, out_shardings=replicated)
+
+    def check_finite():
+        """The window's numbers; raises, before a log or save, if any step since the last log was not finite."""
+        w = window.read()
+        if w["first_bad"] is not None:
+            raise _nonfinite_error(w, manager.latest_step())
+        return w
+
     def save(step):
+        check_finite()
+        if not bool(state_finite((params, opt_state))):
+            raise TrainError(f"the parameters or optimizer state hold non-finite values after step {step}: stopping "
+                             f"without saving this state. {_last_checkpoint(manager.latest_step())}")
         manager.save(step, args=ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data_iter=grain.checkpoint.CheckpointSave(it), meta=ocp.args.JsonSave({"step": step})), force=True)
+            data_iter=grain.checkpoint.CheckpointSave(it),
+            meta=ocp.args.JsonSave({"step": step, "schedule_steps": schedule_steps})), force=True)
 
-    # --- Loop ----------------------------------------------------------------------------------------------------------
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     flops = optim.flops_per_token(cfg, config.seq_len)
     peak = optim.peak_flops(jax.devices()[0])
-    schedule = optim.learning_rate_schedule(config.optimizer, config.steps)
+    schedule = optim.learning_rate_schedule(config.optimizer, schedule_steps)
     writer = metrics.MetricsWriter(workdir, enabled=primary)
     print(f"training {count_params(abstract):,} parameters on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, steps {start + 1}..{config.steps}, workdir {workdir}")
@@ -208,13 +334,11 @@ def train_and_evaluate(config, workdir: str):
             batch = _device_batch(next(it), b_shard, whole_batches)
             params, opt_state, m = step_fn(params, opt_state, jnp.int32(step), batch)
             step += 1
+            window.add(m, step)
             tokens_since += config.batch_size * config.seq_len
             if step % config.log_every == 0 or step == config.steps:
-                loss = float(m["loss"])
-                if not math.isfinite(loss):
-                    raise TrainError(f"loss is {loss} at step {step}: stopping without saving this state. The last "
-                                     f"checkpoint is step {manager.latest_step()}; lower the learning rate or check "
-                                     "the data, then rerun to resume from it.")
+                loss = check_finite()["loss"]  # the mean over the steps since the last log
+                window.reset()
                 now = time.perf_counter()
                 tps = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0
@@ -250,8 +374,19 @@ def train_and_evaluate(config, workdir: str):
     return {"step": step}
 
 
+def _quiet_library_logs():
+    """Library INFO logs are off unless --verbosity/-v was given: Orbax alone writes ~270 absl lines per 2,000 tiny
+    steps, burying the progress lines. absl's verbosity sets the root Python logger too (JAX, grain log there)."""
+    if flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("orbax", "jax", "grain", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv):
     del argv
+    _quiet_library_logs()
     config = _CONFIG.value
     if _WORKDIR.value is None:
         raise cli.UsageError("--workdir is required (rerunning on the same workdir resumes)")
