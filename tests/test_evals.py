@@ -235,6 +235,13 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     r = _evals(*common, "--n-samples=2")
     assert r.returncode == 2 and "--temperature=0 is greedy" in r.stderr
 
+    # The default --max-new-tokens (384) is more than tiny's context allows: capped at half of it, one note; the
+    # --out folder is made.
+    nested = tmp_path / "new" / "dir" / "he.json"
+    r = _evals("--task=humaneval", f"--checkpoint={ckpt}", f"--out={nested}", "--limit=1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "generating at most 64 new tokens" in r.stderr and json.loads(nested.read_text())["max_new_tokens"] == 64
+
     # Sampling, killed while writing the second sample of a batch: the rerun drops the cut line and makes exactly the
     # sample the uninterrupted run made (same batch, same seed), not a new one.
     sampled = ["--task=humaneval", f"--checkpoint={ckpt}", f"--out={tmp_path / 's.json'}", "--max-new-tokens=8",
