@@ -285,6 +285,13 @@ def test_more_steps_on_resume_keep_the_schedule_and_say_so(base, tmp_path):
     assert 0 < rows[STEPS - 1]["lr"]
     meta = json.loads((workdir / "checkpoints" / str(STEPS + 4) / "meta" / "metadata").read_text())
     assert meta == {"step": STEPS + 4, "schedule_steps": STEPS}
+    # The optimizer itself ran at lr 0 (not only the logged rate): the weights did not move after step STEPS.
+    import jax
+
+    from phi1_jax import checkpoint
+
+    before, after = (checkpoint.load_params(workdir, step=s) for s in (STEPS, STEPS + 4))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
     assert len([ln for ln in r.stderr.splitlines() if re.match(r"I\d{4} ", ln)]) > 10  # -v 0: Orbax's INFO lines
 
 
