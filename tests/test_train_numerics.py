@@ -165,7 +165,7 @@ def test_accumulated_gradients_equal_the_whole_batch_gradient(reference, accum, 
         scale_cfg.initial = loss_scale
     train_step = jax.jit(step.make_train_step(b.graphdef, tx, grad_accum=accum, seed=0, dropout=False,
                                               loss_scale=scale_cfg))
-    new_params, opt_state, metrics = train_step(params, step.make_opt_init(tx, scale_cfg)(params), 0, batch)
+    _, opt_state, metrics = train_step(params, step.make_opt_init(tx, scale_cfg)(params), 0, batch)
     grads = opt_state if scale_cfg is None else opt_state["tx"]
     _assert_tree_close(grads, ref_grads, 1e-5, "gradient")
     assert float(metrics["loss"]) == pytest.approx(ref_loss, rel=1e-6)
@@ -188,8 +188,7 @@ def test_the_configured_step_accumulates_and_clips_like_the_reference(reference,
     params_copy = jax.tree.map(jnp.array, params)  # the step donates its inputs
     _, opt_state, metrics = b.step_fn(params_copy, opt, jnp.int32(0), batch)
     mu, nu = _adam_state(opt_state)
-    b1, b2 = b1_b2 = (phi1.get_config().optimizer.b1, phi1.get_config().optimizer.b2)
-    assert b1_b2 == (0.9, 0.95)
+    b1, b2 = phi1.get_config().optimizer.b1, phi1.get_config().optimizer.b2
     clipped = jax.tree.map(lambda g: g * clip / norm, ref_grads)
     _assert_tree_close(mu, jax.tree.map(lambda g: (1 - b1) * g, clipped), 1e-5, "mu")
     _assert_tree_close(nu, jax.tree.map(lambda g: (1 - b2) * g * g, clipped), 2e-5, "nu")
@@ -252,7 +251,6 @@ def test_clipping_and_first_adamw_update_match_numpy(grad_norm):
         p = np.asarray(_leaf(params, path), np.float64)
         want = -o.learning_rate * (gc / (np.abs(gc) + o.eps) + (o.weight_decay * p if _name(path) in DECAYED else 0))
         np.testing.assert_allclose(np.asarray(u, np.float64), want, rtol=1e-5, atol=1e-10, err_msg=_name(path))
-
 
 
 # --- 4. the learning-rate schedule ------------------------------------------------------------------------------------
