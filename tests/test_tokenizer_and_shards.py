@@ -11,11 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_gen import decontaminate
 from data_gen.shards import (
     ShardError, decode_record, iter_documents, read_manifest, write_shards,
 )
-from phi1_jax import embedded_corpus
+from phi1_jax import embedded_corpus, ngrams
 from phi1_jax.tokenizer import Tokenizer, TokenizerError, check_vocab_fits
 
 # --- tokenizer ---------------------------------------------------------------------------------------------------------
@@ -176,13 +175,13 @@ def test_embedded_corpus_is_cached(embedded):
 
 
 def test_decontamination_finds_planted_humaneval_and_spares_unrelated_code():
-    problems = decontaminate.humaneval_texts()
-    reference = decontaminate.reference_ngrams(problems.values())
-    planted = "import os\n\n" + problems["HumanEval/0"] + "\n\ndef unrelated():\n    return 1\n"
-    assert decontaminate.overlapping_ngrams(planted, reference)
+    problems = embedded_corpus.humaneval_texts()
+    reference = ngrams.reference_ngrams(problems)
+    planted = "import os\n\n" + problems[0] + "\n\ndef unrelated():\n    return 1\n"
+    assert ngrams.overlapping_ngrams(planted, reference)
     reformatted = planted.upper().replace("    ", "\t")  # case and whitespace do not hide an overlap
-    assert decontaminate.overlapping_ngrams(reformatted, reference)
-    assert not decontaminate.overlapping_ngrams(Path(json.__file__).read_text(), reference)
+    assert ngrams.overlapping_ngrams(reformatted, reference)
+    assert not ngrams.overlapping_ngrams(Path(json.__file__).read_text(), reference)
 
 
 def test_quality_filter_reasons():

@@ -1,0 +1,62 @@
+"""The import graph keeps the layers of ../shared/DESIGN.md: an import only ever points down, and there is no cycle.
+
+Layers, bottom to top: kernels/, phi1_jax/, evals/, data_gen/. Every import counts, lazy ones inside functions too
+(a lazy import upwards is still a dependency upwards)."""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+LAYERS = ["kernels", "phi1_jax", "evals", "data_gen"]
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path, modules: set[str]) -> set[str]:
+    """The project modules `path` imports (`from pkg import sub` counts as importing the submodule, not the package)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            submodules = [f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in modules]
+            names = submodules or [node.module]
+        else:
+            continue
+        found |= {n for n in names if n in modules}
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for layer in LAYERS for p in (ROOT / layer).rglob("*.py")}
+    modules = set(files)
+    return {m: _imports(p, modules) - {m} for m, p in files.items()}
+
+
+def test_imports_only_point_down():
+    graph = _graph()
+    up = [(m, d) for m, deps in graph.items() for d in deps
+          if LAYERS.index(d.split(".")[0]) > LAYERS.index(m.split(".")[0])]
+    assert not up, f"imports from a lower layer to a higher one: {sorted(up)}"
+    assert graph["phi1_jax.data"] and "data_gen.shards" not in graph["phi1_jax.data"]  # the walk sees real imports
+
+
+def test_no_import_cycles():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, path):
+        state[m] = "open"
+        for d in sorted(graph[m]):
+            if state.get(d) == "open":
+                cycles.append(path[path.index(d):] + [d])
+            elif d not in state:
+                visit(d, path + [d])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, f"import cycles: {cycles}"
