@@ -201,19 +201,16 @@ def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interp
     b, s, h, d = _bshd(q, backend)
     bq, bk = blocks.block_q, blocks.block_k
     blocked, whole, (qseg_blocked, _, _, kseg_whole), rows, _ = _specs(s, d, bq, backend == "tpu")
-    has_seg = seg is not None
+    qseg, kseg = _seg_layouts(seg)
     kernel = functools.partial(_fwd_kernel, sm_scale=sm_scale, causal=causal, block_q=bq, block_k=bk, seq_len=s,
                                heads=h, dropout_rate=dropout_rate)
-    if not has_seg:
-        kernel = _without_segments(kernel, n_before=3, n_after=3)
-    in_specs = [blocked, whole, whole] + ([qseg_blocked, kseg_whole] if has_seg else []) + [SEED_SPEC]
-    args = (q, k, v) + (_seg_layouts(seg) if has_seg else ()) + (seed,)
-    o, lse = pl.pallas_call(
-        kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=[blocked, rows],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32)],
-        interpret=interpret, name="flash_attention_fwd",
+    o, lse = _call_by_name(
+        kernel, grid=(b, h, s // bq), name="flash_attention_fwd", interpret=interpret,
         compiler_params=_compiler_params(backend, interpret, blocks.num_warps, blocks.num_stages),
-    )(*args)
+        inputs=dict(q_ref=(blocked, q), k_ref=(whole, k), v_ref=(whole, v), qseg_ref=(qseg_blocked, qseg),
+                    kseg_ref=(kseg_whole, kseg), seed_ref=(SEED_SPEC, seed)),
+        outputs=dict(o_ref=(blocked, jax.ShapeDtypeStruct(q.shape, q.dtype)),
+                     lse_ref=(rows, jax.ShapeDtypeStruct((b, h, s, 1), jnp.float32))))
     return o, lse
 
 
@@ -226,16 +223,27 @@ def _bshd(q, backend):
 
 
 def _seg_layouts(seg):
-    return seg[:, :, None], seg[:, None, :]  # queries [B, S, 1], keys [B, 1, S]
+    """Query ids [B, S, 1] and key ids [B, 1, S]; (None, None) without segment ids."""
+    return (None, None) if seg is None else (seg[:, :, None], seg[:, None, :])
 
 
-def _without_segments(kernel, n_before, n_after):
-    """Adapts a kernel written with (qseg_ref, kseg_ref) after `n_before` refs to a call without segment ids."""
+def _call_by_name(kernel, *, inputs: dict, outputs: dict, grid, name, interpret, compiler_params):
+    """`pallas_call` with refs by name. inputs / outputs: {kernel parameter: (BlockSpec, array or ShapeDtypeStruct)};
+    an input whose array is None is not passed to Pallas and reaches the kernel as a None ref (how the kernels are
+    told there are no segment ids), so nothing counts argument positions."""
+    present = [n for n, (_, x) in inputs.items() if x is not None]
+    absent = {n: None for n, (_, x) in inputs.items() if x is None}
+    names = present + list(outputs)
 
-    def wrapped(*refs):
-        return kernel(*refs[:n_before], None, None, *refs[n_before:n_before + n_after])
+    def body(*refs):
+        return kernel(**dict(zip(names, refs)), **absent)
 
-    return wrapped
+    result = pl.pallas_call(
+        body, grid=grid, in_specs=[inputs[n][0] for n in present], out_specs=[spec for spec, _ in outputs.values()],
+        out_shape=[shape for _, shape in outputs.values()], interpret=interpret, name=name,
+        compiler_params=compiler_params,
+    )(*[inputs[n][1] for n in present])
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -322,38 +330,33 @@ def _backward(q, k, v, seg, seed, o, lse, do, *, causal, sm_scale, blocks: Block
     heads_major = backend == "tpu"
     spec = "bhsd,bhsd->bhs" if heads_major else "bshd,bshd->bhs"
     delta = jnp.einsum(spec, o.astype(jnp.float32), do.astype(jnp.float32))[..., None]  # [B, H, S, 1]
-    has_seg = seg is not None
-    segs = _seg_layouts(seg) if has_seg else ()
+    qseg, kseg = _seg_layouts(seg)
     common = dict(sm_scale=sm_scale, causal=causal, seq_len=s, heads=h, dropout_rate=dropout_rate)
+    launch = dict(interpret=interpret,
+                  compiler_params=_compiler_params(backend, interpret, blocks.num_warps_bwd, blocks.num_stages_bwd))
 
     # dK, dV: one program per key block.
     bq, bk = blocks.block_q_dkv, blocks.block_k_dkv
     blocked, whole, (_, qseg_whole, kseg_blocked, _), _, rows_whole = _specs(s, d, bk, heads_major)
-    kernel = functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **common)
-    if not has_seg:
-        kernel = _without_segments(kernel, n_before=6, n_after=3)
-    in_specs = ([whole, blocked, blocked, whole, rows_whole, rows_whole] + ([qseg_whole, kseg_blocked] if has_seg else [])
-                + [SEED_SPEC])
-    args = (q, k, v, do, lse, delta) + segs + (seed,)
-    dk, dv = pl.pallas_call(
-        kernel, grid=(b, h, s // bk), in_specs=in_specs, out_specs=[blocked, blocked],
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        interpret=interpret, name="flash_attention_dkdv",
-        compiler_params=_compiler_params(backend, interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
-    )(*args)
+    dk, dv = _call_by_name(
+        functools.partial(_dkdv_kernel, block_q=bq, block_k=bk, **common), grid=(b, h, s // bk),
+        name="flash_attention_dkdv", **launch,
+        inputs=dict(q_ref=(whole, q), k_ref=(blocked, k), v_ref=(blocked, v), do_ref=(whole, do),
+                    lse_ref=(rows_whole, lse), delta_ref=(rows_whole, delta), qseg_ref=(qseg_whole, qseg),
+                    kseg_ref=(kseg_blocked, kseg), seed_ref=(SEED_SPEC, seed)),
+        outputs=dict(dk_ref=(blocked, jax.ShapeDtypeStruct(k.shape, k.dtype)),
+                     dv_ref=(blocked, jax.ShapeDtypeStruct(v.shape, v.dtype))))
 
     # dQ: one program per query block.
     bq, bk = blocks.block_q_dq, blocks.block_k_dq
     blocked, whole, (qseg_blocked, _, _, kseg_whole), rows, _ = _specs(s, d, bq, heads_major)
-    kernel = functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common)
-    if not has_seg:
-        kernel = _without_segments(kernel, n_before=6, n_after=2)
-    in_specs = [blocked, whole, whole, blocked, rows, rows] + ([qseg_blocked, kseg_whole] if has_seg else []) + [SEED_SPEC]
-    dq = pl.pallas_call(
-        kernel, grid=(b, h, s // bq), in_specs=in_specs, out_specs=blocked,
-        out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), interpret=interpret, name="flash_attention_dq",
-        compiler_params=_compiler_params(backend, interpret, blocks.num_warps_bwd, blocks.num_stages_bwd),
-    )(*args)
+    (dq,) = _call_by_name(
+        functools.partial(_dq_kernel, block_q=bq, block_k=bk, **common), grid=(b, h, s // bq),
+        name="flash_attention_dq", **launch,
+        inputs=dict(q_ref=(blocked, q), k_ref=(whole, k), v_ref=(whole, v), do_ref=(blocked, do),
+                    lse_ref=(rows, lse), delta_ref=(rows, delta), qseg_ref=(qseg_blocked, qseg),
+                    kseg_ref=(kseg_whole, kseg), seed_ref=(SEED_SPEC, seed)),
+        outputs=dict(dq_ref=(blocked, jax.ShapeDtypeStruct(q.shape, q.dtype))))
     return dq, dk, dv
 
 
