@@ -4,7 +4,7 @@ Data: the embedded corpus (the running interpreter's standard library, phi1_jax.
 on first use (seconds), with its own SentencePiece tokenizer of 2048 pieces.
 
 Command:   python -m phi1_jax.train --config=configs/tiny.py --workdir=workdirs/tiny
-Expect:    ~2 minutes on a 2-core CPU (~20k tokens/s); the held-out loss falls from ~7.6 to ~4.3 nats/token over
+Expect:    about 4 minutes on a 2-core CPU (13-16k tokens/s; the first run also builds the corpus, ~15 s); the held-out loss falls from ~7.6 to ~4.3 nats/token over
            2000 steps; WORKDIR/loss.png shows the curve.
 
 Everything else is configs/phi1.py, scaled down to run in seconds.
@@ -30,7 +30,7 @@ def get_config():
     c.seq_len = 128
     c.batch_size = 8
     c.grad_accum_steps = 1
-    c.steps = 2000  # about two minutes on a 2-core CPU
+    c.steps = 2000  # about four minutes on a 2-core CPU
     c.optimizer.warmup_steps = 100
     c.log_every = 50
     c.checkpoint_every = 500
