@@ -4,8 +4,8 @@ Data: the embedded corpus (the running interpreter's standard library, phi1_jax.
 on first use (seconds), with its own SentencePiece tokenizer of 2048 pieces.
 
 Command:   python -m phi1_jax.train --config=configs/tiny.py --workdir=workdirs/tiny
-Expect:    about 4 minutes on a 2-core CPU (13-16k tokens/s; the first run also builds the corpus, ~15 s); the held-out loss falls from ~7.6 to ~4.3 nats/token over
-           2000 steps; WORKDIR/loss.png shows the curve.
+Expect:    about 4 minutes on a 2-core CPU (13-16k tokens/s; the first run also builds the corpus, ~15 s); the
+           held-out loss falls from ~7.6 to ~4.3 nats/token over 2000 steps; WORKDIR/loss.png shows the curve.
 
 Everything else is configs/phi1.py, scaled down to run in seconds.
 """

@@ -28,7 +28,7 @@ import uuid
 from phi1_jax.serve_engine import Engine, Job
 
 MAX_N = 64  # choices per request
-MAX_STOPS = 4  # as OpenAI
+MAX_STOPS = 16  # OpenAI takes 4; harnesses send more (HumanEval's Codex stops are 5)
 CHAT_ROLES = {"system": "System", "user": "User", "assistant": "Assistant"}
 CHAT_STOP = "\nUser:"  # a chat reply also ends where the model starts the next user turn
 
@@ -100,6 +100,7 @@ class Server:
         self.name, self.engine, self.tok = name, engine, engine.tokenizer
         self.created = int(time.time())
         self.draining = False
+        self.in_flight = 0  # requests being generated
 
     # --- shared ------------------------------------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class Server:
         for job in jobs:
             self.engine.submit(job)
         left = len(jobs)
+        self.in_flight += 1
         try:
             while left:
                 i, ev = await queue.get()
@@ -162,6 +164,7 @@ class Server:
                 left -= ev[0] == "end"
                 yield i, ev
         finally:
+            self.in_flight -= 1
             for job in jobs:
                 job.cancelled = True  # a no-op for finished jobs; frees the slots of a client that went away
 
@@ -268,7 +271,7 @@ class Server:
         prompt = self.tok.encode(self.chat_prompt(body.get("messages")))
         max_tokens = self._max_tokens(body, [len(prompt)], None)
         stops = _stops(body)
-        stops = stops + (CHAT_STOP,) if len(stops) < MAX_STOPS else stops
+        stops = stops + (CHAT_STOP,)
         queue, emit = self._queue()
         jobs = self._jobs([prompt], opts, max_tokens, stops, emit)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -425,8 +428,8 @@ def main(argv=None) -> int:
     class Uvicorn(uvicorn.Server):
         def handle_exit(self, sig, frame):
             if not self.should_exit:
-                print(f"signal {sig}: finishing {engine.busy()} requests in flight, then exiting", file=sys.stderr,
-                      flush=True)
+                print(f"signal {sig}: finishing {server.in_flight} requests in flight ({engine.busy()} choices), then "
+                      "exiting", file=sys.stderr, flush=True)
             super().handle_exit(sig, frame)
             self._captured_signals.clear()  # a drained server exits 0, rather than by re-raising the signal
 

@@ -84,7 +84,7 @@ def _copy(base, tmp_path, name="run"):
     return Path(shutil.copytree(base[0], tmp_path / name))
 
 
-# --- output ------------------------------------------------------------------------------------------------------------
+# --- output -----------------------------------------------------------------------------------------------------------
 
 
 def test_library_logs_are_off_by_default(base):
@@ -130,7 +130,8 @@ def test_broken_newest_checkpoint_is_moved_aside_and_the_run_resumes(base, tmp_p
     r = _train(workdir)
     assert r.returncode == 0, r.stderr[-3000:]
     warning = _one_line(r.stderr, "warning:")
-    assert f"checkpoint step {STEPS} cannot be read" in warning and f"moved aside to checkpoints/{STEPS}.corrupt" in warning
+    assert f"checkpoint step {STEPS} cannot be read" in warning
+    assert f"moved aside to checkpoints/{STEPS}.corrupt" in warning
     assert f"resumed from {workdir / 'checkpoints' / str(N)}" in r.stdout
     assert (workdir / "checkpoints" / f"{STEPS}.corrupt" / "params").is_dir()  # kept, not deleted
     assert _steps(workdir) == [N, STEPS]
