@@ -23,7 +23,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from phi1_jax import cli, optim
+from phi1_jax import cli
+from phi1_jax import flops as flops_lib
 from phi1_jax.step import build, init_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (configs/*.py)")
@@ -93,15 +94,16 @@ def main(argv):
     del argv
     config = _CONFIG.value
     device = jax.devices()[0]
-    peak = optim.peak_flops(device)
-    flops = optim.flops_per_token(config.model, config.seq_len)
+    peak = flops_lib.peak_flops(device)
+    flops = flops_lib.flops_per_token(config.model, config.seq_len)
     m = config.model
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.device_count()} x "
           f"{device.device_kind}")
     print(f"shape: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, vocab "
           f"{m.vocab_size}; batch {config.batch_size} x seq {config.seq_len}; dtype {m.dtype}; remat {m.remat}")
     ours, our_loss = bench_phi1_jax(config, _STEPS.value, _WARMUP.value)
-    mfu = f"{ours * flops / (jax.device_count() * peak):.1%}" if peak else "n/a (no known peak for this device)"
+    mfu = flops_lib.mfu(ours, flops, peak, jax.device_count())
+    mfu = f"{mfu:.1%}" if mfu is not None else "n/a (no known peak for this device)"
     print(f"phi1_jax:      {ours:12,.0f} tokens/s   MFU {mfu}   (loss {our_loss:.3f})")
     if _PEER.value == "transformers":
         theirs, their_loss = bench_transformers(config, _STEPS.value, _WARMUP.value)

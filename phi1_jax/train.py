@@ -39,6 +39,7 @@ from flax import nnx
 from ml_collections import config_flags
 
 from phi1_jax import checkpoint, cli, data, metrics, optim, sharding
+from phi1_jax import flops as flops_lib
 from phi1_jax.model import PhiConfig, count_params
 from phi1_jax.step import BuildError, build, init_params
 from phi1_jax.tokenizer import TokenizerError
@@ -321,8 +322,8 @@ def train_and_evaluate(config, workdir: str):
 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
-    flops = optim.flops_per_token(cfg, config.seq_len)
-    peak = optim.peak_flops(jax.devices()[0])
+    flops = flops_lib.flops_per_token(cfg, config.seq_len)
+    peak = flops_lib.peak_flops(jax.devices()[0])
     schedule = optim.learning_rate_schedule(config.optimizer, schedule_steps)
     writer = metrics.MetricsWriter(workdir, enabled=primary)
     print(f"training {count_params(abstract):,} parameters on {jax.device_count()} devices, mesh "
@@ -343,7 +344,7 @@ def train_and_evaluate(config, workdir: str):
                 tps = tokens_since / (now - t_last)
                 t_last, tokens_since = now, 0
                 row = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": float(m["grad_norm"]),
-                       "tokens_per_sec": tps, "mfu": (tps * flops / (jax.device_count() * peak)) if peak else None}
+                       "tokens_per_sec": tps, "mfu": flops_lib.mfu(tps, flops, peak, jax.device_count())}
                 if "loss_scale" in m:  # fp16: the dynamic loss scale, and whether this step overflowed and was skipped
                     row.update(loss_scale=float(m["loss_scale"]), skipped=int(m["skipped"]))
                 writer.write(row)

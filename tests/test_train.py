@@ -285,7 +285,7 @@ def test_flops_per_token_counts_the_models_matrix_multiplies():
     from flax import nnx
 
     from phi1_jax.model import Phi, PhiConfig
-    from phi1_jax.optim import flops_per_token
+    from phi1_jax.flops import flops_per_token
 
     cfg = PhiConfig(vocab_size=96, num_layers=3, d_model=64, num_heads=4, head_dim=16, mlp_dim=160, rotary_dim=8,
                     max_seq_len=32)
@@ -300,7 +300,7 @@ def test_flops_per_token_counts_the_models_matrix_multiplies():
 def test_peak_flops_by_device_kind():
     from types import SimpleNamespace
 
-    from phi1_jax.optim import peak_flops
+    from phi1_jax.flops import peak_flops
 
     kinds = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H200": 989e12,
              "NVIDIA A100-SXM4-80GB": 312e12, "TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5": 459e12,
