@@ -18,7 +18,7 @@ and the reference uses the same function.
 Every row attends at least to itself (causal or not, a token shares its own segment id), so no softmax row is empty.
 Sequence lengths that the blocks do not divide are padded up, the padding masked by a segment id no real token has.
 The same kernels lower through Triton on GPUs (named explicitly: JAX's default there is Mosaic GPU, which cannot take
-them) and through Mosaic on TPUs (q, k, v transposed heads-major first, since Mosaic wants each block's last two dims
+them; the Triton backend is deprecated since JAX 0.11, which the kernel says once) and through Mosaic on TPUs (q, k, v transposed heads-major first, since Mosaic wants each block's last two dims
 to be (rows, head_dim)); every value inside a kernel is 2-D for Mosaic's sake. `interpret=True` runs them on any
 backend (the tests do, on CPU, in both layouts), and the tests lower both compiled paths from a CPU host with
 jax.export. Block sizes default per backend (`BlockSizes.default`). Imports nothing from phi1_jax.
@@ -31,7 +31,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -194,7 +196,19 @@ def _compiler_params(backend: str, interpret: bool, num_warps: int, num_stages: 
     written for its own model (warpgroups, TMA) and rejects this one."""
     if backend != "gpu" or interpret:
         return None
+    # JAX 0.11 deprecated Pallas's Triton backend and warns at every lowering; this kernel still needs it (Mosaic GPU
+    # cannot lower it): the choice is stated once, in a log line, and JAX's repeated warning is filtered (again at
+    # every call, since a caller's warnings.catch_warnings, pytest's for one, restores the filters it found).
+    warnings.filterwarnings("ignore", message="The Pallas Triton backend is deprecated", category=DeprecationWarning)
+    _note_triton_once()
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+@functools.cache
+def _note_triton_once() -> None:
+    logging.getLogger(__name__).warning(
+        "flash_attention uses Pallas's Triton backend on GPUs (deprecated since JAX 0.11; Mosaic GPU cannot lower this "
+        "kernel). attention_impl='cudnn' or 'xla' avoids it.")
 
 
 def _forward(q, k, v, seg, seed, *, causal, sm_scale, blocks: BlockSizes, interpret, dropout_rate, backend):
