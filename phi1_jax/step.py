@@ -84,7 +84,7 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, 
         (grads, total, count), _ = jax.lax.scan(accumulate, (zeros, 0.0, 0.0), (jnp.arange(grad_accum), micro))
         count = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / (count * multiplier), grads)  # gradient of the mean over every learned token
-        metrics = {"loss": total / count, "grad_norm": optax.global_norm(grads), "tokens": count}
+        metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
         if loss_scale is None:
             updates, opt_state = tx.update(grads, opt_state, params)
             return optax.apply_updates(params, updates), opt_state, metrics
@@ -147,7 +147,7 @@ def build(config) -> Built:
     cfg = PhiConfig.from_dict(config.model)
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
-    abs_params = abs_state.to_pure_dict()
+    abs_params = nnx.to_pure_dict(abs_state)
     try:
         p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
     except sharding.ShardingError as e:
@@ -186,6 +186,6 @@ def build(config) -> Built:
 
 def init_params(b: Built, seed: int) -> dict:
     """Random initial parameters, created directly in their shardings."""
-    return jax.jit(lambda: nnx.split(Phi(b.cfg, rngs=nnx.Rngs(seed)))[1].to_pure_dict(), out_shardings=b.p_shard)()
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.split(Phi(b.cfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=b.p_shard)()
 
 
