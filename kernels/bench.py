@@ -1,25 +1,46 @@
-"""Attention throughput: the Pallas kernel, the XLA reference and cuDNN side by side, forward and forward+backward.
+"""Attention throughput: the Pallas kernel, cuDNN and XLA side by side, forward and forward+backward.
 
 Command:  python -m kernels.bench [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
-          [--dtypes=bfloat16,float16] [--iters=20] [--dropout=0.1]
+          [--dtypes=bfloat16,float16] [--segments=none,packed] [--impls=pallas,cudnn,cudnn_mask,xla] [--iters=20]
+          [--dropout=0.1] [--json=PATH]
 Expect:   a GPU (the kernel compiles through Triton); on a CPU the kernel only runs interpreted, so the figures there
-          say nothing and the script says so.
+          say nothing and the script says so. phi-1's shape alone (what scripts/gpu_checks.sh runs): `--seqs=2048
+          --dtypes=bfloat16`, about a minute on an H100/H200.
+
+Implementations, all causal:
+  pallas      kernels/flash_attention.py (attention_impl="pallas"), segment ids passed as such.
+  cudnn       `jax.nn.dot_product_attention(is_causal=True, implementation=cudnn_impl)`, packed documents as a
+              [B, 1, T, S] same-segment mask: the best cuDNN does through JAX's public API, and the kernel's bar.
+  cudnn_mask  what attention_impl="cudnn" runs today (phi1_jax.attention.cudnn_attention): the causal and segment
+              mask as one dense [B, 1, T, S] mask, no is_causal, so cuDNN cannot skip the blocks above the diagonal.
+  xla         what attention_impl="xla" runs (phi1_jax.attention.xla_attention): fp32 logits and softmax, the
+              [B, N, T, S] scores materialized.
+cudnn and cudnn_mask run on GPUs only, and not with attention dropout (cuDNN through JAX has none); elsewhere
+`--cudnn-stand-in` runs their very calls (masks, shapes) through jax.nn's XLA implementation, a plumbing check.
+Segments: `none` (no segment ids) or `packed` (4 documents per row, boundaries at seeded random places, different per
+row). The FLOP count is the same for both: no kernel here skips work across document boundaries.
 
 FLOP convention (the FlashAttention benchmarks'): forward = 4 * B * S^2 * H * D (QK^T and PV), halved when causal;
 forward + backward = 3.5 x forward (the backward counted as 2.5 x forward). TFLOP/s = FLOPs / median time.
 phi-1's shape: head_dim 64, 32 heads, seq 2048, batch 8, causal.
+`--json=PATH` also writes every figure as one JSON object (device, versions, shape, one row per measurement).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.flash_attention import flash_attention, reference_attention
+from kernels.flash_attention import flash_attention
+
+IMPLS = ("pallas", "cudnn", "cudnn_mask", "xla")
+SEGMENTS = ("none", "packed")
+DOCS_PER_ROW = 4
 
 
 def flops(batch, seq, heads, head_dim, causal=True, backward=False):
@@ -38,19 +59,96 @@ def median_time(fn, *args, iters):
     return float(np.median(times))
 
 
-def implementations(interpret, dropout=0.0):
-    drop = dict(dropout_rate=dropout, dropout_seed=0 if dropout else None)
+def packed_segment_ids(batch, seq, docs=DOCS_PER_ROW, seed=0):
+    """[batch, seq] int32 ids 1..docs, document boundaries at seeded random places (different per row)."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, seq), size=(batch, docs - 1), replace=False), axis=1)
+    return jnp.asarray(1 + (np.arange(seq)[None, :, None] >= cuts[:, None, :]).sum(-1), jnp.int32)
 
-    def pallas(q, k, v):
-        return flash_attention(q, k, v, causal=True, interpret=interpret, **drop)
 
-    def cudnn(q, k, v):
-        return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+def implementations(interpret, dropout=0.0, names=IMPLS, cudnn_stand_in=False):
+    """{name: fn(q, k, v, segment_ids or None)}; the cuDNN ones only on a GPU and without dropout (with
+    `cudnn_stand_in` off a GPU: the same calls through jax.nn's "xla" implementation)."""
+    from phi1_jax import attention
 
-    impls = {"pallas": pallas, "xla": lambda q, k, v: reference_attention(q, k, v, causal=True, **drop)}
-    if jax.default_backend() == "gpu" and not dropout:  # cuDNN through jax has no attention dropout
-        impls["cudnn"] = cudnn
-    return impls
+    on_gpu = jax.default_backend() == "gpu"
+    cudnn_impl = "cudnn" if on_gpu or not cudnn_stand_in else "xla"
+
+    def pallas(q, k, v, seg):
+        return flash_attention(q, k, v, segment_ids=seg, causal=True, interpret=interpret, dropout_rate=dropout,
+                               dropout_seed=0 if dropout else None)
+
+    def cudnn(q, k, v, seg):
+        mask = None if seg is None else (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, T, S]
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cudnn_impl)
+
+    def _model_mask(q, seg):
+        return attention.make_mask(*(2 * (jnp.ones(q.shape[:2], jnp.int32) if seg is None else seg,)))
+
+    def cudnn_mask(q, k, v, seg):
+        return attention.cudnn_attention(q, k, v, _model_mask(q, seg), implementation=cudnn_impl)
+
+    def xla(q, k, v, seg):
+        rng = jax.random.key(0) if dropout else None
+        return attention.xla_attention(q, k, v, _model_mask(q, seg), dropout_rate=dropout, dropout_rng=rng)
+
+    impls = dict(pallas=pallas, cudnn=cudnn, cudnn_mask=cudnn_mask, xla=xla)
+    if dropout or not (on_gpu or cudnn_stand_in):  # cuDNN through jax has no attention dropout
+        impls = {k: v for k, v in impls.items() if not k.startswith("cudnn")}
+    return {name: impls[name] for name in names if name in impls}
+
+
+def measure(fn, q, k, v, seg, iters):
+    """(forward seconds, forward+backward seconds): medians of `iters` runs after one compiling run each."""
+    fwd = jax.jit(fn)
+    loss = lambda q, k, v, seg: fn(q, k, v, seg).astype(jnp.float32).sum()  # noqa: E731
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    return median_time(fwd, q, k, v, seg, iters=iters), median_time(fwd_bwd, q, k, v, seg, iters=iters)
+
+
+def run(batch, heads, head_dim, seqs, dtypes, segments, impls, iters, dropout=0.0, cudnn_stand_in=False,
+        report=print) -> list[dict]:
+    """One row per (dtype, seq, segments, impl): TFLOP/s and ms forward and forward+backward, or the error."""
+    interpret = jax.default_backend() == "cpu"
+    fns = implementations(interpret, dropout, impls, cudnn_stand_in)
+    stand_in = cudnn_stand_in and jax.default_backend() != "gpu"
+    rows = []
+    report(f"{'dtype':>9} {'seq':>6} {'segments':>8} {'impl':>10} {'fwd TFLOP/s':>12} {'fwd+bwd TFLOP/s':>16}")
+    for dtype in dtypes:
+        for seq in seqs:
+            shape = (batch, seq, heads, head_dim)
+            ks = jax.random.split(jax.random.key(0), 3)
+            q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
+            f, fb = flops(batch, seq, heads, head_dim), flops(batch, seq, heads, head_dim, backward=True)
+            for seg_kind in segments:
+                seg = None if seg_kind == "none" else packed_segment_ids(batch, seq)
+                for name, fn in fns.items():
+                    row = dict(dtype=dtype, seq=seq, segments=seg_kind, impl=name, dropout=dropout)
+                    if stand_in and name.startswith("cudnn"):
+                        row["stand_in"] = "jax.nn xla implementation"
+                    try:
+                        t_f, t_fb = measure(fn, q, k, v, seg, iters)
+                    except Exception as e:  # noqa: BLE001  e.g. cuDNN refusing a shape, or out of memory for XLA
+                        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+                        report(f"{dtype:>9} {seq:>6} {seg_kind:>8} {name:>10}   failed: {row['error'][:80]}")
+                    else:
+                        # jax.grad runs the forward and the backward: t_fb is the whole training-step cost of attention
+                        row.update(fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3, fwd_tflops=f / t_f / 1e12,
+                                   fwd_bwd_tflops=fb / t_fb / 1e12)
+                        report(f"{dtype:>9} {seq:>6} {seg_kind:>8} {name:>10} {row['fwd_tflops']:12.1f} "
+                               f"{row['fwd_bwd_tflops']:16.1f}")
+                    rows.append(row)
+    return rows
+
+
+def _csv(choices):
+    def parse(text):
+        items = [s for s in text.split(",") if s]
+        bad = sorted(set(items) - set(choices))
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(choices)}")
+        return items
+    return parse
 
 
 def main():
@@ -59,35 +157,30 @@ def main():
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--seqs", default="512,1024,2048,4096")
-    p.add_argument("--dtypes", default="bfloat16,float16")
+    p.add_argument("--dtypes", type=_csv(("bfloat16", "float16", "float32")), default="bfloat16,float16")
+    p.add_argument("--segments", type=_csv(SEGMENTS), default="none,packed",
+                   help="none: no segment ids; packed: 4 documents per row")
+    p.add_argument("--impls", type=_csv(IMPLS), default=",".join(IMPLS))
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--dropout", type=float, default=0.0, help="attention dropout (the paper's 0.1; cuDNN is left out)")
+    p.add_argument("--cudnn-stand-in", action="store_true",
+                   help="off a GPU: run the cudnn rows' calls through jax.nn's xla implementation (plumbing check)")
+    p.add_argument("--json", default=None, help="also write the figures here, as one JSON object")
     args = p.parse_args()
     device = jax.devices()[0]
     interpret = jax.default_backend() == "cpu"
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if interpret:
         print("note: no GPU/TPU here: the Pallas kernel runs interpreted and its figures mean nothing")
-    impls = implementations(interpret, args.dropout)
-    print(f"{'dtype':>9} {'seq':>6} {'impl':>7} {'fwd TFLOP/s':>12} {'fwd+bwd TFLOP/s':>16}")
-    for dtype in args.dtypes.split(","):
-        for seq in map(int, args.seqs.split(",")):
-            shape = (args.batch, seq, args.heads, args.head_dim)
-            ks = jax.random.split(jax.random.key(0), 3)
-            q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
-            for name, fn in impls.items():
-                fwd = jax.jit(fn)
-                fwd_bwd = jax.jit(jax.grad(lambda q, k, v, fn=fn: fn(q, k, v).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
-                try:
-                    t_f = median_time(fwd, q, k, v, iters=args.iters)
-                    t_fb = median_time(fwd_bwd, q, k, v, iters=args.iters)
-                except Exception as e:  # e.g. cuDNN refusing a shape, or out of memory for the XLA reference
-                    print(f"{dtype:>9} {seq:>6} {name:>7}   failed: {type(e).__name__}: {str(e)[:80]}")
-                    continue
-                f = flops(args.batch, seq, args.heads, args.head_dim)
-                fb = flops(args.batch, seq, args.heads, args.head_dim, backward=True)
-                # jax.grad runs the forward and the backward: t_fb is the whole training-step cost of attention
-                print(f"{dtype:>9} {seq:>6} {name:>7} {f / t_f / 1e12:12.1f} {fb / t_fb / 1e12:16.1f}")
+    rows = run(args.batch, args.heads, args.head_dim, [int(s) for s in args.seqs.split(",")], args.dtypes,
+               args.segments, args.impls, args.iters, args.dropout, args.cudnn_stand_in)
+    if args.json:
+        result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                      interpreted=interpret, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                      causal=True, iters=args.iters, flop_convention="fwd 4*B*S^2*H*D/2 (causal), fwd+bwd 3.5x fwd",
+                      rows=rows)
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Measures flash-attention block sizes and Triton launch settings on this GPU and prints the fastest `BlockSizes`.
 
 Command:  python -m kernels.tune [--batch=8] [--seq=2048] [--heads=32] [--head-dim=64] [--dtype=bfloat16] [--iters=10]
+          [--json=PATH]
 Expect:   a few minutes on a GPU (each candidate compiles its kernels). On a CPU the kernel only runs interpreted and
           the timings mean nothing; `--quick` there checks the plumbing on a small shape.
 
@@ -9,7 +10,8 @@ num_warps x num_stages, timed forward only; then, with the fastest forward, the 
 shapes (the dK/dV and dQ kernels share one shape in this sweep) x num_warps_bwd x num_stages_bwd, timed forward +
 backward. A candidate that fails to compile (shared memory, say) is listed as failed; one whose output or gradients
 disagree with the reference is listed as wrong and never wins. Put the winner into `BlockSizes.default` for this
-backend and head dim, and record the figures (and the device) in docs/benchmarks.md.
+backend and head dim, and record the figures (and the device) in docs/benchmarks.md. `--json=PATH` also writes the
+winner's fields and every candidate's line as one JSON object (scripts/gpu_checks.sh's `tune` step reads it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -119,12 +122,24 @@ def main():
     p.add_argument("--dtype", default="bfloat16", choices=sorted(ABS))
     p.add_argument("--iters", type=int, default=10, help="timed runs per candidate (the median counts)")
     p.add_argument("--quick", action="store_true", help="two tile shapes, one launch setting: a plumbing check")
+    p.add_argument("--json", default=None, help="also write the winner and every candidate's line here")
     args = p.parse_args()
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() == "cpu":
         print("note: no GPU here: the kernel runs interpreted and the timings mean nothing")
     quick = dict(tiles=TILES[:2], fwd_launch=FWD_LAUNCH[:1], bwd_launch=BWD_LAUNCH[:1]) if args.quick else {}
-    tune(args.batch, args.seq, args.heads, args.head_dim, args.dtype, args.iters, **quick)
+    lines = []
+
+    def report(line):
+        lines.append(line)
+        print(line, flush=True)
+
+    best = tune(args.batch, args.seq, args.heads, args.head_dim, args.dtype, args.iters, report=report, **quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                           batch=args.batch, seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
+                           best=dataclasses.asdict(best), lines=lines), f, indent=1)
 
 
 if __name__ == "__main__":
