@@ -53,7 +53,7 @@ STEPS = {
 }
 
 SKIPPED = {
-    r"^bash scripts/setup\.sh && \.venv/bin/python -m pytest": "the whole suite, which holds this test",
+    r"^bash scripts/test\.sh$": "the whole suite, which holds this test",
     r"^python -m phi1_jax\.train --config=configs/phi1\.py --workdir=/ckpt/": "1.3B pretraining: GPUs and your shards "
                                                                               "(the ... are placeholders)",
     r"^PHI1_WORKDIR=\S+ jupyter notebook ": "starts a server for a browser; the nbconvert line runs the same notebook",
