@@ -98,8 +98,10 @@ def _nucleus(logits, top_p):
     return jnp.full_like(logits, -jnp.inf).at[rows, order].set(sorted_logits)
 
 
-def _sample(logits, keys, count, temperature, top_p):
-    """Next token per row [R] from logits [R, V]; keys [R, 2] raw threefry key data."""
+def _sample(logits, keys, count, temperature, top_p, vocab):
+    """Next token per row [R] from logits [R, V]; keys [R, 2] raw threefry key data. Ids from `vocab` up (the model's
+    padding beyond the tokenizer, e.g. phi-1's 51200 rows for 50295 ids) are never sampled."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     scaled = jax.lax.cond(jnp.any(top_p < 1.0), _nucleus, lambda x, _: x, scaled, top_p)
@@ -110,7 +112,7 @@ def _sample(logits, keys, count, temperature, top_p):
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2, 3), donate_argnums=(5, 6, 7, 8))
 def _decode_chunk(graphdef, rows, window, steps, state, k, v, seg, logits, index, pos, count, done, limit,
-                  temperature, top_p, keys, eos):
+                  temperature, top_p, keys, eos, vocab):
     """Up to `steps` decode steps for rows [:rows] over cache slots [:window]; each row has its own write index.
 
     k, v: L x [B, N, S, H]; seg [B, S]; logits [B, V]; index, pos, count, limit [rows] int32; done [rows] bool.
@@ -132,7 +134,7 @@ def _decode_chunk(graphdef, rows, window, steps, state, k, v, seg, logits, index
 
     def body(carry):
         step, kw, vw, sw, lw, out, index, pos, count, done = carry
-        tok = jnp.where(done, 0, _sample(lw, keys, count, temperature, top_p))
+        tok = jnp.where(done, 0, _sample(lw, keys, count, temperature, top_p, vocab))
         out = out.at[:, step].set(tok)
         live = ~done
         count = count + live
@@ -172,6 +174,7 @@ class Engine:
         self.temperature, self.top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
         self.keys = np.zeros((b, 2), np.uint32)
         self.eos = jnp.int32(tokenizer.eos_id)
+        self.vocab = jnp.int32(min(tokenizer.vocab_size, cfg.vocab_size))
         self.active: dict[int, Job] = {}  # slot -> job
         self.waiting: list[Job] = []
         self.inbox: queue.Queue = queue.Queue()
@@ -288,7 +291,7 @@ class Engine:
             self.graphdef, rows, window, steps, self.state, self.k, self.v, self.seg, self.logits,
             jnp.asarray(self.index[r]), jnp.asarray(self.pos[r]), jnp.asarray(self.count[r]), jnp.asarray(done),
             jnp.asarray(self.limit[r]), jnp.asarray(self.temperature[r]), jnp.asarray(self.top_p[r]),
-            jnp.asarray(self.keys[r]), self.eos)
+            jnp.asarray(self.keys[r]), self.eos, self.vocab)
         out, count = np.asarray(out), np.asarray(count)
         before = self.count[r].copy()
         self.index[r], self.pos[r], self.count[r] = np.asarray(index), np.asarray(pos), count
