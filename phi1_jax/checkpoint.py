@@ -2,7 +2,7 @@
 
 Layout of a model checkpoint directory:
   DIR/model_config.json   PhiConfig fields (phi1_jax.model.PhiConfig.to_dict)
-  DIR/params/             Orbax PyTree checkpoint of the parameters (a pure dict, as `nnx.State.to_pure_dict`)
+  DIR/params/             Orbax PyTree checkpoint of the parameters (a pure dict, as `nnx.to_pure_dict` gives)
 
 The trainer's step checkpoints (params + opt_state + step + data_iter) use the same `params` item and config file, so
 `load_model` is how inspect, convert and evals read any of them.
@@ -44,7 +44,7 @@ def save_model(directory: str | os.PathLike, model: Phi) -> None:
     if directory.exists() and any(directory.iterdir()):
         raise CheckpointError(f"{directory}: already exists and is not empty; refusing to overwrite a checkpoint")
     directory.mkdir(parents=True, exist_ok=True)
-    params = nnx.state(model, nnx.Param).to_pure_dict()
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_ITEM, params)
         ckptr.wait_until_finished()
@@ -134,7 +134,8 @@ def set_aside(step_dir: Path) -> Path:
 
 
 def _restore_params(path: Path, cfg: PhiConfig) -> dict:
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.state(abstract_model(cfg)).to_pure_dict())
+    abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), abstract_params)
     with ocp.StandardCheckpointer() as ckptr:
         return ckptr.restore(path, target)
 
@@ -179,7 +180,7 @@ def load_model_and_step(directory: str | os.PathLike, step: int | None = None, *
         cfg = PhiConfig(**{**cfg.to_dict(), **overrides})
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     used, params = load_params_and_step(directory, cfg, step)
-    abstract_state.replace_by_pure_dict(params)
+    nnx.replace_by_pure_dict(abstract_state, params)
     return nnx.merge(graphdef, abstract_state), used
 
 

@@ -144,7 +144,7 @@ def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
         detail = ", ".join(f"{k} {a} there, {b} in the config" for k, (a, b) in diff.items())
         raise TrainError(f"config.init_from={path} is another model shape ({detail})")
     if model is not None:
-        return nnx.state(model, nnx.Param).to_pure_dict()
+        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
     try:
         return checkpoint.load_params(source, cfg)
     except checkpoint.CheckpointError as e:
