@@ -21,7 +21,6 @@ import io
 import math
 import re
 import tokenize
-from pathlib import Path
 
 import numpy as np
 
@@ -88,16 +87,15 @@ class ModelEmbedder:
         import jax
         from flax import nnx
 
-        from phi1_jax.inspect import load_model_and_tokenizer
+        from phi1_jax import loader
 
-        p = Path(path)
-        self.spec = f"model:{p}"
-        if not (p / "model_config.json").exists() and not (p / "config.json").exists():
-            raise EmbedError(f"{p}: neither a phi1_jax workdir (model_config.json) nor a Hugging Face directory "
-                             "(config.json)")
-        self.model, self.tokenizer = load_model_and_tokenizer(p)
+        self.spec = f"model:{path}"
+        try:
+            self.model, self.tokenizer = loader.load_model_and_tokenizer(path)
+        except loader.LoadError as e:
+            raise EmbedError(f"model:{path}: {e}") from None
         if self.tokenizer is None:
-            raise EmbedError(f"{p}: no tokenizer (tokenizer.model or tokenizer.json) beside the model")
+            raise EmbedError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) beside the model")
         self.max_tokens = min(max_tokens, self.model.cfg.max_seq_len)
         self.batch_size = batch_size
         graphdef, state = nnx.split(self.model)

@@ -95,21 +95,19 @@ def score(task: tasks.Task, samples: list[dict], sandbox: Sandbox, progress: boo
 # --- generation ------------------------------------------------------------------------------------------------------
 
 
-def load_generator(checkpoint: str):
-    """(model, tokenizer) from a trainer workdir / phi1_jax checkpoint, or a Hugging Face directory."""
-    from phi1_jax import checkpoint as ckpt
-    from phi1_jax import convert, inspect
-    from phi1_jax.tokenizer import TokenizerError
+def load_generator(checkpoint: str, revision: str | None = None):
+    """(model, tokenizer) from a trainer workdir, a phi1_jax checkpoint, a Hugging Face directory or hub id."""
+    from phi1_jax import hub, loader
 
     path = Path(checkpoint)
-    if not path.is_dir():
+    if not path.is_dir() and not hub.is_hub_id(checkpoint):
         raise EvalError(f"{path}: checkpoint directory not found")
     try:
-        model, tokenizer = inspect.load_model_and_tokenizer(path)
-    except (convert.ConversionError, ckpt.CheckpointError, TokenizerError) as e:
+        model, tokenizer = loader.load_model_and_tokenizer(checkpoint, revision=revision)
+    except loader.LoadError as e:
         raise EvalError(f"--checkpoint: {e}") from None
     if tokenizer is None:
-        raise EvalError(f"{path}: no tokenizer.model or tokenizer.json beside the checkpoint")
+        raise EvalError(f"{checkpoint}: no tokenizer.model or tokenizer.json beside the checkpoint")
     return model, tokenizer
 
 
@@ -142,7 +140,7 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
 
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
-    model, tok = load_generator(args.checkpoint)
+    model, tok = load_generator(args.checkpoint, args.revision)
     model = for_decoding(model)  # once here rather than at every generate call; the original is dropped
     done = defaultdict(int)  # samples already written per problem (a rerun continues)
     if samples_path.exists():
@@ -196,7 +194,9 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="summary JSON to write (per-sample results go beside it)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="score this JSONL of samples")
-    src.add_argument("--checkpoint", help="generate from a trainer workdir or Hugging Face directory, then score")
+    src.add_argument("--checkpoint", help="generate from a trainer workdir, a Hugging Face directory or a hub id "
+                                          "ORG/NAME (a local path wins), then score")
+    p.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
     p.add_argument("--data", default=None, help="MBPP: path to mbpp.jsonl (default: the Hugging Face dataset)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")

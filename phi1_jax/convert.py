@@ -1,4 +1,4 @@
-"""Hugging Face interop, both ways: `from_hf(dir) -> Phi` and `to_hf(model, dir)`.
+"""Hugging Face interop, both ways: `from_hf(dir or ORG/NAME) -> Phi` and `to_hf(model, dir)`.
 
 Command:
   python -m phi1_jax.convert import --hf-dir=HF_DIR --out=CKPT_DIR   # Hugging Face -> phi1_jax checkpoint
@@ -343,13 +343,19 @@ def model_to_phi_tensors(model: Phi, dtype=None) -> dict[str, np.ndarray]:
 
 
 def from_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
-            attention_impl: str = "xla") -> Phi:
-    """Reads a Hugging Face Phi checkpoint directory (any of the three layouts) and returns the phi1_jax model.
+            attention_impl: str = "xla", revision: str | None = None) -> Phi:
+    """Reads a Hugging Face Phi checkpoint (any of the three layouts) and returns the phi1_jax model.
 
-    `dtype` is the compute dtype; `param_dtype` the dtype the weights are stored in (fp32 by default, whatever the
-    file holds, so a bf16 checkpoint is upcast exactly).
+    `path` is a directory, or a hub id ORG/NAME (fetched into the Hugging Face cache at `revision` by phi1_jax.hub; a
+    local path always wins). `dtype` is the compute dtype; `param_dtype` the dtype the weights are stored in (fp32 by
+    default, whatever the file holds, so a bf16 checkpoint is upcast exactly).
     """
-    directory = Path(path)
+    from phi1_jax import hub
+
+    try:
+        directory = hub.resolve(path, revision)
+    except hub.HubError as e:
+        raise ConversionError(str(e)) from None
     if not directory.is_dir():
         raise ConversionError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
     hf_config = _read_json(directory / "config.json")

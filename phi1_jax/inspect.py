@@ -7,7 +7,7 @@
     pi.top_next_tokens(run, "def fibonacci(n):")   # the model's next-token distribution
     pi.greedy_continue(run, "import os\n", 40)     # greedy text continuation on the KV cache
 
-Command:  python -m phi1_jax.inspect WORKDIR [--step=S] [--prompt=TEXT] [--tokens=N]
+Command:  python -m phi1_jax.inspect WORKDIR|HF_DIR|ORG/NAME [--step=S] [--prompt=TEXT] [--tokens=N]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax import checkpoint
+from phi1_jax import checkpoint, loader
 from phi1_jax.checkpoint import checkpoint_steps
 from phi1_jax.generate import generate
 from phi1_jax.model import Phi
@@ -37,33 +37,17 @@ class Run:
     tokenizer: Tokenizer | None
 
 
-def find_tokenizer(workdir) -> Tokenizer | None:
-    """The tokenizer the trainer copied into the workdir (tokenizer.model or tokenizer.json), if any."""
-    for name in ("tokenizer.model", "tokenizer.json"):
-        if (Path(workdir) / name).exists():
-            return Tokenizer.load(Path(workdir) / name)
-    return None
-
-
-def load(workdir, step: int | None = None, **overrides) -> Run:
+def load(source, step: int | None = None, **overrides) -> Run:
     """A trainer workdir's model (newest readable checkpoint unless `step`: a broken newer one is skipped with a note
-    on stderr naming the step used), and its tokenizer."""
-    workdir = Path(workdir)
-    model, used = checkpoint.load_model_and_step(workdir, step=step, **overrides)
-    return Run(workdir, used, model, find_tokenizer(workdir))
-
-
-def load_model_and_tokenizer(path) -> tuple[Phi, Tokenizer | None]:
-    """A model and its tokenizer (None if there is none) from a trainer workdir (newest readable checkpoint) or a Hugging
-    Face Phi directory (config.json, weights, and tokenizer.json or tokenizer.model): what evals and data_gen embed
-    with."""
-    from phi1_jax import convert
-
-    path = Path(path)
-    if (path / "config.json").exists():
-        return convert.from_hf(path), find_tokenizer(path)
-    run = load(path)
-    return run.model, run.tokenizer
+    on stderr naming the step used) and its tokenizer; or a Hugging Face directory's or hub id's (no steps there)."""
+    directory = loader.resolve(source)
+    if loader.kind(directory) == "huggingface":
+        if step is not None:
+            raise ValueError(f"{source}: a Hugging Face model has no checkpoint steps; drop --step")
+        model, tokenizer = loader.load_model_and_tokenizer(directory)
+        return Run(directory, None, model, tokenizer)
+    model, used = checkpoint.load_model_and_step(directory, step=step, **overrides)
+    return Run(directory, used, model, loader.find_tokenizer(directory))
 
 
 def _flat_params(model: Phi) -> dict[str, np.ndarray]:
@@ -123,8 +107,10 @@ def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m phi1_jax.inspect", description="Summarize a trainer workdir's checkpoint.")
-    p.add_argument("workdir")
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.inspect",
+                                description="Summarize a model: a trainer workdir's checkpoint, a Hugging Face directory "
+                                            "or a hub id ORG/NAME.")
+    p.add_argument("workdir", help="trainer workdir, phi1_jax checkpoint, Hugging Face directory or hub id")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
     p.add_argument("--prompt", default="def ", help="text to continue greedily")
     p.add_argument("--tokens", type=int, default=40)
@@ -134,7 +120,8 @@ def main(argv=None) -> int:
     except (checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"{run.workdir}: step {run.step} of {checkpoint_steps(run.workdir)}\n")
+    where = f"step {run.step} of {checkpoint_steps(run.workdir)}" if run.step is not None else "Hugging Face model"
+    print(f"{run.workdir}: {where}\n")
     print(format_table(param_table(run.model)))
     if run.tokenizer is not None:
         print(f"\n{args.prompt!r} ->\n{args.prompt}{greedy_continue(run, args.prompt, args.tokens)}")

@@ -47,7 +47,7 @@ class ApiError(Exception):
 
 def load(checkpoint: str):
     """(model, tokenizer) for --checkpoint: the one place serve imports the loader."""
-    from phi1_jax.inspect import load_model_and_tokenizer
+    from phi1_jax.loader import load_model_and_tokenizer
 
     return load_model_and_tokenizer(checkpoint)
 

@@ -126,18 +126,19 @@ def _schedule_note(config, schedule_steps: int) -> str:
 
 
 def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
-    """Parameters of a trainer workdir, a phi1_jax model checkpoint or a Hugging Face directory, checked against cfg."""
-    from phi1_jax import convert
+    """Parameters of a trainer workdir, a phi1_jax model checkpoint, a Hugging Face directory or hub id (ORG/NAME),
+    checked against cfg."""
+    from phi1_jax import convert, loader
 
-    source = Path(path)
     try:
-        if (source / "config.json").exists():  # Hugging Face layout
+        source = loader.resolve(path)
+        if loader.kind(source) == "huggingface":
             model = convert.from_hf(source, param_dtype=cfg.param_dtype)
             theirs = model.cfg
         else:
             theirs = checkpoint.read_model_config(source)
             model = None
-    except (convert.ConversionError, checkpoint.CheckpointError) as e:
+    except (convert.ConversionError, checkpoint.CheckpointError, loader.LoadError) as e:
         raise TrainError(f"config.init_from: {e}") from None
     diff = {k: (getattr(theirs, k), getattr(cfg, k)) for k in SHAPE_FIELDS if getattr(theirs, k) != getattr(cfg, k)}
     if diff:

@@ -125,7 +125,7 @@ def test_model_embedder_mean_pools_a_phi1_jax_checkpoint(tmp_path, embedded):
     convert.to_hf(model, tmp_path / "hf")
     shutil.copy(embedded.tokenizer_path, tmp_path / "hf" / "tokenizer.model")
     np.testing.assert_allclose(make_embedder(f"model:{tmp_path / 'hf'}").embed(texts), got, atol=1e-5)
-    with pytest.raises(EmbedError, match="neither a phi1_jax workdir"):
+    with pytest.raises(EmbedError, match="is not a phi1_jax model checkpoint"):
         make_embedder(f"model:{tmp_path}")
     with pytest.raises(EmbedError, match="unknown embedder"):
         make_embedder("codegen")

@@ -142,7 +142,7 @@ def test_broken_newest_checkpoint_is_moved_aside_and_the_run_resumes(base, tmp_p
 
 
 def test_evals_loader_falls_back_with_a_note(base, tmp_path, capsys):
-    from phi1_jax.inspect import load_model_and_tokenizer
+    from phi1_jax.loader import load_model_and_tokenizer
 
     workdir = _copy(base, tmp_path)
     for p in (workdir / "checkpoints" / str(STEPS) / "params" / "ocdbt.process_0" / "d").iterdir():

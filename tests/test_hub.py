@@ -1,0 +1,83 @@
+"""Models by hub id (ORG/NAME) from a Hugging Face cache laid out on disk, with the hub off: never the network."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.hub_cache import add_to_cache, offline_env
+
+ROOT = Path(__file__).parents[1]
+REPO_ID = "test-org/tiny-phi"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory, embedded):
+    """HF_HOME with REPO_ID cached: configs/tiny.py's model exported by to_hf, with the embedded corpus tokenizer."""
+    from configs import tiny
+    from phi1_jax.convert import to_hf
+    from phi1_jax.model import Phi, PhiConfig
+
+    root = tmp_path_factory.mktemp("hub")
+    model = Phi(PhiConfig.from_dict(tiny.get_config().model), rngs=nnx.Rngs(3))
+    to_hf(model, root / "export")
+    shutil.copyfile(embedded.tokenizer_path, root / "export" / "tokenizer.model")
+    add_to_cache(root / "hf", REPO_ID, root / "export")
+    return root, model
+
+
+def _run(hub_root, *args, cwd=ROOT):
+    env = {**os.environ, **offline_env(hub_root / "hf")}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
+
+
+def test_from_hf_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
+    from phi1_jax.convert import ConversionError, from_hf
+    from phi1_jax.model import Phi
+
+    root, model = hub
+    for k, v in offline_env(root / "hf").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    ids = jnp.array([[5, 6, 7, 8, 9]])
+    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids)), np.asarray(model(ids)))
+    # a directory at the same relative path is what loads: a local path always wins over an id
+    from phi1_jax.convert import to_hf
+
+    other = Phi(model.cfg, rngs=nnx.Rngs(4))
+    to_hf(other, tmp_path / REPO_ID)
+    monkeypatch.chdir(tmp_path)
+    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids)), np.asarray(other(ids)))
+    with pytest.raises(ConversionError, match="not in the cache .* the hub is off"):
+        from_hf("test-org/not-cached")
+
+
+def test_evals_inspect_and_init_from_take_a_hub_id(hub, tmp_path):
+    root, _ = hub
+    out = tmp_path / "he.json"
+    r = _run(root, "-m", "evals", "--task=humaneval", f"--checkpoint={REPO_ID}", "--limit=2", "--max-new-tokens=8",
+             f"--out={out}", "--no-progress")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(out.read_text())
+    assert summary["checkpoint"] == REPO_ID and summary["n_samples"] == 2
+
+    r = _run(root, "-m", "phi1_jax.inspect", REPO_ID, "--tokens=4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Hugging Face model" in r.stdout and "embed" in r.stdout
+
+    r = _run(root, "-m", "phi1_jax.train", "--config=configs/tiny.py", f"--workdir={tmp_path / 'ft'}",
+             f"--config.init_from={REPO_ID}", "--config.steps=2", "--config.log_every=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"initialized parameters from {REPO_ID}" in r.stdout
+
+    r = _run(root, "-m", "evals", "--task=humaneval", "--checkpoint=test-org/not-cached", f"--out={out}")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "not in the cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
