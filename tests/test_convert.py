@@ -71,6 +71,21 @@ def test_fp32_logits_match_transformers(hf_dir):
     np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=1e-4, rtol=0)
 
 
+def test_fp32_logits_match_transformers_by_hub_id(hf_dir, tmp_path, monkeypatch):
+    """The same directory as a hub id, from a Hugging Face cache laid out on disk with the hub off."""
+    from tests.hub_cache import add_to_cache, offline_env
+
+    d, hf, vocab = hf_dir
+    add_to_cache(tmp_path / "hf", "test-org/phi", d)
+    for k, v in offline_env(tmp_path / "hf").items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
+    ids = ids_for(vocab)
+    np.testing.assert_allclose(np.asarray(from_hf("test-org/phi")(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4,
+                               rtol=0)
+
+
 def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(hf_dir):
     """Tolerance: both bf16 runs round every activation to 8 mantissa bits, in different places (we rotate in fp32,
     transformers in bf16), so they cannot agree bit for bit. What matters is accuracy: our bf16 error against the fp32
