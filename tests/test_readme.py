@@ -60,6 +60,8 @@ SKIPPED = {
     r"^python -m evals --task=mbpp ": "needs mbpp.jsonl and a phi-1 Hugging Face directory (placeholders)",
     r"^python -m phi1_jax\.convert (import|export) ": "needs a phi-1 Hugging Face directory (placeholder paths)",
     r"^python -m data_gen\.generate ": "needs an LLM server (--base-url, --model=NAME)",
+    r"^python -m phi1_jax\.serve --checkpoint=workdirs/tiny ": "a server that runs until stopped; tests/test_serve.py "
+                                                                "starts it and drives it with the openai client",
     r"^python -m data_gen\.dedup ": "its inputs are data_gen.generate's output",
     r"^python -m data_gen\.filter (annotate|train|apply) ": "reads a hub corpus (hf://) and needs an LLM server",
     r"^python -m data_gen\.decontaminate ": "its input is data_gen.dedup's output",
