@@ -15,6 +15,7 @@ dynamic programme at a time in numpy.
 from __future__ import annotations
 
 import ast
+import warnings
 
 import numpy as np
 
@@ -39,6 +40,14 @@ def _preorder(node: ast.AST, out: list[str]) -> None:
         _preorder(child, out)
 
 
+def parse(code: str) -> ast.Module:
+    """ast.parse without Python 3.12's SyntaxWarnings ('invalid escape sequence', common in MBPP's and models' code):
+    the data is what it is, and a warning per parsed item says nothing to the user."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", SyntaxWarning)
+        return ast.parse(code)
+
+
 def node_sequence(node: ast.AST) -> list[str]:
     out: list[str] = []
     _preorder(node, out)
@@ -49,7 +58,7 @@ def functions(code: str) -> list[tuple[str, list[str]]]:
     """(name, normalised node sequence) of every function in `code` (nested ones too); code that does not parse gives
     nothing, code with no function gives the whole module as one unit."""
     try:
-        tree = ast.parse(code)
+        tree = parse(code)
     except (SyntaxError, ValueError):
         return []
     strip_docstrings(tree)

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_gen import ast_match
 from data_gen.records import check_outputs, read_records, write_records
 from phi1_jax.ngrams import NGRAM, ngrams, overlapping_ngrams, reference_ngrams, words  # noqa: F401 (re-exported)
 
@@ -98,8 +99,6 @@ def ngram_hits(items: list[str], refs: list[Reference], n: int = NGRAM) -> list[
 
 def ast_rates(items: list[str], refs: list[Reference], min_tau: float) -> dict[tuple[int, int], float]:
     """{(item, reference): best AST match rate} for every pair whose rate is >= min_tau."""
-    from data_gen import ast_match
-
     vocab = ast_match.Vocabulary()
     train_seqs, train_owner = [], []
     for i, text in enumerate(items):
@@ -134,7 +133,7 @@ def code_only(text: str) -> str:
     parts = []
     for unit in code_units(text):
         try:
-            tree = ast.parse(unit)
+            tree = ast_match.parse(unit)
         except (SyntaxError, ValueError):
             parts.append(unit)
             continue

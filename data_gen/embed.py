@@ -24,6 +24,8 @@ import tokenize
 
 import numpy as np
 
+from data_gen import ast_match
+
 _CODE_TOKEN = r"[A-Za-z_]\w*|\d+|[^\w\s]"
 
 
@@ -38,7 +40,7 @@ def style_features(text: str) -> np.ndarray:
     comments = sum(ln.strip().startswith("#") for ln in lines)
     docstrings = defs = 0
     try:
-        tree = ast.parse(text)
+        tree = ast_match.parse(text)
         for node in ast.walk(tree):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
                 defs += not isinstance(node, ast.Module)

@@ -24,13 +24,15 @@ import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from data_gen import ast_match
+
 MAX_BODY_LINES = 20
 
 
 def exercises_from_source(text: str, where: str = "") -> Iterator[dict]:
     """Every function of `text` with a docstring and a short body, as {"prompt", "text", "where"}."""
     try:
-        tree = ast.parse(text)
+        tree = ast_match.parse(text)
     except (SyntaxError, ValueError):
         return
     lines = text.split("\n")  # ast counts "\n" lines; str.splitlines would also split at form feeds
