@@ -107,8 +107,9 @@ def measure(fn, q, k, v, seg, iters):
 
 
 def run(batch, heads, head_dim, seqs, dtypes, segments, impls, iters, dropout=0.0, cudnn_stand_in=False,
-        report=print) -> list[dict]:
-    """One row per (dtype, seq, segments, impl): TFLOP/s and ms forward and forward+backward, or the error."""
+        report=print, on_row=lambda rows: None) -> list[dict]:
+    """One row per (dtype, seq, segments, impl): TFLOP/s and ms forward and forward+backward, or the error.
+    `on_row(rows so far)` after each one (the JSON file is rewritten then: a run cut short keeps what it measured)."""
     interpret = jax.default_backend() == "cpu"
     fns = implementations(interpret, dropout, impls, cudnn_stand_in)
     stand_in = cudnn_stand_in and jax.default_backend() != "gpu"
@@ -138,6 +139,7 @@ def run(batch, heads, head_dim, seqs, dtypes, segments, impls, iters, dropout=0.
                         report(f"{dtype:>9} {seq:>6} {seg_kind:>8} {name:>10} {row['fwd_tflops']:12.1f} "
                                f"{row['fwd_bwd_tflops']:16.1f}")
                     rows.append(row)
+                    on_row(rows)
     return rows
 
 
@@ -172,15 +174,17 @@ def main():
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if interpret:
         print("note: no GPU/TPU here: the Pallas kernel runs interpreted and its figures mean nothing")
-    rows = run(args.batch, args.heads, args.head_dim, [int(s) for s in args.seqs.split(",")], args.dtypes,
-               args.segments, args.impls, args.iters, args.dropout, args.cudnn_stand_in)
-    if args.json:
-        result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                      interpreted=interpret, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
-                      causal=True, iters=args.iters, flop_convention="fwd 4*B*S^2*H*D/2 (causal), fwd+bwd 3.5x fwd",
-                      rows=rows)
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+    def write_json(rows):
+        if args.json:
+            result = dict(device=device.device_kind, backend=jax.default_backend(), jax=jax.__version__,
+                          interpreted=interpret, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
+                          causal=True, iters=args.iters,
+                          flop_convention="fwd 4*B*S^2*H*D/2 (causal), fwd+bwd 3.5x fwd", rows=rows)
+            with open(args.json, "w") as f:
+                json.dump(result, f, indent=1)
+
+    run(args.batch, args.heads, args.head_dim, [int(s) for s in args.seqs.split(",")], args.dtypes, args.segments,
+        args.impls, args.iters, args.dropout, args.cudnn_stand_in, on_row=write_json)
 
 
 if __name__ == "__main__":
