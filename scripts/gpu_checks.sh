@@ -25,7 +25,7 @@
 #
 # Output, in OUTDIR ($OUT on the device tool, else ./gpu_checks): report.json and report.md (environment, each step's
 # status, time and figures, the bars), log.txt (the end of each step's log) and logs.tar.gz (every log, whole). They
-# are written even when steps fail or run out of time. Every step is time-boxed (seconds: env 20, kernels 120, kbench
+# are written even when steps fail or run out of time. Every step is time-boxed (seconds: env 30, kernels 110, kbench
 # 90, train 180, generate 100; tune 240, dryrun 120) and the whole run by GPU_CHECKS_BUDGET (540 s): a step that would
 # outlast the budget gets what is left, or is skipped. Exit status 0 when every step ran ok, else 1.
 #
@@ -37,7 +37,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 all_steps=(env kernels kbench train generate tune dryrun)
 default_steps=(env kernels kbench train generate)
-declare -A box=([env]=20 [kernels]=120 [kbench]=90 [train]=180 [generate]=100 [tune]=240 [dryrun]=120)
+declare -A box=([env]=30 [kernels]=110 [kbench]=90 [train]=180 [generate]=100 [tune]=240 [dryrun]=120)
 dry=${GPU_CHECKS_DRY:-0}
 steps=()
 for arg in "$@"; do
@@ -163,8 +163,8 @@ step_env() {
 step_kernels() {
   local sel=()
   [ "$dry" = 1 ] && sel=(-k "bad_shapes or gpu")  # the CPU-cheap cases and the GPU ones (which skip there)
-  run kernels "${box[kernels]}" "$py" -m pytest -q -p no:cacheprovider --junitxml="$work/kernels.xml" "${sel[@]}" \
-    tests/test_flash_attention.py "tests/test_model.py::test_cudnn_on_gpu_equals_xla"
+  run kernels "${box[kernels]}" "$py" -m pytest -q -p no:cacheprovider --durations=5 --junitxml="$work/kernels.xml" \
+    "${sel[@]}" tests/test_flash_attention.py "tests/test_model.py::test_cudnn_on_gpu_equals_xla"
 }
 
 step_kbench() {
