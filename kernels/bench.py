@@ -11,9 +11,10 @@ Implementations, all causal:
   pallas      kernels/flash_attention.py (attention_impl="pallas"), segment ids passed as such.
   cudnn       `jax.nn.dot_product_attention(is_causal=True, implementation=cudnn_impl)`, packed documents as a
               [B, 1, T, S] same-segment mask: the best cuDNN does through JAX's public API, and the kernel's bar.
-  cudnn_mask  what attention_impl="cudnn" runs today (phi1_jax.attention.cudnn_attention): the causal and segment
-              mask as one dense [B, 1, T, S] mask, no is_causal, so cuDNN cannot skip the blocks above the diagonal.
-  xla         what attention_impl="xla" runs (phi1_jax.attention.xla_attention): fp32 logits and softmax, the
+  cudnn_mask  what attention_impl="cudnn" runs today (as phi1_jax.attention.cudnn_attention does it): the causal and
+              segment mask as one dense [B, 1, T, S] mask, no is_causal, so cuDNN cannot skip the blocks above the
+              diagonal.
+  xla         what attention_impl="xla" runs (as phi1_jax.attention.xla_attention does it): fp32 logits and softmax, the
               [B, N, T, S] scores materialized.
 cudnn and cudnn_mask run on GPUs only, and not with attention dropout (cuDNN through JAX has none); elsewhere
 `--cudnn-stand-in` runs their very calls (masks, shapes) through jax.nn's XLA implementation, a plumbing check.
@@ -69,8 +70,6 @@ def packed_segment_ids(batch, seq, docs=DOCS_PER_ROW, seed=0):
 def implementations(interpret, dropout=0.0, names=IMPLS, cudnn_stand_in=False):
     """{name: fn(q, k, v, segment_ids or None)}; the cuDNN ones only on a GPU and without dropout (with
     `cudnn_stand_in` off a GPU: the same calls through jax.nn's "xla" implementation)."""
-    from phi1_jax import attention
-
     on_gpu = jax.default_backend() == "gpu"
     cudnn_impl = "cudnn" if on_gpu or not cudnn_stand_in else "xla"
 
@@ -82,15 +81,25 @@ def implementations(interpret, dropout=0.0, names=IMPLS, cudnn_stand_in=False):
         mask = None if seg is None else (seg[:, :, None] == seg[:, None, :])[:, None]  # [B, 1, T, S]
         return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True, implementation=cudnn_impl)
 
+    # What phi1_jax.attention runs for attention_impl "cudnn" and "xla", restated here (this package imports nothing
+    # of the project): one dense [B, 1, T, S] causal-and-segment mask; fp32 logits and softmax, probabilities cast to
+    # v's dtype for the second product.
     def _model_mask(q, seg):
-        return attention.make_mask(*(2 * (jnp.ones(q.shape[:2], jnp.int32) if seg is None else seg,)))
+        seg = jnp.ones(q.shape[:2], jnp.int32) if seg is None else seg
+        t = q.shape[1]
+        return (jnp.tril(jnp.ones((t, t), bool))[None] & (seg[:, :, None] == seg[:, None, :]))[:, None]
 
     def cudnn_mask(q, k, v, seg):
-        return attention.cudnn_attention(q, k, v, _model_mask(q, seg), implementation=cudnn_impl)
+        return jax.nn.dot_product_attention(q, k, v, mask=_model_mask(q, seg), scale=q.shape[-1] ** -0.5,
+                                            implementation=cudnn_impl)
 
     def xla(q, k, v, seg):
-        rng = jax.random.key(0) if dropout else None
-        return attention.xla_attention(q, k, v, _model_mask(q, seg), dropout_rate=dropout, dropout_rng=rng)
+        logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32)) * q.shape[-1] ** -0.5
+        probs = jax.nn.softmax(jnp.where(_model_mask(q, seg), logits, jnp.finfo(jnp.float32).min), axis=-1)
+        if dropout:
+            keep = jax.random.bernoulli(jax.random.key(0), 1.0 - dropout, probs.shape)
+            probs = jnp.where(keep, probs / (1.0 - dropout), 0.0)
+        return jnp.einsum("BNTS,BSNH->BTNH", probs.astype(v.dtype), v)
 
     impls = dict(pallas=pallas, cudnn=cudnn, cudnn_mask=cudnn_mask, xla=xla)
     if dropout or not (on_gpu or cudnn_stand_in):  # cuDNN through jax has no attention dropout

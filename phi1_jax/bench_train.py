@@ -23,7 +23,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from phi1_jax import cli
+from phi1_jax import cli, data
 from phi1_jax import flops as flops_lib
 from phi1_jax.step import build, init_params
 
@@ -34,11 +34,12 @@ _PEER = flags.DEFINE_enum("peer", "transformers", ["transformers", "none"], "wha
 
 
 def random_batch(config, rng):
+    """One document per row, every target learned: the batch contract (phi1_jax.data.DEVICE_BATCH), random ids."""
     shape = (config.batch_size, config.seq_len)
     ids = rng.integers(0, config.model.vocab_size, size=(shape[0], shape[1] + 1), dtype=np.int32)
-    return {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones(shape, np.int32),
-            "positions": np.broadcast_to(np.arange(shape[1], dtype=np.int32), shape).copy(),
-            "loss_mask": np.ones(shape, np.float32), "source_id": np.zeros(shape[:1], np.int32)}
+    values = {"inputs": ids[:, :-1], "targets": ids[:, 1:], "segment_ids": np.ones(shape),
+              "positions": np.broadcast_to(np.arange(shape[1]), shape), "loss_mask": np.ones(shape)}
+    return {k: np.asarray(values[k], dtype) for k, dtype in data.DEVICE_BATCH.items()}
 
 
 def bench_phi1_jax(config, steps, warmup):

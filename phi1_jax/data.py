@@ -32,6 +32,18 @@ import numpy as np
 from phi1_jax.shards import ShardError, decode_record, read_manifest
 
 
+# The batch contract with the trainer, declared once: what goes to the devices ([B, seq_len] each), by dtype. The
+# step's shardings, the dry run's abstract batch and the benchmarks' synthetic batches are all built from it. The
+# loader's batches also carry source_id ([B]), which stays on the host.
+DEVICE_BATCH = {"inputs": np.int32, "targets": np.int32, "segment_ids": np.int32, "positions": np.int32,
+                "loss_mask": np.float32}
+
+
+def device_part(batch: dict) -> dict:
+    """The keys of `batch` that the train step takes."""
+    return {k: batch[k] for k in DEVICE_BATCH}
+
+
 class DataError(ValueError):
     """A data configuration or shard set that cannot be read; the message names the file or field."""
 

@@ -16,7 +16,7 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from phi1_jax import optim, sharding
+from phi1_jax import data, optim, sharding
 from phi1_jax.model import Phi, PhiConfig, abstract_model, logical_axes
 
 
@@ -67,7 +67,7 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, 
         key = jax.random.fold_in(jax.random.key(seed), step) if dropout else None
         # [B, ...] -> [A, B/A, ...] taking every A-th row, so each device keeps its rows in every microbatch.
         micro = jax.tree.map(lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:]).swapaxes(0, 1),
-                             {k: v for k, v in batch.items() if k != "source_id"})
+                             batch)
 
         def accumulate(carry, xs):
             grads, total, count = carry
@@ -157,8 +157,7 @@ def build(config) -> Built:
     opt_init = make_opt_init(tx, loss_scale)
     abs_opt = jax.eval_shape(opt_init, abs_params)
     o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
-    b_shard = {k: sharding.batch_sharding(rules, mesh, 1 if k == "source_id" else 2)
-               for k in ("inputs", "targets", "segment_ids", "positions", "loss_mask", "source_id")}
+    b_shard = {k: sharding.batch_sharding(rules, mesh, 2) for k in data.DEVICE_BATCH}
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
     train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout,

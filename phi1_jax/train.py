@@ -157,7 +157,9 @@ def _abstract_with_shardings(tree, shardings):
 
 
 def _device_batch(batch, shardings, whole: bool):
-    """Global arrays from host batches: this process's share, or (`whole`) the global batch each device slices."""
+    """Global arrays from host batches: this process's share, or (`whole`) the global batch each device slices. Only
+    the keys the step takes go to the devices."""
+    batch = data.device_part(batch)
     if whole:
         return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
@@ -244,9 +246,8 @@ def train_and_evaluate(config, workdir: str):
 
     if config.dry_run:
         bs, t = config.batch_size, config.seq_len
-        abs_batch = {k: jax.ShapeDtypeStruct((bs,) if k == "source_id" else (bs, t),
-                                             jnp.float32 if k == "loss_mask" else jnp.int32, sharding=b_shard[k])
-                     for k in b_shard}
+        abs_batch = {k: jax.ShapeDtypeStruct((bs, t), dtype, sharding=b_shard[k])
+                     for k, dtype in data.DEVICE_BATCH.items()}
         compiled = step_fn.lower(_abstract_with_shardings(abs_params, p_shard), _abstract_with_shardings(abs_opt, o_shard),
                                  jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abs_batch).compile()
         return _print_memory(compiled, count_params(abstract))

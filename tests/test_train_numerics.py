@@ -69,7 +69,7 @@ def _batch(vocab, loss_rows, seed=1):
     positions = np.where(t >= cut[:, None], t - cut[:, None], t).astype(np.int32)
     loss_mask = (t < np.asarray(loss_rows)[:, None]).astype(np.float32)
     return {"inputs": inputs, "targets": targets, "segment_ids": segment_ids, "positions": positions,
-            "loss_mask": loss_mask, "source_id": np.zeros(BATCH, np.int32)}
+            "loss_mask": loss_mask}
 
 
 # Learned tokens per row: microbatches get very different counts whichever way the rows are split (strided or
