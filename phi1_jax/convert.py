@@ -352,10 +352,12 @@ def from_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str
     """
     from phi1_jax import hub
 
-    try:
-        directory = hub.resolve(path, revision)
-    except hub.HubError as e:
-        raise ConversionError(str(e)) from None
+    directory = Path(path)
+    if hub.is_hub_id(str(path)):
+        try:
+            directory = hub.resolve(path, revision)
+        except hub.HubError as e:
+            raise ConversionError(str(e)) from None
     if not directory.is_dir():
         raise ConversionError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
     hf_config = _read_json(directory / "config.json")
