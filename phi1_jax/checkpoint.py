@@ -15,8 +15,10 @@ sight but not deleted.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Callable, TypeVar
@@ -105,15 +107,37 @@ def newest_readable(steps: list[int], read: Callable[[int], T]) -> tuple[int, T,
     the newest one's failure instead.
     """
     failed = []
+    _quiet_orphaned_reads()
     for step in sorted(steps, reverse=True):
         try:
             return step, read(step), failed
         except Exception as e:  # noqa: BLE001 -- see the docstring
             failed.append((step, unreadable_reason(e)))
+            gc.collect()  # the failed restore's other reads, now
     if not failed:
         raise CheckpointError("no checkpoints to read")
     raise CheckpointError(f"no checkpoint can be read (steps {sorted(steps)}); the newest, step {failed[0][0]}: "
                           f"{failed[0][1]}")
+
+
+def _quiet_orphaned_reads() -> None:
+    """When one array of a restore fails, Orbax's reads of the others fail too, as coroutines nobody awaits: Python
+    prints each one's traceback ("Exception ignored in <coroutine _read_array_index_and_device_put>") whenever it is
+    collected, and TensorStore's late callbacks to the closed event loop print "Event loop is closed", dozens of lines
+    around the one that says what happened. Once a process reads checkpoints, those two (and only those) are not
+    printed."""
+    previous = sys.unraisablehook
+    if getattr(previous, "_phi1_orphaned_reads", False):
+        return
+
+    def hook(unraisable):
+        orphan = "_read_array_index_and_device_put" in getattr(unraisable.object, "__qualname__", "")
+        late = unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed"
+        if not (orphan or late):
+            previous(unraisable)
+
+    hook._phi1_orphaned_reads = True
+    sys.unraisablehook = hook
 
 
 def describe_failures(failed: list[tuple[int, str]]) -> str:
@@ -187,3 +211,134 @@ def load_model_and_step(directory: str | os.PathLike, step: int | None = None, *
 def load_model(directory: str | os.PathLike, step: int | None = None, **overrides) -> Phi:
     """The model of a model checkpoint or trainer workdir (see load_model_and_step)."""
     return load_model_and_step(directory, step, **overrides)[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The trainer's workdir: WORKDIR/{model_config.json, tokenizer.*, checkpoints/<step>/{params, opt_state, data_iter,
+# meta}}. Written and read here only; train.py wires it.
+# ---------------------------------------------------------------------------------------------------------------------
+
+SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "rotary_dim")
+META_FILE = "metadata"  # checkpoints/<step>/meta/<this>: the JSON item, read before the trainer builds anything
+
+
+def shape_difference(theirs: PhiConfig | dict, ours: PhiConfig) -> dict:
+    """{field: (theirs, ours)} for every shape field that differs: another model's parameters would not fit."""
+    get = theirs.get if isinstance(theirs, dict) else lambda k: getattr(theirs, k)
+    return {k: (get(k), getattr(ours, k)) for k in SHAPE_FIELDS if get(k) != getattr(ours, k)}
+
+
+def check_workdir(workdir: Path, cfg: PhiConfig) -> None:
+    """Refuses, before any long work and writing nothing, a workdir this run cannot use: a file, a place this user
+    cannot write, or another model's checkpoints."""
+    try:
+        existing = workdir
+        while not existing.exists():
+            existing = existing.parent
+        is_dir = existing.is_dir()
+    except OSError as e:  # a parent this user may not look into
+        raise CheckpointError(f"--workdir={workdir}: {e.filename or workdir}: {e.strerror}") from None
+    if existing == workdir and not is_dir:
+        raise CheckpointError(f"--workdir={workdir} is a file, not a directory; it was left as it is. Pass a "
+                              "directory (it is created if missing).")
+    if not is_dir:
+        raise CheckpointError(f"--workdir={workdir} cannot be created: {existing} is a file")
+    for d in (existing, workdir / "checkpoints"):
+        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
+            raise CheckpointError(f"--workdir={workdir}: {d} is not writable by this user; pass a workdir you can "
+                                  "write")
+    path = workdir / CONFIG_FILE
+    if not path.exists():
+        return
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    diff = shape_difference(saved, cfg)
+    if diff:
+        detail = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{workdir} holds checkpoints of another model ({detail}). Use another --workdir, or "
+                              "the config that wrote it.")
+
+
+def schedule_steps(workdir: Path, steps: int) -> int:
+    """The `steps` the learning-rate schedule was built for: the run's first `config.steps`, which every checkpoint's
+    meta carries (`steps` for a new run, or for checkpoints from before the meta carried it)."""
+    for step in reversed(checkpoint_steps(workdir)):
+        try:
+            meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / META_FILE).read_text())
+        except (OSError, ValueError):
+            continue  # an unreadable checkpoint; the restore deals with it
+        return int(meta.get("schedule_steps", steps))
+    return steps
+
+
+def describe_workdir(workdir: Path, cfg: PhiConfig, tokenizer) -> None:
+    """The workdir describes itself: the model config and a copy of the tokenizer beside the checkpoints, so inspect,
+    evals and serve rebuild everything from the directory alone. Written once (by process 0)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    if not (workdir / CONFIG_FILE).exists():
+        (workdir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    copy = workdir / ("tokenizer.json" if tokenizer.kind == "huggingface" else "tokenizer.model")
+    if not copy.exists():
+        shutil.copyfile(tokenizer.path, copy)
+
+
+class TrainCheckpoints:
+    """The trainer's step checkpoints: params, opt_state, the data iterator's state and meta (step, schedule_steps),
+    saved together (asynchronously) and restored together, so a rerun resumes bit for bit."""
+
+    def __init__(self, workdir: Path, keep: int):
+        import grain
+
+        self._grain = grain
+        self.dir = workdir / "checkpoints"
+        self.manager = ocp.CheckpointManager(
+            self.dir,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=True),
+            item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
+                           "data_iter": grain.checkpoint.CheckpointHandler(),
+                           "meta": ocp.JsonCheckpointHandler(filename=META_FILE)},
+        )
+
+    def restore_newest(self, abstract_params, abstract_opt_state, data_iter, primary: bool):
+        """(step, params, opt_state) of the newest checkpoint that reads, or (0, None, None) with none; restores the
+        data iterator in place. Newer ones that do not read are moved aside (checkpoints/<step>.corrupt) with one
+        warning line; if none reads, a CheckpointError that moves nothing. The abstract trees carry shardings."""
+        steps = list(self.manager.all_steps())
+        if not steps:
+            return 0, None, None
+
+        def read(step):
+            return self.manager.restore(step, args=ocp.args.Composite(
+                params=ocp.args.StandardRestore(abstract_params),
+                opt_state=ocp.args.StandardRestore(abstract_opt_state),
+                data_iter=self._grain.checkpoint.CheckpointRestore(data_iter)))
+
+        try:
+            step, restored, failed = newest_readable(steps, read)
+        except CheckpointError as e:
+            raise CheckpointError(f"{self.dir}: {e}. Nothing was moved; remove or repair the checkpoints, or use "
+                                  "another --workdir.") from None
+        if failed:
+            moved = []
+            for bad, _ in failed:
+                # One process renames (a shared filesystem); long before the next save could reuse the name.
+                moved.append(set_aside(self.dir / str(bad)).name if primary else f"{bad}{CORRUPT_SUFFIX}")
+            self.manager.reload()
+            print(f"warning: {describe_failures(failed)}; moved aside to checkpoints/{', '.join(moved)}; resuming "
+                  f"from step {step}", file=sys.stderr, flush=True)
+        return step, restored.params, restored.opt_state
+
+    def save(self, step: int, params, opt_state, data_iter, schedule_steps_: int) -> None:
+        self.manager.save(step, args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
+            data_iter=self._grain.checkpoint.CheckpointSave(data_iter),
+            meta=ocp.args.JsonSave({"step": step, "schedule_steps": schedule_steps_})), force=True)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -3,7 +3,8 @@
 Rerunning the same command on the same DIR resumes from the newest complete checkpoint. Sections: workdir checks,
 mesh, model and optimizer (abstract first, then sharded), data, restore or init, step, loop. Writes DIR/metrics.jsonl
 (one JSON line per `log_every` steps, its loss the mean over those steps), DIR/model_config.json and
-DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}.
+DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}: that layout is phi1_jax.checkpoint's (TrainCheckpoints,
+check_workdir, describe_workdir); this file is wiring.
 
 A workdir that cannot be this run's (a file, not writable, another model's) is refused before any data is read or
 anything compiled. A newest checkpoint that cannot be read is moved aside to checkpoints/<step>.corrupt with one
@@ -20,10 +21,7 @@ of the batch.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import shutil
 import signal
 import sys
 import time
@@ -32,7 +30,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import flags
 from absl import logging as absl_logging
 from flax import nnx
@@ -51,9 +48,6 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processes (multi-host)")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 
-SHAPE_FIELDS = ("vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "rotary_dim")
-META_FILE = "metadata"  # checkpoints/<step>/meta/<this>: the JSON item, read before the trainer builds anything
-
 
 class TrainError(RuntimeError):
     """A run that cannot start or go on; the message says why and what to change."""
@@ -62,55 +56,6 @@ class TrainError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def _check_workdir_model(workdir: Path, cfg: PhiConfig):
-    """A workdir that holds another model's checkpoints is refused before anything is written."""
-    path = workdir / checkpoint.CONFIG_FILE
-    if not path.exists():
-        return
-    try:
-        saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise TrainError(f"{path}: cannot be read ({e})") from None
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in SHAPE_FIELDS if saved.get(k) != getattr(cfg, k)}
-    if diff:
-        detail = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
-        raise TrainError(f"{workdir} holds checkpoints of another model ({detail}). Use another --workdir, or the "
-                         "config that wrote it.")
-
-
-def _check_workdir(workdir: Path, cfg: PhiConfig):
-    """Refuses, before any long work and writing nothing, a workdir this run cannot use: a file, a place this user
-    cannot write, or another model's checkpoints."""
-    try:
-        existing = workdir
-        while not existing.exists():
-            existing = existing.parent
-        is_dir = existing.is_dir()
-    except OSError as e:  # a parent this user may not look into
-        raise TrainError(f"--workdir={workdir}: {e.filename or workdir}: {e.strerror}") from None
-    if existing == workdir and not is_dir:
-        raise TrainError(f"--workdir={workdir} is a file, not a directory; it was left as it is. Pass a directory "
-                         "(it is created if missing).")
-    if not is_dir:
-        raise TrainError(f"--workdir={workdir} cannot be created: {existing} is a file")
-    for d in (existing, workdir / "checkpoints"):
-        if d.is_dir() and not os.access(d, os.W_OK | os.X_OK):
-            raise TrainError(f"--workdir={workdir}: {d} is not writable by this user; pass a workdir you can write")
-    _check_workdir_model(workdir, cfg)
-
-
-def _schedule_steps(workdir: Path, steps: int) -> int:
-    """The `steps` the learning-rate schedule was built for: the run's first `config.steps`, which every checkpoint's
-    meta carries (`steps` for a new run, or for checkpoints from before the meta carried it)."""
-    for step in reversed(checkpoint.checkpoint_steps(workdir)):
-        try:
-            meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / META_FILE).read_text())
-        except (OSError, ValueError):
-            continue  # an unreadable checkpoint; the restore deals with it
-        return int(meta.get("schedule_steps", steps))
-    return steps
 
 
 def _schedule_note(config, schedule_steps: int) -> str:
@@ -140,7 +85,7 @@ def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
             model = None
     except (convert.ConversionError, checkpoint.CheckpointError, loader.LoadError) as e:
         raise TrainError(f"config.init_from: {e}") from None
-    diff = {k: (getattr(theirs, k), getattr(cfg, k)) for k in SHAPE_FIELDS if getattr(theirs, k) != getattr(cfg, k)}
+    diff = checkpoint.shape_difference(theirs, cfg)
     if diff:
         detail = ", ".join(f"{k} {a} there, {b} in the config" for k, (a, b) in diff.items())
         raise TrainError(f"config.init_from={path} is another model shape ({detail})")
@@ -163,29 +108,6 @@ def _device_batch(batch, shardings, whole: bool):
     if whole:
         return {k: jax.make_array_from_callback(v.shape, shardings[k], lambda idx, v=v: v[idx]) for k, v in batch.items()}
     return {k: jax.make_array_from_process_local_data(shardings[k], v) for k, v in batch.items()}
-
-
-def _restore_newest(manager, make_args, workdir: Path, primary: bool):
-    """(step, restored items) of the newest checkpoint that reads, or (0, None) with none. Newer ones that do not read
-    are moved aside (checkpoints/<step>.corrupt) with one warning line; if none reads, a TrainError that moves nothing.
-    """
-    steps = list(manager.all_steps())
-    if not steps:
-        return 0, None
-    try:
-        step, restored, failed = checkpoint.newest_readable(steps, lambda s: manager.restore(s, args=make_args()))
-    except checkpoint.CheckpointError as e:
-        raise TrainError(f"{workdir / 'checkpoints'}: {e}. Nothing was moved; remove or repair the checkpoints, "
-                         "or use another --workdir.") from None
-    if failed:
-        moved = []
-        for bad, _ in failed:
-            # One process renames (a shared filesystem); it happens long before the next save could reuse the name.
-            moved.append(checkpoint.set_aside(workdir / "checkpoints" / str(bad)).name if primary else f"{bad}.corrupt")
-        manager.reload()
-        print(f"warning: {checkpoint.describe_failures(failed)}; moved aside to checkpoints/{', '.join(moved)}; "
-              f"resuming from step {step}", file=sys.stderr, flush=True)
-    return step, restored
 
 
 def _nonfinite_error(window: dict, latest) -> TrainError:
@@ -233,8 +155,8 @@ def train_and_evaluate(config, workdir: str):
     # --- Workdir: refused before any long work; a resumed run keeps the schedule it started with ----------------------
     schedule_steps = config.steps
     if not config.dry_run:
-        _check_workdir(workdir, PhiConfig.from_dict(config.model))
-        schedule_steps = _schedule_steps(workdir, config.steps)
+        checkpoint.check_workdir(workdir, PhiConfig.from_dict(config.model))
+        schedule_steps = checkpoint.schedule_steps(workdir, config.steps)
     schedule_config = config
     if schedule_steps != config.steps:  # the optimizer's schedule is built for the run's first `steps`
         schedule_config = config.copy_and_resolve_references()
@@ -267,29 +189,14 @@ def train_and_evaluate(config, workdir: str):
         return total / max(count, 1.0)
 
     # --- Restore or init -----------------------------------------------------------------------------------------------
-    workdir.mkdir(parents=True, exist_ok=True)
-    if primary and not (workdir / checkpoint.CONFIG_FILE).exists():
-        (workdir / checkpoint.CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
-    tok_copy = workdir / ("tokenizer.json" if tokenizer.kind == "huggingface" else "tokenizer.model")
-    if primary and not tok_copy.exists():  # the workdir describes itself: inspect and evals find the tokenizer here
-        shutil.copyfile(tokenizer.path, tok_copy)
-    import grain
-
-    manager = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True,
-                                             enable_async_checkpointing=True),
-        item_handlers={"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-                       "data_iter": grain.checkpoint.CheckpointHandler(),
-                       "meta": ocp.JsonCheckpointHandler(filename=META_FILE)},
-    )
-    start, restored = _restore_newest(manager, lambda: ocp.args.Composite(
-        params=ocp.args.StandardRestore(_abstract_with_shardings(abs_params, p_shard)),
-        opt_state=ocp.args.StandardRestore(_abstract_with_shardings(abs_opt, o_shard)),
-        data_iter=grain.checkpoint.CheckpointRestore(it),
-    ), workdir, primary)
+    if primary:
+        checkpoint.describe_workdir(workdir, cfg, tokenizer)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+    ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
+    start, params, opt_state = ckpts.restore_newest(_abstract_with_shardings(abs_params, p_shard),
+                                                    _abstract_with_shardings(abs_opt, o_shard), it, primary)
     if start:
-        params, opt_state = restored.params, restored.opt_state
         print(f"resumed from {workdir / 'checkpoints' / str(start)}")
         if schedule_steps != config.steps and primary:
             print(_schedule_note(config, schedule_steps), file=sys.stderr, flush=True)
@@ -309,18 +216,15 @@ def train_and_evaluate(config, workdir: str):
         """The window's numbers; raises, before a log or save, if any step since the last log was not finite."""
         w = window.read()
         if w["first_bad"] is not None:
-            raise _nonfinite_error(w, manager.latest_step())
+            raise _nonfinite_error(w, ckpts.latest_step())
         return w
 
     def save(step):
         check_finite()
         if not bool(state_finite((params, opt_state))):
             raise TrainError(f"the parameters or optimizer state hold non-finite values after step {step}: stopping "
-                             f"without saving this state. {_last_checkpoint(manager.latest_step())}")
-        manager.save(step, args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data_iter=grain.checkpoint.CheckpointSave(it),
-            meta=ocp.args.JsonSave({"step": step, "schedule_steps": schedule_steps})), force=True)
+                             f"without saving this state. {_last_checkpoint(ckpts.latest_step())}")
+        ckpts.save(step, params, opt_state, it, schedule_steps)
 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -367,11 +271,10 @@ def train_and_evaluate(config, workdir: str):
                 print(f"received signal {stop['signal']}: saved step {step}, exiting", flush=True)
                 break
     finally:
-        manager.wait_until_finished()
-        manager.close()
+        ckpts.close()
         writer.close()
     if primary:
-        print(f"done at step {step}. In {workdir}:\n  checkpoints/     Orbax checkpoints (newest {manager.latest_step()})"
+        print(f"done at step {step}. In {workdir}:\n  checkpoints/     Orbax checkpoints (newest {ckpts.latest_step()})"
               f"\n  metrics.jsonl    one JSON line per logged step\n  loss.png         the loss curve"
               f"\n  tensorboard/     tensorboard --logdir {workdir / 'tensorboard'}", flush=True)
     return {"step": step}
@@ -398,7 +301,8 @@ def main(argv):
                                    process_id=_PROCESS_ID.value)
     try:
         train_and_evaluate(config, _WORKDIR.value)
-    except (TrainError, BuildError, data.DataError, TokenizerError, sharding.ShardingError) as e:
+    except (TrainError, BuildError, data.DataError, TokenizerError, sharding.ShardingError,
+            checkpoint.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

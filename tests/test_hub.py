@@ -81,3 +81,20 @@ def test_evals_inspect_and_init_from_take_a_hub_id(hub, tmp_path):
     r = _run(root, "-m", "evals", "--task=humaneval", "--checkpoint=test-org/not-cached", f"--out={out}")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "not in the cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
+
+
+def test_serve_takes_a_hub_id(hub, monkeypatch):
+    pytest.importorskip("starlette", reason="phi1_jax.serve needs starlette (pip install starlette uvicorn)")
+    from tests.test_serve import Served
+
+    root, _ = hub
+    for k, v in offline_env(root / "hf").items():
+        monkeypatch.setenv(k, v)  # the server process inherits them
+    server = Served(REPO_ID)
+    try:
+        client = server.wait_ready().client()
+        assert [m.id for m in client.models.list().data] == [REPO_ID]  # the served name is the --checkpoint value
+        r = client.completions.create(model=REPO_ID, prompt="def add(a, b):", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason in ("length", "stop") and r.usage.prompt_tokens > 0
+    finally:
+        server.stop()
