@@ -319,8 +319,8 @@ def test_resume_after_sigterm_starts_at_the_saved_step(tmp_path, embedded):
 
 
 def test_resume_after_sigkill_starts_at_the_newest_checkpoint_bit_exact(base, tmp_path):
-    """Pins what test_train's SIGKILL test leaves open: the step it resumed from, and that the rerun starts right after
-    it."""
+    """A run killed after a checkpoint: the rerun resumes from that step, starts right after it, and matches the
+    uninterrupted run bit for bit."""
     workdir = tmp_path / "killed"
     proc = subprocess.Popen(_cmd(workdir), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.time() + 300
