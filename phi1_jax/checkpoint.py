@@ -252,8 +252,10 @@ def check_workdir(workdir: Path, cfg: PhiConfig) -> None:
         return
     try:
         saved = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: cannot be read ({e})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: not a model config (a JSON object); is {workdir} a phi1_jax workdir?")
     diff = shape_difference(saved, cfg)
     if diff:
         detail = ", ".join(f"{k} {a} there, {b} now" for k, (a, b) in diff.items())
@@ -267,9 +269,9 @@ def schedule_steps(workdir: Path, steps: int) -> int:
     for step in reversed(checkpoint_steps(workdir)):
         try:
             meta = json.loads((workdir / "checkpoints" / str(step) / "meta" / META_FILE).read_text())
-        except (OSError, ValueError):
+            return int(meta.get("schedule_steps", steps))
+        except (OSError, ValueError, AttributeError, TypeError):
             continue  # an unreadable checkpoint; the restore deals with it
-        return int(meta.get("schedule_steps", steps))
     return steps
 
 

@@ -23,7 +23,17 @@ class HubError(ValueError):
 
 
 def is_hub_id(source: str) -> bool:
-    return bool(_HUB_ID.match(str(source))) and not Path(source).exists()
+    """ORG/NAME as the hub accepts it, and no local path of that name."""
+    if not _HUB_ID.match(str(source)) or Path(source).exists():
+        return False
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:  # 'a/b--c', 'a/b.', ...: a mistyped path, not an id
+        return False
+    return True
 
 
 def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:

@@ -120,7 +120,10 @@ def main(argv=None) -> int:
     except (checkpoint.CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    where = f"step {run.step} of {checkpoint_steps(run.workdir)}" if run.step is not None else "Hugging Face model"
+    if run.step is not None:
+        where = f"step {run.step} of {checkpoint_steps(run.workdir)}"
+    else:
+        where = "Hugging Face model" if loader.kind(run.workdir) == "huggingface" else "phi1_jax model checkpoint"
     print(f"{run.workdir}: {where}\n")
     print(format_table(param_table(run.model)))
     if run.tokenizer is not None:

@@ -22,6 +22,7 @@ of the batch.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -265,6 +266,8 @@ def train_and_evaluate(config, workdir: str):
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
                 save(step)
+                if os.environ.get("PHI1_JAX_TRAIN_TEST_PAUSE"):  # test hook: a test kills the run between checkpoints
+                    time.sleep(float(os.environ["PHI1_JAX_TRAIN_TEST_PAUSE"]))
                 if primary:
                     metrics.plot_loss(workdir)
             if stop["signal"]:

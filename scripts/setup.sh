@@ -12,7 +12,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}
 if ! "$PY" -c "" 2>/dev/null; then
-  found=$(ls -d "$(pyenv root 2>/dev/null || echo /nonexistent)"/versions/"${PY#python}"*/bin/"$PY" 2>/dev/null \
+  found=$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"${PY#python}"*/bin/"$PY" 2>/dev/null \
           | sort -V | tail -n 1 || true)
   [ -n "$found" ] || { echo "error: PYTHON=$PY: no such interpreter (give a command or a path)" >&2; exit 2; }
   PY=$found

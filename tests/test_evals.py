@@ -261,8 +261,25 @@ def test_sandbox_uses_namespaces_where_it_can():
     """A silent fallback to the weaker mode would hide a broken namespace command: fail loudly instead."""
     sandbox = Sandbox()
     assert sandbox.mode == "namespaces"
-    r = sandbox.run("import posix\nassert posix.getuid() >= 61000 and posix.getpid() == 1 and posix.getcwd() == '/mnt'\n")
+    # its own PID namespace: the root shell that set it up is PID 1 there, the program its child
+    r = sandbox.run("import posix\nassert posix.getuid() >= 61000 and posix.getppid() == 1 and posix.getcwd() == '/mnt'\n")
     assert r.passed, r.reason
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
+                    reason="the namespaces sandbox needs root and util-linux (the rlimits fallback is weaker: "
+                           "docs/evals.md)")
+def test_a_fresh_interpreter_leaves_no_survivor_either():
+    """The fresh-interpreter path (`run`, fork_server=False, the rlimits fallback): a detached child is gone with the
+    program, and a program that signals itself dies of it (it is not a PID 1 that ignores default-action signals)."""
+    marker = f"phi1-fresh-{os.getpid()}"
+    detach = (f"import posix\nif posix.fork() == 0:\n    posix.setsid()\n"
+              f"    posix.execv('/bin/sh', ['sh', '-c', 'sleep 600; : {marker}'])\n")
+    sandbox = Sandbox(Limits(timeout_s=5), fork_server=False)
+    results = sandbox.run_many([detach, "import signal\nsignal.raise_signal(signal.SIGTERM)\n"])
+    assert results[0].passed and not results[1].passed and "SIGTERM" in results[1].reason, results
+    time.sleep(0.5)
+    assert marker not in subprocess.run(["ps", "axwwo", "args"], capture_output=True, text=True).stdout
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
