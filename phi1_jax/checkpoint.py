@@ -137,10 +137,11 @@ def _quiet_orphaned_reads() -> None:
         if not (orphan or late):
             previous(unraisable)
 
-    class _OrphanedTasks(logging.Filter):  # asyncio's "Task exception was never retrieved" for the same reads
+    class _OrphanedTasks(logging.Filter):  # asyncio's "Task/Future exception was never retrieved" for the same reads
         def filter(self, record):
             text = record.getMessage()
-            return not ("never retrieved" in text and ("async_deserialize" in text or "_read_array" in text))
+            ours = ("async_deserialize", "_read_array", "OCDBT", "Error reading", "reading array index")
+            return not ("never retrieved" in text and any(s in text for s in ours))
 
     hook._phi1_orphaned_reads = True
     sys.unraisablehook = hook
