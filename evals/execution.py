@@ -57,6 +57,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from evals.sandbox_server import read_verdict
+
 NOBODY = 65534
 # Each concurrent worker slot runs its programs under its own unprivileged uid (SLOT_UID_BASE + slot; no passwd entry
 # needed). The process limit counts per uid, so a fork bomb in one slot cannot starve the programs in the others, and
@@ -107,18 +109,6 @@ def _runner_args() -> list[str]:
 
     dirs = [d for d in site.getsitepackages() if os.path.isdir(d)]
     return [f"{sys.version_info[0]}.{sys.version_info[1]}", *dirs]
-
-
-def _read_available(fd: int) -> bytes:
-    data = b""
-    while True:
-        try:
-            chunk = os.read(fd, 4096)
-        except BlockingIOError:
-            return data
-        if not chunk or len(data) > 4096:
-            return data
-        data += chunk
 
 
 class _SlotServer:
@@ -367,7 +357,7 @@ class Sandbox:
                     pass
                 proc.wait()
             seconds = time.perf_counter() - start
-            verdict = _read_available(read_end).decode("utf-8", "replace")
+            verdict = read_verdict(read_end).decode("utf-8", "replace")
             return self._result(code, timed_out, seconds, verdict)
         finally:
             os.close(read_end)
