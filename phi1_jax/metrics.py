@@ -1,15 +1,21 @@
 """Where a run's numbers go: WORKDIR/metrics.jsonl, TensorBoard event files, and a loss-curve plot.
 
-metrics.jsonl has one JSON object per line: training rows (`step`, `loss`, `lr`, `grad_norm`, `tokens_per_sec`,
-`mfu`) and held-out rows (`step`, `eval_loss`). A resumed run appends; readers keep the last row per step and kind.
-A training row's `loss` is the mean over every step since the previous row (the logging window; `TrainWindow`), so
-`log_every` changes how often the curve is sampled, not how noisy it is; `lr` and `grad_norm` are the logged step's.
+metrics.jsonl has one JSON object per line, of three kinds: training rows (`step`, `loss`, `lr`, `grad_norm`,
+`tokens_per_sec`, `mfu`), held-out rows (`step`, `eval_loss`) and code-eval rows (`step`, `tokens_seen`,
+`<task>/pass@1`, maybe `<task>/pass@10` and `<task>/pass@100`, `<task>/n_problems`, `code_eval_seconds`; a row is
+one when a key ends in "/pass@1"). Readers keep the last row per step and kind (per step and task for code evals).
+A resumed run first drops the rows of the steps it trains again (those after the checkpoint it restarts from, see
+`MetricsWriter`'s `resume_step`), so a step's rows come from the run that produced the saved state; a line cut off
+by a kill mid-write is dropped then too. A training row's `loss` is the mean over every step since the previous row
+(the logging window; `TrainWindow`), so `log_every` changes how often the curve is sampled, not how noisy it is;
+`lr` and `grad_norm` are the logged step's.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -67,15 +73,83 @@ class TrainWindow:
                 "bad_grad_norm": s["bad_grad_norm"]}
 
 
+# --- metrics.jsonl: writing, resuming, reading --------------------------------------------------------------------
+
+METRICS_FILE = "metrics.jsonl"
+PASS1_SUFFIX = "/pass@1"  # a code-eval row has a "<task>/pass@1" key
+
+
+class MetricsError(ValueError):
+    """A metrics.jsonl line that is not a metrics row; the message names the file and line."""
+
+
+def _parse(line: str) -> dict | None:
+    """The row on one line, or None if the line is not a JSON object with an integer `step`."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
+def _lines(path: Path) -> list[tuple[str, bool]]:
+    """(line, terminated) for each line of the file; only the last one can lack its newline."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    parts = text.split("\n")
+    return [(line, i < len(parts) - 1) for i, line in enumerate(parts) if line.strip()]
+
+
+def drop_rows_after(workdir, resume_step: int | None) -> int:
+    """Rewrites WORKDIR/metrics.jsonl without the rows of steps > resume_step (None: keeps every step) and without
+    lines that are not rows (a line cut off by a kill mid-write); returns how many lines went. The file is replaced
+    only when something goes, and atomically: the kept lines go to a temp file in the same folder, are fsynced, and
+    os.replace swaps it in, so a crash at any point leaves either the old file or the new one, never a mix."""
+    path = Path(workdir) / METRICS_FILE
+    lines = _lines(path)
+    kept = [line for line, _ in lines
+            if (row := _parse(line)) is not None and (resume_step is None or row["step"] <= resume_step)]
+    last_cut = bool(lines) and not lines[-1][1]  # a complete last row without its newline still needs one
+    if len(kept) == len(lines) and not last_cut:
+        return 0
+    tmp = path.with_name(f".{METRICS_FILE}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return len(lines) - len(kept)
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Makes a rename in `directory` durable (where the platform allows opening a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 class MetricsWriter:
-    def __init__(self, workdir: Path, enabled: bool = True):
+    """Appends rows to WORKDIR/metrics.jsonl and TensorBoard. Pass `resume_step=` the checkpoint step a run restarts
+    from (0 for a fresh start): the rows, and TensorBoard events, of later steps are dropped first, since those steps
+    are trained again and their rows would otherwise appear twice. Only the primary process writes (`enabled`)."""
+
+    def __init__(self, workdir: Path, enabled: bool = True, resume_step: int | None = None):
         self.workdir, self.enabled = Path(workdir), enabled
-        self._file = open(self.workdir / "metrics.jsonl", "a") if enabled else None
-        self._tb = None
+        self._file = self._tb = None
         if enabled:
+            drop_rows_after(self.workdir, resume_step)
+            self._file = open(self.workdir / METRICS_FILE, "a", encoding="utf-8")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.workdir / "tensorboard"))
+            purge = None if resume_step is None else resume_step + 1  # hides the events of steps >= purge_step
+            self._tb = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -95,44 +169,111 @@ class MetricsWriter:
             self._tb.close()
 
 
+def read_rows(workdir) -> list[dict]:
+    """Every row of WORKDIR/metrics.jsonl in file order. An unterminated last line that is not a row is skipped (a
+    write in progress, or one cut off by a kill); any other line that is not a row is an error naming it."""
+    path = Path(workdir) / METRICS_FILE
+    rows = []
+    for n, (line, terminated) in enumerate(_lines(path), 1):
+        row = _parse(line)
+        if row is None and terminated:
+            raise MetricsError(f"{path}:{n}: not a metrics row (a JSON object with an integer step): {line[:80]!r}")
+        if row is not None:
+            rows.append(row)
+    return rows
+
+
+def is_code_eval(row: dict) -> bool:
+    return any(k.endswith(PASS1_SUFFIX) for k in row)
+
+
+def code_eval_tasks(row: dict) -> list[str]:
+    return sorted(k[: -len(PASS1_SUFFIX)] for k in row if k.endswith(PASS1_SUFFIX))
+
+
 def read_metrics(workdir) -> tuple[dict[int, dict], dict[int, float]]:
-    """({step: training row}, {step: eval_loss}), the last row written for each step."""
+    """({step: training row}, {step: eval_loss}), the last row written for each step (code-eval rows: read_code_evals)."""
     train, evals = {}, {}
-    path = Path(workdir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        row = json.loads(line)
+    for row in read_rows(workdir):
         if "eval_loss" in row:
             evals[row["step"]] = row["eval_loss"]
-        else:
+        elif not is_code_eval(row):
             train[row["step"]] = row
     return train, evals
 
 
-def plot_loss(workdir) -> Path | None:
-    """WORKDIR/loss.png: training loss per logged step, and the held-out loss where measured."""
+def read_code_evals(workdir) -> dict[int, dict]:
+    """{step: code-eval row}. Rows of one step are merged, a later row replacing an earlier one's keys of the tasks
+    it has (`<task>/...`), so separate rows per task at one step all count and a rewritten task keeps its last."""
+    out: dict[int, dict] = {}
+    for row in filter(is_code_eval, read_rows(workdir)):
+        tasks = tuple(f"{t}/" for t in code_eval_tasks(row))
+        old = {k: v for k, v in out.get(row["step"], {}).items() if not k.startswith(tasks)}
+        out[row["step"]] = {**old, **row}
+    return out
+
+
+# --- the loss plot -------------------------------------------------------------------------------------------------
+
+
+def loss_figure(workdir):
+    """The figure plot_loss saves (a matplotlib Figure; the caller closes it), or None without training rows: the
+    loss per logged step and the held-out loss; below it, sharing the step axis, pass@1 where code evals ran."""
     train, evals = read_metrics(workdir)
     if not train:
         return None
+    code = read_code_evals(workdir)
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if code:
+        fig, (ax, cax) = plt.subplots(2, 1, figsize=(7, 6.5), dpi=100, sharex=True, height_ratios=(2, 1))
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     steps = sorted(train)
     ax.plot(steps, [train[s]["loss"] for s in steps], label="train loss", lw=1.2)
     if evals:
         es = sorted(evals)
         ax.plot(es, [evals[s] for s in es], "o-", label="held-out loss", lw=1.2, ms=4)
-    ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title(f"{Path(workdir).name}: loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if code:
+        _pass_at_1_panel(cax, code)
+    (cax if code else ax).set_xlabel("step")
     fig.tight_layout()
+    return fig
+
+
+def _pass_at_1_panel(ax, code: dict[int, dict]) -> None:
+    tasks = sorted({t for row in code.values() for t in code_eval_tasks(row)})
+    for task in tasks:
+        key = f"{task}{PASS1_SUFFIX}"
+        pts = sorted((s, r[key]) for s, r in code.items() if isinstance(r.get(key), (int, float)))
+        ax.plot([s for s, _ in pts], [100 * v for _, v in pts], "o-", label=task, lw=1.2, ms=4)
+    ax.set_ylabel("pass@1 (%)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"{', '.join(tasks)} pass@1")
+    ax.grid(alpha=0.3)
+    if len(tasks) > 1:
+        ax.legend()
+
+
+def plot_loss(workdir) -> Path | None:
+    """WORKDIR/loss.png (loss_figure), written atomically; None without training rows."""
+    fig = loss_figure(workdir)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     out = Path(workdir) / "loss.png"
     tmp = out.with_name(".loss.png.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
+    try:
+        fig.savefig(tmp)
+    finally:
+        plt.close(fig)
     tmp.replace(out)
     return out
