@@ -35,6 +35,8 @@ import numpy as np
 
 from data_gen import ast_match
 from data_gen.records import check_outputs, read_records, write_records
+from phi1_jax import cli
+from phi1_jax.errors import UserError
 from phi1_jax.ngrams import NGRAM, ngrams, overlapping_ngrams, reference_ngrams, words  # noqa: F401 (re-exported)
 
 TAUS = (0.95, 0.9, 0.85, 0.8)
@@ -43,7 +45,7 @@ TAUS = (0.95, 0.9, 0.85, 0.8)
 # --- references and items --------------------------------------------------------------------------------------------
 
 
-class DecontaminationError(ValueError):
+class DecontaminationError(UserError, ValueError):
     """Bad input; the message names the file and line."""
 
 
@@ -224,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors(exit_code=1)  # this tool's errors have always exited 1
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = Path(a.out)
@@ -245,7 +248,7 @@ def main(argv=None) -> int:
 
             dist, _ = nearest_l2(make_embedder(a.embedder), texts, refs)
             near = {int(i) for i in np.nonzero(dist < a.l2_threshold)[0]}
-    except (OSError, ValueError) as e:  # DecontaminationError and RecordsError included
+    except (OSError, ValueError) as e:  # bad inputs (DecontaminationError, RecordsError, ...), a non-numeric --taus
         print(f"error: {e}", file=sys.stderr)
         return 1
     ast_hits: dict[int, dict[str, float]] = collections.defaultdict(dict)  # item -> {problem: rate >= tau}

@@ -23,7 +23,8 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from data_gen.records import RecordsError, check_outputs, read_records, write_records
+from data_gen.records import check_outputs, read_records, write_records
+from phi1_jax import cli
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -113,6 +114,7 @@ def report_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@cli.reports_user_errors  # a bad --out (check_outputs): exit 2
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_gen.dedup", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,15 +126,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     out = Path(a.out)
     inputs = [Path(i) for i in a.inputs]
-    try:
-        check_outputs(inputs, out)
-    except RecordsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_outputs(inputs, out)
     try:
         loaded = [(i.name, read_records(i, a.text_field)) for i in inputs]
         kept, removed = dedup_records(loaded, threshold=a.threshold, num_perm=a.num_perm, text_field=a.text_field)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # bad inputs (RecordsError) and datasketch's checks of the flags: exit 1
         print(f"error: {e}", file=sys.stderr)
         return 1
     out.mkdir(parents=True, exist_ok=True)

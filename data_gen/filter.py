@@ -35,8 +35,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_gen.llm import BudgetExceeded, LLMClient, LLMError, resolve_api_key
-from data_gen.shards import Document, ShardError, iter_documents
+from data_gen.llm import BudgetExceeded, LLMClient, resolve_api_key
+from data_gen.shards import Document, iter_documents
+from phi1_jax import cli
+from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
 
 GRADE_MIN, GRADE_MAX = 1, 5
@@ -57,7 +59,7 @@ _GRADE_PATTERNS = [re.compile(p, re.I) for p in (
     r"\*\*(\d+)\*\*", r"^\s*(\d+)\s*(?:$|[.\-:)])")]
 
 
-class FilterError(RuntimeError):
+class FilterError(UserError, RuntimeError):
     """Bad input or a state the filter cannot go on from; the message names it."""
 
 
@@ -316,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors(exit_code=1)  # FilterError, LLMError, ...: exit 1, as below
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -323,7 +326,7 @@ def main(argv=None) -> int:
     except BudgetExceeded as e:
         print(f"stopped: {e}; labels so far are kept, rerun to continue", file=sys.stderr)
         return 3
-    except (FilterError, LLMError, ShardError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # unreadable files; scikit-learn's own checks (--test-fraction, --trees)
         print(f"error: {e}", file=sys.stderr)
         return 1
 

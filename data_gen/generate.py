@@ -35,12 +35,14 @@ from tqdm import tqdm
 from data_gen import prompts, validate
 from data_gen.dedup import NearDuplicateIndex
 from data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError, resolve_api_key
+from phi1_jax import cli
+from phi1_jax.errors import UserError
 
 RUN_FILE, CACHE_FILE, BATCH_FILE = "run.json", "cache.sqlite", "batches.json"
 IDENTITY_KEYS = ("kind", "seed", "model", "temperature", "max_tokens", "template_version")
 
 
-class GenerateError(RuntimeError):
+class GenerateError(UserError, RuntimeError):
     """A run that cannot start or go on; the message says why."""
 
 
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors(exit_code=1)  # a run that cannot start or go on (GenerateError, LLMError): exit 1
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.n < 1 or a.concurrency < 1:
@@ -308,7 +311,7 @@ def main(argv=None) -> int:
     except BudgetExceeded as e:
         print(f"stopped: {e}. {_summary(gen)}", file=sys.stderr)
         return 3
-    except (GenerateError, LLMError, OSError) as e:
+    except OSError as e:  # --out, its files or the request cache cannot be read or written
         print(f"error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -33,13 +33,16 @@ from pathlib import Path
 
 import openai
 
+from phi1_jax.errors import UserError
 
-class LLMError(RuntimeError):
+
+class LLMError(UserError, RuntimeError):
     """A request that cannot succeed; the message says why (server, key, model)."""
 
 
-class BudgetExceeded(LLMError):
-    """The run's spending limit is reached; no further requests are sent."""
+class BudgetExceeded(RuntimeError):
+    """The run's spending limit is reached; no further requests are sent. A planned stop, not an error (and not a
+    UserError): the commands report it as "stopped", keep what was paid for, exit 3, and a rerun continues."""
 
 
 @dataclasses.dataclass(frozen=True)

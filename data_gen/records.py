@@ -10,10 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
 
 
-class RecordsError(ValueError):
+class RecordsError(UserError, ValueError):
     """Bad input or output paths, or a bad record; the message names it."""
 
 

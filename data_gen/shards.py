@@ -25,6 +25,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+from phi1_jax import cli
 from phi1_jax.jsonl import read_jsonl
 from phi1_jax.shards import (  # noqa: F401  (re-exported: the format's names, for the tools that use this module)
     FORMAT_VERSION, HEADER, MANIFEST, RUN_FILE, Document, ShardError, decode_record, encode_record, read_manifest,
@@ -88,6 +89,7 @@ def iter_documents(source: str, *, text_field: str = "text", prompt_field: str |
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_gen.shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -105,20 +107,16 @@ def main(argv=None) -> int:
     p.add_argument("--num-threads", type=int, default=-1, help="tokenizer threads (-1: all cores)")
     args = p.parse_args(argv)
 
-    from phi1_jax.tokenizer import Tokenizer, TokenizerError
+    from phi1_jax.tokenizer import Tokenizer
 
-    try:
-        tokenizer = Tokenizer.load(args.tokenizer)
-        docs = iter_documents(args.input, text_field=args.text_field, prompt_field=args.prompt_field, glob=args.glob,
-                              hf_split=args.hf_split, hf_config=args.hf_config)
-        if args.limit is not None:
-            docs = itertools.islice(docs, args.limit)
-        name = args.source_name or Path(args.input.rstrip("/")).name
-        m = write_shards(docs, tokenizer, args.out, source_name=name, input_desc=args.input,
-                         docs_per_shard=args.docs_per_shard, num_threads=args.num_threads)
-    except (ShardError, TokenizerError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    tokenizer = Tokenizer.load(args.tokenizer)
+    docs = iter_documents(args.input, text_field=args.text_field, prompt_field=args.prompt_field, glob=args.glob,
+                          hf_split=args.hf_split, hf_config=args.hf_config)
+    if args.limit is not None:
+        docs = itertools.islice(docs, args.limit)
+    name = args.source_name or Path(args.input.rstrip("/")).name
+    m = write_shards(docs, tokenizer, args.out, source_name=name, input_desc=args.input,
+                     docs_per_shard=args.docs_per_shard, num_threads=args.num_threads)
     print(f"{args.out}: {m['documents']:,} documents, {m['tokens']:,} tokens in {len(m['shards'])} shards")
     return 0
 

@@ -25,6 +25,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from data_gen import ast_match
+from phi1_jax import cli
 
 MAX_BODY_LINES = 20
 
@@ -61,6 +62,7 @@ def exercises(documents: Iterable, limit: int | None = None) -> Iterator[dict]:
             yield record
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_gen.stdlib_exercises", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSONL file to write (its folder is created)")

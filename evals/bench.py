@@ -22,11 +22,14 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+from phi1_jax import cli
 
 
 def bench_scoring(rounds: int = 3):
@@ -135,6 +138,7 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
                 device=jax.devices()[0].device_kind, peer=peer, torch=torch_version, peer_device=device, rows=rows)
 
 
+@cli.reports_user_errors
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", default="scoring,generation", help="comma-separated: scoring, generation")
@@ -164,4 +168,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -21,12 +21,14 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from phi1_jax.errors import UserError
+
 HUMANEVAL_STOP = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 MBPP_STOP = ["\nclass", "\nassert", '\n"""', "\nprint", "\nif __name__"]
 MBPP_FORMAT = "docstring-with-first-test"
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """Task data that cannot be loaded; the message names the file."""
 
 

@@ -13,10 +13,11 @@ Expect:   about a minute on 2 cores. Uses the embedded stdlib corpus (built and 
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 
-from phi1_jax import data, embedded_corpus
+from phi1_jax import cli, data, embedded_corpus
 from phi1_jax.shards import Document, write_shards
 
 
@@ -64,6 +65,7 @@ def bench_writing(corpus, tok, copies):
     return ours, baseline, m["tokens"]
 
 
+@cli.reports_user_errors
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=2048)
@@ -83,4 +85,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

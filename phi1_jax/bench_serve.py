@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from phi1_jax import cli
+
 PROMPTS = ["def fibonacci(n):\n", "import os\nimport sys\n\n\ndef main():\n", "class Stack:\n    def __init__(self):",
            "# Sort a list of numbers\ndef sort_numbers(xs):", "def is_prime(n: int) -> bool:\n    \"\"\"",
            "for i in range(10):\n    print(", "def read_json(path):\n    with open(path) as f:",
@@ -74,6 +76,7 @@ async def _round(base_url: str, name: str, concurrency: int, rounds: int, max_to
         return time.perf_counter() - t0, len(latencies), sum(tokens), latencies
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.bench_serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])

@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from phi1_jax.errors import UserError
 from phi1_jax.model import Phi, PhiConfig, abstract_model
 
 CONFIG_FILE = "model_config.json"
@@ -37,7 +38,7 @@ CORRUPT_SUFFIX = ".corrupt"  # checkpoints/<step>.corrupt: not a step name, so O
 T = TypeVar("T")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint directory that cannot be read or written; the message names the path."""
 
 

@@ -1,11 +1,14 @@
-"""Command-line helpers shared by the `python -m phi1_jax.*` entry points."""
+"""Command-line helpers shared by the `python -m` entry points: each reports a `phi1_jax.errors.UserError` once, as
+`error: <message>` on stderr with no traceback; absl mains through `run`, argparse mains through `reports_user_errors`.
+"""
 
+import functools
 import sys
 
-from absl import flags
+from phi1_jax.errors import UserError
 
 
-class UsageError(ValueError):
+class UsageError(UserError, ValueError):
     """A command line that cannot run as given; the message says what to change."""
 
 
@@ -15,6 +18,8 @@ def parse_flags(argv):
     A misspelled `--config.a.b=v` raises deep inside ml_collections; the message it carries ("Did you mean ...") is
     the useful part, so that is what the user sees.
     """
+    from absl import flags
+
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -30,7 +35,10 @@ def parse_flags(argv):
 
 
 def run(main):
-    """`absl.app.run(main)` with clean flag errors, and a config that describes no valid model as a clear error."""
+    """`absl.app.run(main)` with clean flag errors, and every `UserError` as one `error: <message>` line and exit 2.
+
+    A `UsageError` or a model `ConfigError` (a flag or a `--config.*` field to change) adds a pointer to --helpfull.
+    """
     from absl import app
 
     from phi1_jax.model import ConfigError
@@ -40,6 +48,9 @@ def run(main):
             return main(argv)
         except (ConfigError, UsageError) as e:
             _fail(str(e))
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         except OSError as e:
             # ml_collections defers a config file that failed to load until its first use.
             if "Configuration is not available" not in str(e):
@@ -47,6 +58,29 @@ def run(main):
             _fail(str(e).replace("\n", " ").replace("  ", " "))
 
     app.run(guarded, flags_parser=parse_flags)
+
+
+def reports_user_errors(main=None, *, exit_code: int = 2):
+    """Decorates an argparse `main(argv=None) -> int`: a `UserError` it raises becomes `error: <message>` on stderr
+    and the return value `exit_code`, so `sys.exit(main())` exits with it and a test's `main([...])` sees it.
+
+        @cli.reports_user_errors                  # exit 2
+        def main(argv=None) -> int: ...
+
+        @cli.reports_user_errors(exit_code=1)     # a tool whose errors have always exited 1
+    """
+    if main is None:
+        return functools.partial(reports_user_errors, exit_code=exit_code)
+
+    @functools.wraps(main)
+    def guarded(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return exit_code
+
+    return guarded
 
 
 def _fail(msg):

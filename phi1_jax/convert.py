@@ -35,10 +35,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from phi1_jax import cli
+from phi1_jax.errors import UserError
 from phi1_jax.model import Phi, PhiConfig, abstract_model
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError, ValueError):
     """A checkpoint that cannot be converted; the message names the file or tensor."""
 
 
@@ -433,6 +435,7 @@ def to_hf(model: Phi, path: str | os.PathLike, *, dtype: str = "float32") -> Non
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m phi1_jax.convert",
@@ -450,18 +453,14 @@ def main(argv=None) -> int:
 
     from phi1_jax import checkpoint  # Orbax is only needed by the command line
 
-    try:
-        if args.command == "import":
-            model = from_hf(args.hf_dir)
-            checkpoint.save_model(args.out, model)
-            print(f"wrote phi1_jax checkpoint {args.out} ({model.cfg.num_layers} layers, d_model {model.cfg.d_model})")
-        else:
-            model = checkpoint.load_model(args.checkpoint)
-            to_hf(model, args.out, dtype=args.dtype)
-            print(f"wrote Hugging Face checkpoint {args.out}")
-    except (ConversionError, checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "import":
+        model = from_hf(args.hf_dir)
+        checkpoint.save_model(args.out, model)
+        print(f"wrote phi1_jax checkpoint {args.out} ({model.cfg.num_layers} layers, d_model {model.cfg.d_model})")
+    else:
+        model = checkpoint.load_model(args.checkpoint)
+        to_hf(model, args.out, dtype=args.dtype)
+        print(f"wrote Hugging Face checkpoint {args.out}")
     return 0
 
 

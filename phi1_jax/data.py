@@ -29,6 +29,7 @@ from pathlib import Path
 import grain
 import numpy as np
 
+from phi1_jax.errors import UserError
 from phi1_jax.shards import ShardError, decode_record, read_manifest
 
 
@@ -44,7 +45,7 @@ def device_part(batch: dict) -> dict:
     return {k: batch[k] for k in DEVICE_BATCH}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data configuration or shard set that cannot be read; the message names the file or field."""
 
 

@@ -12,13 +12,15 @@ import os
 import re
 from pathlib import Path
 
+from phi1_jax.errors import UserError
+
 # What from_hf and the tokenizer read; nothing else of a repository is downloaded (no PyTorch .bin, no README assets).
 FILES = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "tokenizer.model",
          "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class HubError(ValueError):
+class HubError(UserError, ValueError):
     """A model source that is neither a local path nor a hub id that can be had; the message says why."""
 
 

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax import checkpoint, loader
+from phi1_jax import checkpoint, cli, loader
 from phi1_jax.checkpoint import checkpoint_steps
 from phi1_jax.generate import generate
 from phi1_jax.model import Phi
@@ -43,7 +43,7 @@ def load(source, step: int | None = None, **overrides) -> Run:
     directory = loader.resolve(source)
     if loader.kind(directory) == "huggingface":
         if step is not None:
-            raise ValueError(f"{source}: a Hugging Face model has no checkpoint steps; drop --step")
+            raise cli.UsageError(f"{source}: a Hugging Face model has no checkpoint steps; drop --step")
         model, tokenizer = loader.load_model_and_tokenizer(directory)
         return Run(directory, None, model, tokenizer)
     model, used = checkpoint.load_model_and_step(directory, step=step, **overrides)
@@ -106,6 +106,7 @@ def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:
     return tok.decode(generate(run.model, [tok.encode(text)], max_new_tokens, eos_id=tok.eos_id)[0])
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.inspect",
                                 description="Summarize a model: a trainer workdir's checkpoint, a Hugging Face directory "
@@ -115,11 +116,7 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="def ", help="text to continue greedily")
     p.add_argument("--tokens", type=int, default=40)
     args = p.parse_args(argv)
-    try:
-        run = load(args.workdir, args.step)
-    except (checkpoint.CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    run = load(args.workdir, args.step)
     if run.step is not None:
         where = f"step {run.step} of {checkpoint_steps(run.workdir)}"
     else:

@@ -11,13 +11,14 @@ import os
 from pathlib import Path
 
 from phi1_jax import checkpoint, hub
+from phi1_jax.errors import UserError
 from phi1_jax.model import Phi
 from phi1_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece (ours), Hugging Face (phi-1's, CodeGen's)
 
 
-class LoadError(ValueError):
+class LoadError(UserError, ValueError):
     """A model source that cannot be loaded; the message names it and says why."""
 
 

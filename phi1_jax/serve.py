@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 
+from phi1_jax import cli
 from phi1_jax.serve_engine import Engine, Job
 
 MAX_N = 64  # choices per request
@@ -34,7 +35,8 @@ CHAT_STOP = "\nUser:"  # a chat reply also ends where the model starts the next 
 
 
 class ApiError(Exception):
-    """An OpenAI-style error answer: status, message, type, param, code."""
+    """An OpenAI-style error answer: status, message, type, param, code. Not a UserError: it goes to the HTTP client
+    as a 4xx/5xx answer, and the server goes on."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
                  kind: str = "invalid_request_error"):
@@ -389,6 +391,7 @@ async def _sse(chunks):
 # --- command line ------------------------------------------------------------------------------------------------------
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.serve", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -414,7 +417,7 @@ def main(argv=None) -> int:
         return _fail("phi1_jax.serve needs starlette and uvicorn: pip install starlette uvicorn")
     try:
         model, tokenizer = load(a.checkpoint)
-    except (ValueError, OSError) as e:  # CheckpointError, ConversionError, TokenizerError are ValueErrors
+    except (ValueError, OSError) as e:  # the loader's LoadError, and anything else loading raises: named with the flag
         return _fail(f"--checkpoint={a.checkpoint}: {e}")
     if tokenizer is None:
         return _fail(f"--checkpoint={a.checkpoint}: no tokenizer.model or tokenizer.json beside the model")

@@ -17,10 +17,12 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from phi1_jax.errors import UserError
+
 AXES = ("data", "fsdp", "tensor")
 
 
-class ShardingError(ValueError):
+class ShardingError(UserError, ValueError):
     """A mesh or rule that does not fit the devices, the batch or a parameter; the message names it."""
 
 

@@ -29,12 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
+from phi1_jax.errors import UserError
+
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<I")  # prompt tokens
 MANIFEST, RUN_FILE = "manifest.json", "run.json"
 
 
-class ShardError(ValueError):
+class ShardError(UserError, ValueError):
     """Bad input or a shard directory that cannot be used; the message names the file."""
 
 

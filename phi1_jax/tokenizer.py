@@ -18,13 +18,15 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from phi1_jax.errors import UserError
+
 EOS_PIECE = "<|endoftext|>"
 # SentencePiece skips training "sentences" longer than max_sentence_length bytes, so long files are cut at line
 # boundaries into pieces of at most this many bytes for training (encoding is not affected).
 _TRAIN_CHUNK_BYTES = 8192
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """A tokenizer that cannot be trained or loaded; the message names the file."""
 
 
