@@ -23,12 +23,14 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from evals import passk, tasks
+from evals import generation, passk, tasks
 from evals.execution import Limits, Sandbox, cpu_limit_for
+from phi1_jax import cli
+from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
 
 
-class EvalError(ValueError):
+class EvalError(UserError, ValueError):
     """Bad input to the evaluation; the message names the file, line or flag."""
 
 
@@ -132,10 +134,12 @@ def fit_new_tokens(requested: int, max_seq_len: int) -> int:
     return requested
 
 
-def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> list[dict]:
+def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> tuple[list[dict], int]:
+    """Samples of --checkpoint appended to samples_path as they come (evals/generation.py makes them: the in-training
+    evaluator makes the same ones); a rerun continues where the last one stopped."""
     from tqdm import tqdm
 
-    from phi1_jax.generate import for_decoding, generate
+    from phi1_jax.generate import for_decoding
 
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
@@ -146,38 +150,24 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
         _drop_cut_last_line(samples_path)
         for s in read_samples(samples_path, task):
             done[s["task_id"]] += 1
-    ids = list(task.problems)[: args.limit] if args.limit else list(task.problems)
-    encoded = {tid: tok.encode(task.problems[tid].prompt) for tid in ids}
-    # Batches of similar prompt lengths pad less (a batch is left-padded to its longest prompt); the sort is stable, so
-    # the samples of one problem stay together. Batches and seeds come from the whole list, done or not, so a rerun
-    # makes exactly the samples an uninterrupted run would have made (a batch written in part is remade whole).
-    items = sorted(((tid, i) for tid in ids for i in range(args.n_samples)), key=lambda item: len(encoded[item[0]]))
-    batches = [(start, items[start:start + args.batch_size]) for start in range(0, len(items), args.batch_size)]
-    batches = [(start, batch) for start, batch in batches if any(i >= done[tid] for tid, i in batch)]
-    stops = task.stop
-
-    def text_stop(row):
-        return any(s in tok.decode(row) for s in stops)
-
+    ids = generation.problem_ids(task, args.limit)
     args.max_new_tokens = fit_new_tokens(args.max_new_tokens, model.cfg.max_seq_len)
-    room = model.cfg.max_seq_len - args.max_new_tokens
+    settings = generation.Settings(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
+                                   max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     truncated = 0
-    todo = sum(i >= done[tid] for _, batch in batches for tid, i in batch)
+    todo = sum(max(0, args.n_samples - done[tid]) for tid in ids)
     with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=todo, desc=f"generating {task.name}",
                                                                 disable=not progress, unit="sample") as bar:
-        for start, batch in batches:
-            prompts = [encoded[tid] for tid, _ in batch]
-            truncated += sum(len(p) > room for p in prompts)
-            prompts = [p[-room:] for p in prompts]  # a prompt longer than the context keeps its end
-            outs = generate(model, prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                            top_p=args.top_p, stop=text_stop, seed=args.seed + start, eos_id=tok.eos_id)
-            lines = [json.dumps({"task_id": tid, "completion": tasks.truncate_at_stop(tok.decode(row), stops)}) + "\n"
-                     for (tid, i), row in zip(batch, outs) if i >= done[tid]]
+        for batch in generation.completions(model, tok, task, ids, settings, done):
+            truncated += batch.truncated
+            lines = [json.dumps({"task_id": tid, "completion": completion}) + "\n"
+                     for tid, _, completion in batch.samples]
             out.write("".join(lines))  # one write per batch: a crash loses at most the batch in flight
             out.flush()
             os.fsync(out.fileno())
             bar.update(len(lines))
     if truncated:
+        room = generation.prompt_room(model.cfg.max_seq_len, args.max_new_tokens)
         print(f"note: {truncated} prompts were longer than max_seq_len - max_new_tokens = {room} tokens and kept "
               "only their last tokens", file=sys.stderr)
     return read_samples(samples_path, task), truncated
@@ -186,6 +176,7 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
 # --- command line ------------------------------------------------------------------------------------------------------
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m evals", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])

@@ -1,0 +1,87 @@
+"""The completions of a task's problems: the one generation core of `python -m evals` and the in-training evaluator.
+
+Both callers go through `completions`, so the trainer's pass@1 at step N and `python -m evals --checkpoint=WORKDIR`
+on step N's checkpoint are made from the same completions, token for token: the same prompt encoding, batches, seeds,
+prompt truncation and stop handling. Only what is done with the batches differs (the CLI appends them to a file as
+they come and can resume; the trainer scores them at once).
+
+Batches: the (problem, sample) items are sorted by prompt length (a batch is left-padded to its longest prompt, so
+similar lengths pad less; the sort is stable, so the samples of one problem stay together) and cut every
+`batch_size` items. Batch and seed come from an item's place in that whole list, done or not, so a resumed run makes
+exactly the samples an uninterrupted one makes. A prompt longer than the context left after `max_new_tokens` keeps
+its end. A row stops at EOS, at max_new_tokens, or once its decoded text holds a stop sequence; the completion is the
+text before the first stop sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping
+
+from evals import tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """How completions are sampled (the CLI's --n-samples ... --seed; config.code_eval's fields of the same names)."""
+
+    n_samples: int = 1
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 0.95
+    max_new_tokens: int = 384  # must leave the prompt room in the context (the callers check or cap it)
+    batch_size: int = 16
+    seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    samples: list[tuple[str, int, str]]  # (task_id, sample index, completion) of the items not done before
+    truncated: int  # prompts of the batch that were cut to their last tokens
+
+
+def problem_ids(task: tasks.Task, limit: int | None) -> list[str]:
+    """The first `limit` problems (all for None or 0): a fixed subset, the same at every step."""
+    ids = list(task.problems)
+    return ids[:limit] if limit else ids
+
+
+def prompt_room(max_seq_len: int, max_new_tokens: int) -> int:
+    """Prompt tokens that fit beside the new ones."""
+    return max_seq_len - max_new_tokens
+
+
+def plan(task: tasks.Task, tokenizer, ids: list[str], n_samples: int, batch_size: int):
+    """({task_id: prompt ids}, [(start, [(task_id, sample index), ...]), ...]): every batch of the whole list."""
+    encoded = {tid: tokenizer.encode(task.problems[tid].prompt) for tid in ids}
+    items = sorted(((tid, i) for tid in ids for i in range(n_samples)), key=lambda item: len(encoded[item[0]]))
+    return encoded, [(start, items[start:start + batch_size]) for start in range(0, len(items), batch_size)]
+
+
+def completions(model, tokenizer, task: tasks.Task, ids: list[str], settings: Settings,
+                done: Mapping[str, int] | None = None) -> Iterator[Batch]:
+    """The completions of `ids`, one Batch per generate call, in plan order. `done`: samples already made per problem
+    (a resumed run); a batch holding none to make is skipped, one holding some is remade whole and only those are
+    yielded. `model` is used where it lives (the trainer's sharded parameters stay on its devices)."""
+    from phi1_jax.generate import for_decoding, generate
+
+    done = done or {}
+    model = for_decoding(model)  # a no-op for a model already converted (the CLI converts once at load)
+    encoded, batches = plan(task, tokenizer, ids, settings.n_samples, settings.batch_size)
+    room = prompt_room(model.cfg.max_seq_len, settings.max_new_tokens)
+    stops = task.stop
+
+    def text_stop(row):
+        return any(s in tokenizer.decode(row) for s in stops)
+
+    for start, batch in batches:
+        todo = [i >= done.get(tid, 0) for tid, i in batch]
+        if not any(todo):
+            continue
+        prompts = [encoded[tid] for tid, _ in batch]
+        truncated = sum(len(p) > room for p in prompts)
+        outs = generate(model, [p[-room:] for p in prompts], max_new_tokens=settings.max_new_tokens,
+                        temperature=settings.temperature, top_p=settings.top_p, stop=text_stop,
+                        seed=settings.seed + start, eos_id=tokenizer.eos_id)
+        samples = [(tid, i, tasks.truncate_at_stop(tokenizer.decode(row), stops))
+                   for (tid, i), row, new in zip(batch, outs, todo) if new]
+        yield Batch(samples, truncated)
