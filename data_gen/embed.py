@@ -105,7 +105,7 @@ class ModelEmbedder:
         @jax.jit
         def pooled(state, ids, mask):
             model = nnx.merge(graphdef, state)
-            h = model(ids, segment_ids=mask, return_hidden=True)  # [B, T, D]
+            h = model(ids, segment_ids=mask).hidden  # [B, T, D]; the unread logits are never computed
             w = mask[..., None].astype(h.dtype)
             return (h * w).sum(1) / jax.numpy.maximum(w.sum(1), 1.0)
 

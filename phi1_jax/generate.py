@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax.model import KVCache, Phi, decode_layout
+from phi1_jax.model import KVCache, Output, Phi, decode_layout
 
 PROMPT_BUCKET = 64
 
@@ -66,12 +66,18 @@ def _prefill(graphdef, state, ids, segment_ids, positions, max_len):
     The prompt attends within itself (a cache of exactly its length), and the cache is padded to `max_len` after:
     attending over the empty decode slots too nearly doubled the prefill's time at 512 new tokens on CPU."""
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, ids.shape[0], ids.shape[1])
-    hidden, cache = model(ids, segment_ids=segment_ids, positions=positions, cache=cache, return_hidden=True)
+    out = model(ids, segment_ids=segment_ids, positions=positions, cache=KVCache.init(model.cfg, *ids.shape))
     grow = lambda x: jnp.pad(x, [(0, 0), (0, 0), (0, max_len - x.shape[2]), (0, 0)])  # noqa: E731  [B, N, S, H]
-    cache = cache.replace(k=tuple(map(grow, cache.k)), v=tuple(map(grow, cache.v)),
-                          segment_ids=jnp.pad(cache.segment_ids, [(0, 0), (0, max_len - ids.shape[1])]))
-    return model.lm_head(hidden[:, -1]).astype(jnp.float32), cache  # logits of the last position only
+    cache = out.cache.replace(k=tuple(map(grow, out.cache.k)), v=tuple(map(grow, out.cache.v)),
+                              segment_ids=jnp.pad(out.cache.segment_ids, [(0, 0), (0, max_len - ids.shape[1])]))
+    return last_logits(model, out), cache
+
+
+def last_logits(model: Phi, out: Output) -> jax.Array:
+    """Logits [B, V] of the last position from the model's `Output`, `lm_head` applied to that position alone: under
+    jit the full `out.logits` is then unread and XLA never computes it ([B, T, V], most of a long prompt's matrix
+    multiply at phi-1's vocabulary)."""
+    return model.lm_head(out.hidden[:, -1:])[:, 0].astype(jnp.float32)  # [B, 1, D] -> [B, V]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(3, 5))
@@ -90,9 +96,8 @@ def _decode_chunk(graphdef, sampling, state, cache, logits, tokens, next_pos, do
         tok = jnp.where(done, 0, tok)
         tokens = jax.lax.dynamic_update_slice(tokens, tok[:, None], (0, step))
         done = done | (tok == eos_id)
-        logits, cache = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], positions=next_pos[:, None],
-                              cache=cache)
-        return cache, logits[:, -1], tokens, next_pos + 1, done, step + 1
+        out = model(tok[:, None], segment_ids=jnp.ones_like(tok)[:, None], positions=next_pos[:, None], cache=cache)
+        return out.cache, out.logits[:, -1], tokens, next_pos + 1, done, step + 1
 
     return jax.lax.while_loop(cond, body, (cache, logits, tokens, next_pos, done, step))
 

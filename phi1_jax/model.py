@@ -136,7 +136,8 @@ class Projection(nnx.Module):
 
     `out_axes` are the logical axes of y; constraining them keeps the batch sharded when the weights are sharded too
     (XLA then gathers weights, FSDP-style, instead of gathering activations). The kernel's leading dims are the
-    contracted ones (the trailing dims of x), its trailing dims the output's.
+    contracted ones (the trailing dims of x), its trailing dims the output's. (Generation on CPU swaps in
+    `DecodeProjection`, the same map with another weight layout; see the end of this file.)
     """
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, out_axes, cfg: PhiConfig, *,
@@ -148,37 +149,10 @@ class Projection(nnx.Module):
         self.dtype = cfg.compute_dtype
         self.kernel = _param(rngs, nnx.initializers.normal(cfg.init_std), kernel_shape, kernel_axes, cfg)
         self.bias = _param(rngs, nnx.initializers.zeros, bias_shape, bias_axes, cfg)
-        self.kernel_t = nnx.data(None)  # set by decode_layout: the kernel as one [out, in] matrix
 
     def __call__(self, x: Array) -> Array:
-        if self.kernel_t is not None:
-            return self.flat(x.reshape(*x.shape[:x.ndim - self.n_in], -1))
         y = jnp.einsum(self.spec, x.astype(self.dtype), self.kernel[...].astype(self.dtype))
         return nn.with_logical_constraint(y + self.bias[...].astype(self.dtype), self.out_axes)
-
-    def flat(self, x: Array) -> Array:
-        """The same map for x [..., K] with the contracted kernel dims flattened into K: one plain matrix multiply.
-        (Decoding uses it: given the einsum over two contracted dims, XLA:CPU transposes the kernel at every step.)"""
-        bias = self.bias[...].astype(self.dtype)
-        if self.kernel_t is not None:
-            y = jnp.einsum("...k,ok->...o", x.astype(self.dtype), self.kernel_t[...].astype(self.dtype))
-            y = y.reshape(*y.shape[:-1], *bias.shape)
-        else:
-            kernel = self.kernel[...].astype(self.dtype)
-            y = x.astype(self.dtype) @ kernel.reshape(-1, math.prod(kernel.shape[self.n_in:]))
-            y = y.reshape(*y.shape[:-1], *kernel.shape[self.n_in:])
-        return nn.with_logical_constraint(y + bias, self.out_axes)
-
-    def decode_layout(self) -> None:
-        """Stores the kernel as one [out, in] matrix (and drops the [in..., out...] one).
-
-        At decoding's small batches XLA:CPU's matrix multiply runs ~40% faster with the weight in this layout (measured
-        in docs/benchmarks.md); only generation on CPU uses it, on a copy of the model (`phi1_jax.model.decode_layout`).
-        """
-        kernel = self.kernel[...]
-        k = math.prod(kernel.shape[:self.n_in])
-        self.kernel_t = nnx.Variable(jnp.transpose(kernel.reshape(k, -1)))
-        del self.kernel
 
 
 def _layer_norm(cfg: PhiConfig, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -257,6 +231,16 @@ class KVCache:
         return self.segment_ids.shape[1]
 
 
+@flax.struct.dataclass
+class LayerCache:
+    """One layer's part of a `KVCache` as its attention reads and writes it."""
+
+    k: Array  # [B, N, S, H]
+    v: Array  # [B, N, S, H]
+    segment_ids: Array  # [B, S] int32, the new tokens' ids already written at [index, index + T)
+    index: Array  # [] int32: the slot of the first new token
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention, MLP, parallel block
 # ---------------------------------------------------------------------------------------------------------------------
@@ -274,27 +258,26 @@ class Attention(nnx.Module):
         self.dense = Projection("BTNH,NHD->BTD", (n, h, d), ("heads", "head_dim", "embed"), (d,), ("embed",),
                                 ACTIVATION_AXES, cfg, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_index, *, deterministic, rngs):
+    def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None, *, deterministic, rngs):
+        """x [B, T, D] -> ([B, T, D], the layer's cache with the T new keys and values written, or None)."""
         q = apply_rotary(self.q_proj(x), cos, sin)  # [B, T, N, H]
         k = apply_rotary(self.k_proj(x), cos, sin)  # [B, T, N, H]
         v = self.v_proj(x)  # [B, T, N, H]
-        if layer_cache is not None:  # decoding: the cache is [B, N, S, H]; attention and output stay heads-major
-            cache_k, cache_v, kv_segment_ids = layer_cache
-            k = jax.lax.dynamic_update_slice(cache_k, k.transpose(0, 2, 1, 3).astype(cache_k.dtype),
-                                             (0, 0, cache_index, 0))  # [B, N, S, H]
-            v = jax.lax.dynamic_update_slice(cache_v, v.transpose(0, 2, 1, 3).astype(cache_v.dtype),
-                                             (0, 0, cache_index, 0))
-            mask = attention.make_mask(segment_ids, kv_segment_ids, cache_index)
+        if cache is not None:  # decoding: the cache is [B, N, S, H], and attention stays heads-major
+            k = jax.lax.dynamic_update_slice(cache.k, k.transpose(0, 2, 1, 3).astype(cache.k.dtype),
+                                             (0, 0, cache.index, 0))  # [B, N, S, H]
+            v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype),
+                                             (0, 0, cache.index, 0))
+            mask = attention.make_mask(segment_ids, cache.segment_ids, cache.index)
             out = attention.cached_attention(q, k, v, mask)  # [B, N, T, H]
-            b, n, t, h = out.shape
-            return self.dense.flat(out.transpose(0, 2, 1, 3).reshape(b, t, n * h)), (k, v)
+            return self.dense(out.transpose(0, 2, 1, 3)), cache.replace(k=k, v=v)
         dropout_rng = None
         if not deterministic and self.cfg.attn_dropout > 0.0:
             dropout_rng = _require_rngs(rngs).dropout()
         out = attention.attend(
             q, k, v, segment_ids=segment_ids, impl=self.cfg.attention_impl, dropout_rate=self.cfg.attn_dropout, dropout_rng=dropout_rng,
         )  # [B, T, N, H]
-        return self.dense(out), layer_cache
+        return self.dense(out), None
 
 
 class MLP(nnx.Module):
@@ -317,22 +300,24 @@ class ParallelBlock(nnx.Module):
         self.mlp = MLP(cfg, rngs=rngs)
         self.resid_dropout = nnx.Dropout(cfg.resid_dropout)
 
-    def __call__(self, x, cos, sin, segment_ids, layer_cache, cache_index, *, deterministic, rngs):
+    def __call__(self, x, cos, sin, segment_ids, cache: LayerCache | None, *, deterministic, rngs):
         h = self.ln(x)
-        a, layer_cache = self.attn(h, cos, sin, segment_ids, layer_cache, cache_index, deterministic=deterministic, rngs=rngs)
+        a, cache = self.attn(h, cos, sin, segment_ids, cache, deterministic=deterministic, rngs=rngs)
         m = self.mlp(h)
         a = self.resid_dropout(a, deterministic=deterministic, rngs=rngs)
         m = self.resid_dropout(m, deterministic=deterministic, rngs=rngs)
-        return x + a + m, layer_cache
+        return x + a + m, cache
 
 
-# nnx.remat wants positional arguments only, so the two modes are two functions.
-def _run_block_train(layer, x, cos, sin, segment_ids, rngs):
-    return layer(x, cos, sin, segment_ids, None, None, deterministic=False, rngs=rngs)[0]
+def _block_without_cache(remat: str, deterministic: bool):
+    """`f(layer, x, cos, sin, segment_ids, rngs) -> x`: one block without a cache (training, evaluation, and the
+    forward of every caller without a cache), wrapped in `nnx.remat` with the config's policy unless it is "none".
+    nnx.remat traces positional arguments only, so `deterministic`, a Python bool, is closed over here."""
 
+    def run(layer, x, cos, sin, segment_ids, rngs):
+        return layer(x, cos, sin, segment_ids, None, deterministic=deterministic, rngs=rngs)[0]
 
-def _run_block_eval(layer, x, cos, sin, segment_ids, rngs):
-    return layer(x, cos, sin, segment_ids, None, None, deterministic=True, rngs=rngs)[0]
+    return run if remat == "none" else nnx.remat(run, policy=REMAT_POLICIES[remat])
 
 
 def _require_rngs(rngs):
@@ -344,6 +329,16 @@ def _require_rngs(rngs):
 # ---------------------------------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Output:
+    """What `Phi` returns, read by name. Under jit, XLA drops what a caller leaves unread: generation's prefill and
+    data_gen's embeddings read `hidden` only, so the [B, T, V] logits are never computed there."""
+
+    logits: Array  # [B, T, V] fp32
+    hidden: Array  # [B, T, D] fp32: the final LayerNorm's output, `lm_head`'s input
+    cache: KVCache | None  # the cache with the new tokens written (`index` advanced by T); None without a cache
 
 
 class Phi(nnx.Module):
@@ -369,12 +364,9 @@ class Phi(nnx.Module):
         cache: KVCache | None = None,
         deterministic: bool = True,
         rngs: nnx.Rngs | None = None,
-        return_hidden: bool = False,
-    ):
-        """input_ids [B, T] int -> logits [B, T, V] fp32, or (logits, updated cache) when `cache` is given.
-
-        return_hidden: return the final LayerNorm's output [B, T, D] instead of logits (embeddings for data_gen; the
-        prefill of generation, which needs logits at the last position only, applies `lm_head` to that one itself).
+    ) -> Output:
+        """input_ids [B, T] int -> `Output`: logits [B, T, V] and the final hidden states [B, T, D], both fp32, and
+        the updated cache when `cache` is given.
 
         segment_ids [B, T]: >= 1 for tokens, 0 for padding; attention stays within one segment id (packed documents
         never see each other). Default: all ones. positions [B, T]: rotary positions; default: restart at 0 with
@@ -386,39 +378,34 @@ class Phi(nnx.Module):
         if segment_ids is None:
             segment_ids = jnp.ones((b, t), jnp.int32)
         segment_ids = segment_ids.astype(jnp.int32)
-        cache_index = None if cache is None else cache.index
         if positions is None:
             positions = positions_from_segments(segment_ids)
             if cache is not None:
-                positions = positions + cache_index
+                positions = positions + cache.index
         cos, sin = rotary_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta)  # [B, T, R]
 
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(cfg.compute_dtype)  # [B, T, D]
         x = self.embed_dropout(x, deterministic=deterministic, rngs=rngs)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
 
-        kv_segment_ids = segment_ids
-        if cache is not None:
-            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache_index))  # [B, S]
-        new_k, new_v = [], []
-        for i, layer in enumerate(self.layers):
-            if cache is None and cfg.remat != "none":  # training: recompute the block in the backward pass
-                block = _run_block_eval if deterministic else _run_block_train
-                x = nnx.remat(block, policy=REMAT_POLICIES[cfg.remat])(layer, x, cos, sin, segment_ids, rngs)
-                x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-                continue
-            layer_cache = None if cache is None else (cache.k[i], cache.v[i], kv_segment_ids)
-            x, layer_cache = layer(x, cos, sin, segment_ids, layer_cache, cache_index, deterministic=deterministic, rngs=rngs)
-            x = nn.with_logical_constraint(x, ACTIVATION_AXES)
-            if cache is not None:
-                new_k.append(layer_cache[0])
-                new_v.append(layer_cache[1])
-
-        hidden = self.final_ln(x)
-        out = hidden.astype(jnp.float32) if return_hidden else self.lm_head(hidden).astype(jnp.float32)  # [B, T, D|V]
         if cache is None:
-            return out
-        return out, KVCache(k=tuple(new_k), v=tuple(new_v), segment_ids=kv_segment_ids, index=cache_index + t)
+            run_block = _block_without_cache(cfg.remat, deterministic)
+            for layer in self.layers:
+                x = nn.with_logical_constraint(run_block(layer, x, cos, sin, segment_ids, rngs), ACTIVATION_AXES)
+        else:
+            kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))  # [B, S]
+            written = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = LayerCache(k=cache.k[i], v=cache.v[i], segment_ids=kv_segment_ids, index=cache.index)
+                x, layer_cache = layer(x, cos, sin, segment_ids, layer_cache, deterministic=deterministic, rngs=rngs)
+                x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+                written.append(layer_cache)
+            cache = KVCache(k=tuple(c.k for c in written), v=tuple(c.v for c in written), segment_ids=kv_segment_ids,
+                            index=cache.index + t)
+
+        hidden = self.final_ln(x)  # [B, T, D]
+        logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]
+        return Output(logits=logits, hidden=hidden.astype(jnp.float32), cache=cache)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -429,25 +416,6 @@ class Phi(nnx.Module):
 def abstract_model(cfg: PhiConfig) -> Phi:
     """The model with `jax.ShapeDtypeStruct`s instead of arrays: nothing is allocated."""
     return nnx.eval_shape(lambda: Phi(cfg, rngs=nnx.Rngs(0)))
-
-
-def decode_layout(model: Phi) -> Phi:
-    """A model with the same weights whose projections keep their kernels as [out, in] matrices (see
-    `Projection.decode_layout`); `model` is untouched and the other weights are shared, not copied. For inference
-    only (the trainer's sharding rules know nothing of the [out, in] kernels). Converting phi-1-small takes ~1 s on
-    CPU, so a caller that generates many times (`python -m evals`) converts once at load."""
-    if is_decode_layout(model):
-        return model
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state, copy=False)
-    for _, module in nnx.iter_modules(copy):
-        if isinstance(module, Projection):
-            module.decode_layout()
-    return copy
-
-
-def is_decode_layout(model: Phi) -> bool:
-    return model.lm_head.kernel_t is not None
 
 
 def count_params(model: Phi) -> int:
@@ -461,3 +429,52 @@ def logical_axes(model: Phi) -> dict:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         out[path] = var.get_metadata().get("out_sharding")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Generation on CPU: the projections' kernels as [out, in] matrices
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DecodeProjection(nnx.Module):
+    """A `Projection`'s map with its kernel stored as one [out, in] matrix: x [..., in...] is flattened to [..., K]
+    and multiplied by kernel_t [O, K], then y [..., O] is unflattened to the projection's output dims.
+
+    At decoding's small batches XLA:CPU's matrix multiply runs ~40% faster with the weight in this layout (measured in
+    docs/benchmarks.md), and one plain product also spares it transposing a kernel with two contracted dims (the
+    attention output's [N, H, D]) at every step. Only `decode_layout` makes these, for generation on CPU; training
+    and the parameter layout (checkpoints, `phi1_jax.convert`) know only `Projection`.
+    """
+
+    def __init__(self, proj: Projection):
+        self.n_in, self.dtype, self.out_axes = proj.n_in, proj.dtype, proj.out_axes
+        kernel = proj.kernel[...]  # [in..., out...]
+        k = math.prod(kernel.shape[:self.n_in])
+        self.kernel_t = nnx.Variable(jnp.transpose(kernel.reshape(k, -1)))  # [O, K]
+        self.bias = proj.bias  # [out...], shared with the model it came from
+
+    def __call__(self, x: Array) -> Array:
+        x = x.reshape(*x.shape[:x.ndim - self.n_in], -1)  # [..., K]
+        y = jnp.einsum("...K,OK->...O", x.astype(self.dtype), self.kernel_t[...].astype(self.dtype))
+        bias = self.bias[...].astype(self.dtype)
+        return nn.with_logical_constraint(y.reshape(*y.shape[:-1], *bias.shape) + bias, self.out_axes)
+
+
+def decode_layout(model: Phi) -> Phi:
+    """A model with the same weights whose projections are `DecodeProjection`s; `model` is untouched and the other
+    weights are shared, not copied. For inference only (the trainer's sharding rules know nothing of the [out, in]
+    kernels). Converting phi-1-small takes ~1 s on CPU, so a caller that generates many times (`python -m evals`)
+    converts once at load."""
+    if is_decode_layout(model):
+        return model
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state, copy=False)
+    for _, module in list(nnx.iter_modules(copy)):
+        for name, value in list(vars(module).items()):
+            if isinstance(value, Projection):
+                setattr(module, name, DecodeProjection(value))
+    return copy
+
+
+def is_decode_layout(model: Phi) -> bool:
+    return isinstance(model.lm_head, DecodeProjection)

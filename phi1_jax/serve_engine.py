@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax.generate import PROMPT_BUCKET, for_decoding
+from phi1_jax.generate import PROMPT_BUCKET, for_decoding, last_logits
 from phi1_jax.model import KVCache, Phi
 from phi1_jax.tokenizer import Tokenizer
 
@@ -73,9 +73,8 @@ def _prefill(graphdef, state, ids, segment_ids, positions):
     """The prompt's cache (exactly its length: k, v, segment ids) and logits at its last position [G, V], computed as
     generate's prefill computes them."""
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, ids.shape[0], ids.shape[1])
-    hidden, cache = model(ids, segment_ids=segment_ids, positions=positions, cache=cache, return_hidden=True)
-    return cache.k, cache.v, cache.segment_ids, model.lm_head(hidden[:, -1]).astype(jnp.float32)
+    out = model(ids, segment_ids=segment_ids, positions=positions, cache=KVCache.init(model.cfg, *ids.shape))
+    return out.cache.k, out.cache.v, out.cache.segment_ids, last_logits(model, out)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2, 3))
@@ -124,9 +123,9 @@ def _decode_chunk(graphdef, rows, window, steps, state, k, v, seg, logits, index
 
     def row_step(kr, vr, sr, i, tok, p):  # one row: L x [N, W, H], [W], scalars; the model sees a batch of one
         cache = KVCache(k=tuple(x[None] for x in kr), v=tuple(x[None] for x in vr), segment_ids=sr[None], index=i)
-        out, cache = model(tok[None, None], segment_ids=jnp.ones((1, 1), jnp.int32), positions=p[None, None],
-                           cache=cache)
-        return out[0, -1], tuple(x[0] for x in cache.k), tuple(x[0] for x in cache.v), cache.segment_ids[0]
+        out = model(tok[None, None], segment_ids=jnp.ones((1, 1), jnp.int32), positions=p[None, None], cache=cache)
+        cache = out.cache
+        return out.logits[0, -1], tuple(x[0] for x in cache.k), tuple(x[0] for x in cache.v), cache.segment_ids[0]
 
     def cond(carry):
         step, done = carry[0], carry[9]

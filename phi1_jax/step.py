@@ -35,7 +35,7 @@ def loss_sums(graphdef, params, batch, dropout_key):
     deterministic = dropout_key is None
     rngs = None if deterministic else nnx.Rngs(dropout=dropout_key)
     logits = model(batch["inputs"], segment_ids=batch["segment_ids"], positions=batch["positions"],
-                   deterministic=deterministic, rngs=rngs)
+                   deterministic=deterministic, rngs=rngs).logits
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["loss_mask"]
     return jnp.sum(ce * mask), jnp.sum(mask)

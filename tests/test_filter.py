@@ -116,7 +116,7 @@ def test_model_embedder_mean_pools_a_phi1_jax_checkpoint(tmp_path, embedded):
     texts = ["def add(a, b):\n    return a + b\n", "import os\n" * 50, "x = 1\n"]
     got = emb.embed(texts)
     ids = emb.tokenizer.encode(texts[0])
-    hidden = np.asarray(model(np.array([ids]), return_hidden=True))[0]
+    hidden = np.asarray(model(np.array([ids])).hidden)[0]
     np.testing.assert_allclose(got[0], hidden.mean(0), atol=1e-5)  # padding and batch-mates change nothing
     assert got.shape == (3, 32) and np.isfinite(got).all()
     # the same weights exported in the Hugging Face layout embed the same

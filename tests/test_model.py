@@ -10,9 +10,10 @@ from flax import nnx
 
 from configs import phi1, phi1_finetune, phi1_small, tiny
 from phi1_jax import attention
+from phi1_jax.generate import last_logits
 from phi1_jax.model import (
-    ConfigError, KVCache, Phi, PhiConfig, abstract_model, apply_rotary, count_params, decode_layout, is_decode_layout,
-    logical_axes, positions_from_segments, rotary_cos_sin,
+    ConfigError, KVCache, Output, Phi, PhiConfig, abstract_model, apply_rotary, count_params, decode_layout,
+    is_decode_layout, logical_axes, positions_from_segments, rotary_cos_sin,
 )
 
 SMALL = PhiConfig(vocab_size=97, num_layers=2, d_model=48, num_heads=3, head_dim=16, mlp_dim=96, rotary_dim=8,
@@ -89,14 +90,13 @@ def test_positions_restart_per_segment():
 @pytest.mark.parametrize("prefill", [1, 5, 11])
 def test_kv_cache_decoding_equals_full_forward(model, prefill):
     ids = _ids((2, 12))
-    full = model(ids)
-    cache = KVCache.init(SMALL, batch=2, max_len=16)
-    out, cache = model(ids[:, :prefill], cache=cache)
-    pieces = [out]
+    full = model(ids).logits
+    out = model(ids[:, :prefill], cache=KVCache.init(SMALL, batch=2, max_len=16))
+    pieces = [out.logits]
     for i in range(prefill, 12):
-        out, cache = model(ids[:, i:i + 1], cache=cache)
-        pieces.append(out)
-    assert int(cache.index) == 12
+        out = model(ids[:, i:i + 1], cache=out.cache)
+        pieces.append(out.logits)
+    assert int(out.cache.index) == 12
     np.testing.assert_allclose(jnp.concatenate(pieces, axis=1), full, atol=1e-5, rtol=1e-5)
 
 
@@ -106,38 +106,69 @@ def test_decode_layout_computes_the_same_function(model):
     assert is_decode_layout(fast) and not is_decode_layout(model) and decode_layout(fast) is fast
     assert model.layers[0].attn.dense.kernel.shape == (3, 16, 48)  # [N, H, D], as stored
     assert fast.layers[0].attn.dense.kernel_t.shape == (48, 48) and fast.layers[0].attn.q_proj.kernel_t.shape == (48, 48)
+    assert fast.lm_head.bias is model.lm_head.bias  # the other weights are shared, not copied
     ids = _ids((2, 12), seed=9)
-    np.testing.assert_allclose(fast(ids), model(ids), atol=1e-5, rtol=1e-5)
-    cache = KVCache.init(SMALL, batch=2, max_len=12)
-    hidden, cache = fast(ids[:, :7], cache=cache, return_hidden=True)  # generation's prefill
-    np.testing.assert_allclose(fast.lm_head(hidden[:, -1]), model(ids[:, :7])[:, -1], atol=1e-5, rtol=1e-5)
-    out, cache = fast(ids[:, 7:], cache=cache)
-    np.testing.assert_allclose(out, model(ids)[:, 7:], atol=1e-5, rtol=1e-5)
+    full = model(ids).logits
+    np.testing.assert_allclose(fast(ids).logits, full, atol=1e-5, rtol=1e-5)
+    prefill = fast(ids[:, :7], cache=KVCache.init(SMALL, batch=2, max_len=12))  # generation's prefill
+    np.testing.assert_allclose(last_logits(fast, prefill), model(ids[:, :7]).logits[:, -1], atol=1e-5, rtol=1e-5)
+    out = fast(ids[:, 7:], cache=prefill.cache)
+    np.testing.assert_allclose(out.logits, full[:, 7:], atol=1e-5, rtol=1e-5)
+
+
+def test_output_is_one_type_read_by_name(model):
+    """Logits and hidden states by name, with or without a cache; `cache` is None without one."""
+    ids = _ids((2, 6), seed=8)
+    out = model(ids)
+    assert isinstance(out, Output) and out.cache is None
+    assert out.logits.shape == (2, 6, SMALL.vocab_size) and out.hidden.shape == (2, 6, SMALL.d_model)
+    assert out.logits.dtype == out.hidden.dtype == jnp.float32
+    np.testing.assert_array_equal(model.lm_head(out.hidden).astype(jnp.float32), out.logits)  # hidden: lm_head's input
+    cached = model(ids, cache=KVCache.init(SMALL, 2, 8))
+    assert isinstance(cached, Output) and isinstance(cached.cache, KVCache) and int(cached.cache.index) == 6
+    np.testing.assert_allclose(cached.hidden, out.hidden, atol=1e-5)
+
+
+def test_prefill_never_computes_the_full_logits(model):
+    """Generation's prefill reads `hidden` and applies lm_head to the last position: XLA drops the unread [B, T, V]
+    logits from the compiled program (at phi-1's vocabulary they would be most of a long prompt's matrix multiply)."""
+    graphdef, state = nnx.split(model)
+    ids = _ids((2, 32))  # [B, T, V] = f32[2,32,97]; no other array of the program has that shape
+    seg = jnp.ones_like(ids)
+
+    def compiled(full_logits_too):
+        def prefill(st, x):  # what generate._prefill computes, the cache not grown
+            m = nnx.merge(graphdef, st)
+            out = m(x, segment_ids=seg, positions=seg.cumsum(1) - 1, cache=KVCache.init(SMALL, *x.shape))
+            return (last_logits(m, out), out.cache) + ((out.logits,) if full_logits_too else ())
+        return jax.jit(prefill).lower(state, ids).compile().as_text()
+
+    assert "f32[2,32,97]" in compiled(full_logits_too=True)  # the check sees the logits when they are computed
+    assert "f32[2,32,97]" not in compiled(full_logits_too=False)
 
 
 def test_kv_cache_under_jit(model):
     ids = _ids((1, 8), seed=3)
     step = nnx.jit(lambda m, x, c: m(x, cache=c))
-    cache = KVCache.init(SMALL, 1, 8)
-    a, cache = step(model, ids[:, :4], cache)
-    b, cache = step(model, ids[:, 4:8], cache)
-    np.testing.assert_allclose(jnp.concatenate([a, b], 1), model(ids), atol=1e-5)
+    a = step(model, ids[:, :4], KVCache.init(SMALL, 1, 8))
+    b = step(model, ids[:, 4:8], a.cache)
+    np.testing.assert_allclose(jnp.concatenate([a.logits, b.logits], 1), model(ids).logits, atol=1e-5)
 
 
 def test_packed_documents_equal_separate_documents(model):
     doc1, doc2 = _ids((1, 7), seed=1), _ids((1, 5), seed=2)
     packed = jnp.concatenate([doc1, doc2, jnp.zeros((1, 3), jnp.int32)], axis=1)  # plus 3 tokens of padding
     seg = jnp.array([[1] * 7 + [2] * 5 + [0] * 3])
-    logits = model(packed, segment_ids=seg)
-    np.testing.assert_allclose(logits[:, 7:12], model(doc2), atol=1e-5)
-    np.testing.assert_allclose(logits[:, :7], model(doc1), atol=1e-5)
+    logits = model(packed, segment_ids=seg).logits
+    np.testing.assert_allclose(logits[:, 7:12], model(doc2).logits, atol=1e-5)
+    np.testing.assert_allclose(logits[:, :7], model(doc1).logits, atol=1e-5)
     assert np.isfinite(np.asarray(logits)).all()  # padding rows stay finite
 
 
 def test_explicit_positions_match_derived_positions(model):
     ids, seg = _ids((1, 9), seed=4), jnp.array([[1] * 4 + [2] * 5])
     pos = jnp.array([[0, 1, 2, 3, 0, 1, 2, 3, 4]])
-    np.testing.assert_array_equal(model(ids, segment_ids=seg, positions=pos), model(ids, segment_ids=seg))
+    np.testing.assert_array_equal(model(ids, segment_ids=seg, positions=pos).logits, model(ids, segment_ids=seg).logits)
 
 
 def test_left_padded_batch_decodes_like_each_row_alone(model):
@@ -147,14 +178,13 @@ def test_left_padded_batch_decodes_like_each_row_alone(model):
     ids = jnp.concatenate([long, jnp.concatenate([jnp.zeros((1, pad), jnp.int32), short], 1)], 0)
     seg = jnp.array([[1] * 6, [0] * pad + [1] * 3])
     pos = jnp.array([list(range(6)), [0] * pad + [0, 1, 2]])
-    cache = KVCache.init(SMALL, 2, 8)
-    out, cache = model(ids, segment_ids=seg, positions=pos, cache=cache)
-    np.testing.assert_allclose(out[0], model(long)[0], atol=1e-5)
-    np.testing.assert_allclose(out[1, pad:], model(short)[0], atol=1e-5)
+    out = model(ids, segment_ids=seg, positions=pos, cache=KVCache.init(SMALL, 2, 8))
+    np.testing.assert_allclose(out.logits[0], model(long).logits[0], atol=1e-5)
+    np.testing.assert_allclose(out.logits[1, pad:], model(short).logits[0], atol=1e-5)
     nxt = _ids((2, 1), seed=7)
-    step, _ = model(nxt, segment_ids=jnp.ones((2, 1), jnp.int32), positions=jnp.array([[6], [3]]), cache=cache)
-    np.testing.assert_allclose(step[1, 0], model(jnp.concatenate([short, nxt[1:]], 1))[0, -1], atol=1e-5)
-    np.testing.assert_allclose(step[0, 0], model(jnp.concatenate([long, nxt[:1]], 1))[0, -1], atol=1e-5)
+    step = model(nxt, segment_ids=jnp.ones((2, 1), jnp.int32), positions=jnp.array([[6], [3]]), cache=out.cache).logits
+    np.testing.assert_allclose(step[1, 0], model(jnp.concatenate([short, nxt[1:]], 1)).logits[0, -1], atol=1e-5)
+    np.testing.assert_allclose(step[0, 0], model(jnp.concatenate([long, nxt[:1]], 1)).logits[0, -1], atol=1e-5)
 
 
 # --- dtypes and dropout ---------------------------------------------------------------------------------------------
@@ -165,23 +195,23 @@ def test_bf16_compute_keeps_fp32_weights_and_is_close():
     m32, m16 = Phi(SMALL, rngs=nnx.Rngs(0)), Phi(cfg16, rngs=nnx.Rngs(0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(m16, nnx.Param)))
     ids = _ids((2, 10))
-    out16 = m16(ids)
+    out16 = m16(ids).logits
     assert out16.dtype == jnp.float32
     # bf16 keeps 8 bits of mantissa: logits of std ~0.2 through 2 layers agree to a few 1e-3.
-    np.testing.assert_allclose(out16, m32(ids), atol=3e-2)
+    np.testing.assert_allclose(out16, m32(ids).logits, atol=3e-2)
 
 
 def test_dropout_uses_call_time_rngs():
     cfg = PhiConfig(**{**SMALL.to_dict(), "embed_dropout": 0.1, "resid_dropout": 0.1, "attn_dropout": 0.1})
     m = Phi(cfg, rngs=nnx.Rngs(0))
     ids = _ids((2, 10))
-    a = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
-    b = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1))
-    c = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=2))
+    a = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1)).logits
+    b = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=1)).logits
+    c = m(ids, deterministic=False, rngs=nnx.Rngs(dropout=2)).logits
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
-    assert not np.allclose(a, m(ids))
-    np.testing.assert_array_equal(m(ids), m(ids, deterministic=True, rngs=nnx.Rngs(dropout=5)))
+    assert not np.allclose(a, m(ids).logits)
+    np.testing.assert_array_equal(m(ids).logits, m(ids, deterministic=True, rngs=nnx.Rngs(dropout=5)).logits)
     with pytest.raises(Exception, match="rngs"):
         m(ids, deterministic=False)
 
@@ -214,8 +244,8 @@ def test_cudnn_on_gpu_equals_xla():
         pytest.skip("needs a CUDA GPU")
     cfg = PhiConfig(**{**SMALL.to_dict(), "dtype": "bfloat16", "num_heads": 3})
     ids, seg = _ids((2, 16)), jnp.array([[1] * 9 + [2] * 7, [1] * 16])
-    ref = Phi(cfg, rngs=nnx.Rngs(0))(ids, segment_ids=seg)
-    fast = Phi(PhiConfig(**{**cfg.to_dict(), "attention_impl": "cudnn"}), rngs=nnx.Rngs(0))(ids, segment_ids=seg)
+    ref = Phi(cfg, rngs=nnx.Rngs(0))(ids, segment_ids=seg).logits
+    fast = Phi(PhiConfig(**{**cfg.to_dict(), "attention_impl": "cudnn"}), rngs=nnx.Rngs(0))(ids, segment_ids=seg).logits
     np.testing.assert_allclose(fast, ref, atol=5e-2)
 
 
@@ -256,7 +286,7 @@ def test_remat_changes_memory_not_values(policy):
 
     def value_and_grads(remat):
         graphdef, state = nnx.split(Phi(PhiConfig(**{**base, "remat": remat}), rngs=nnx.Rngs(0)))
-        loss = lambda st: nnx.merge(graphdef, st)(ids, deterministic=False, rngs=nnx.Rngs(dropout=3)).sum()  # noqa: E731
+        loss = lambda st: nnx.merge(graphdef, st)(ids, deterministic=False, rngs=nnx.Rngs(dropout=3)).logits.sum()  # noqa: E731
         v, g = jax.jit(jax.value_and_grad(loss))(state)
         return v, jax.tree.leaves(g)
 
