@@ -25,11 +25,12 @@ import tokenize
 import numpy as np
 
 from data_gen import ast_match
+from phi1_jax.errors import UserError
 
 _CODE_TOKEN = r"[A-Za-z_]\w*|\d+|[^\w\s]"
 
 
-class EmbedError(ValueError):
+class EmbedError(UserError, ValueError):
     """An embedder that cannot be built; the message names the path or spec."""
 
 

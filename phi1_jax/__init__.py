@@ -4,7 +4,7 @@ The model classes are imported lazily, so light submodules (`phi1_jax.jsonl`, us
 for importing JAX.
 """
 
-__all__ = ["KVCache", "Phi", "PhiConfig"]
+__all__ = ["KVCache", "Output", "Phi", "PhiConfig"]
 
 
 def __getattr__(name):

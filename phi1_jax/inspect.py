@@ -94,7 +94,7 @@ def _require_tokenizer(run: Run) -> Tokenizer:
 def top_next_tokens(run: Run, text: str, k: int = 5) -> list[tuple[str, float]]:
     """The k most likely next tokens after `text`, with their probabilities."""
     tok = _require_tokenizer(run)
-    logits = run.model(jnp.asarray([tok.encode(text)], jnp.int32))[0, -1]
+    logits = run.model(jnp.asarray([tok.encode(text)], jnp.int32)).logits[0, -1]
     probs = np.asarray(jax.nn.softmax(logits))
     best = np.argsort(-probs)[:k]
     return [(tok.decode([int(i)]), float(probs[i])) for i in best]

@@ -29,6 +29,7 @@ from flax import linen as nn
 from flax import nnx
 
 from phi1_jax import attention
+from phi1_jax.errors import UserError
 
 Array = jax.Array
 
@@ -50,7 +51,7 @@ REMAT_POLICIES = {
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A model config that describes no valid Phi model; the message names the field."""
 
 

@@ -67,7 +67,7 @@ def hf_dir(request, tmp_path_factory):
 def test_fp32_logits_match_transformers(hf_dir):
     d, hf, vocab = hf_dir
     ids = ids_for(vocab)
-    ours = np.asarray(from_hf(d)(jnp.asarray(ids)))
+    ours = np.asarray(from_hf(d)(jnp.asarray(ids)).logits)
     np.testing.assert_allclose(ours, hf_logits(hf, ids), atol=1e-4, rtol=0)
 
 
@@ -82,7 +82,7 @@ def test_fp32_logits_match_transformers_by_hub_id(hf_dir, tmp_path, monkeypatch)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     ids = ids_for(vocab)
-    np.testing.assert_allclose(np.asarray(from_hf("test-org/phi")(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4,
+    np.testing.assert_allclose(np.asarray(from_hf("test-org/phi")(jnp.asarray(ids)).logits), hf_logits(hf, ids), atol=1e-4,
                                rtol=0)
 
 
@@ -94,7 +94,7 @@ def test_bf16_logits_are_as_close_to_fp32_as_transformers_bf16(hf_dir):
     ids = ids_for(vocab)
     ref = hf_logits(hf, ids)
     hf16 = hf_logits(copy.deepcopy(hf).to(torch.bfloat16), ids)
-    ours16 = np.asarray(from_hf(d, dtype="bfloat16")(jnp.asarray(ids)))
+    ours16 = np.asarray(from_hf(d, dtype="bfloat16")(jnp.asarray(ids)).logits)
     hf_err, our_err = np.abs(hf16 - ref).max(), np.abs(ours16 - ref).max()
     assert our_err <= 2 * hf_err + 1e-2, (our_err, hf_err)
     assert our_err > 0  # it really ran in bf16
@@ -128,7 +128,7 @@ def test_sharded_safetensors_with_index(tmp_path):
     assert (tmp_path / "model.safetensors.index.json").exists()
     assert len(list(tmp_path.glob("*.safetensors"))) > 1
     ids = ids_for(257)
-    np.testing.assert_allclose(np.asarray(from_hf(tmp_path)(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(from_hf(tmp_path)(jnp.asarray(ids)).logits), hf_logits(hf, ids), atol=1e-4)
 
 
 # --- the older layouts ----------------------------------------------------------------------------------------------
@@ -180,7 +180,7 @@ def test_older_layouts_import(tmp_path, layout):
     write_old_layout(hf, tmp_path, layout)
     assert "model.embed_tokens.weight" not in read_tensors(tmp_path)
     ids = ids_for(101)
-    np.testing.assert_allclose(np.asarray(from_hf(tmp_path)(jnp.asarray(ids))), hf_logits(hf, ids), atol=1e-4)
+    np.testing.assert_allclose(np.asarray(from_hf(tmp_path)(jnp.asarray(ids)).logits), hf_logits(hf, ids), atol=1e-4)
 
 
 def test_mixformer_vocab_padding_is_applied(tmp_path):

@@ -175,7 +175,7 @@ def test_greedy_on_the_cache_equals_greedy_by_full_forward_passes(small_model):
     for p, out in zip(prompts, outs):
         ids, ref = list(p), []
         for _ in range(12):
-            nxt = int(jnp.argmax(small_model(jnp.asarray([ids]))[0, -1]))
+            nxt = int(jnp.argmax(small_model(jnp.asarray([ids])).logits[0, -1]))
             ref.append(nxt)
             ids.append(nxt)
         assert out == ref
@@ -188,7 +188,7 @@ def test_sampling_is_seeded_and_respects_top_k(small_model):
     assert a == b and a != generate(small_model, prompts, seed=8, **kw)
     ids = list(prompts[0])
     for tok in a[0][:4]:  # each sampled token is among the 5 most likely at its step
-        top5 = np.argsort(-np.asarray(small_model(jnp.asarray([ids]))[0, -1]))[:5]
+        top5 = np.argsort(-np.asarray(small_model(jnp.asarray([ids])).logits[0, -1]))[:5]
         assert tok in top5
         ids.append(tok)
 

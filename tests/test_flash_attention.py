@@ -120,8 +120,8 @@ def test_model_with_pallas_equals_xla_on_a_packed_batch():
     out = {}
     for impl in ("xla", "pallas"):
         graphdef, state = nnx.split(Phi(PhiConfig(**base, attention_impl=impl), rngs=nnx.Rngs(0)))
-        loss = lambda st: nnx.merge(graphdef, st)(ids, segment_ids=seg).mean()  # noqa: E731
-        logits = nnx.merge(graphdef, state)(ids, segment_ids=seg)
+        loss = lambda st: nnx.merge(graphdef, st)(ids, segment_ids=seg).logits.mean()  # noqa: E731
+        logits = nnx.merge(graphdef, state)(ids, segment_ids=seg).logits
         out[impl] = (logits, jax.tree.leaves(jax.grad(loss)(state)))
     np.testing.assert_allclose(out["pallas"][0], out["xla"][0], atol=1e-5)
     for a, b in zip(out["pallas"][1], out["xla"][1]):
@@ -164,7 +164,7 @@ def test_model_trains_with_pallas_attention_dropout():
     ids = jnp.ones((2, 64), jnp.int32)
 
     def loss(st, seed):
-        return nnx.merge(graphdef, st)(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed)).mean()
+        return nnx.merge(graphdef, st)(ids, deterministic=False, rngs=nnx.Rngs(dropout=seed)).logits.mean()
 
     g0, g0_again, g1 = (jax.grad(loss)(state, s) for s in (0, 0, 1))
     leaves = [np.asarray(x) for x in jax.tree.leaves(g0)]

@@ -48,14 +48,14 @@ def test_from_hf_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     ids = jnp.array([[5, 6, 7, 8, 9]])
-    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids)), np.asarray(model(ids)))
+    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids).logits), np.asarray(model(ids).logits))
     # a directory at the same relative path is what loads: a local path always wins over an id
     from phi1_jax.convert import to_hf
 
     other = Phi(model.cfg, rngs=nnx.Rngs(4))
     to_hf(other, tmp_path / REPO_ID)
     monkeypatch.chdir(tmp_path)
-    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids)), np.asarray(other(ids)))
+    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids).logits), np.asarray(other(ids).logits))
     with pytest.raises(ConversionError, match="not in the cache .* the hub is off"):
         from_hf("test-org/not-cached")
 
