@@ -18,7 +18,6 @@ import platform
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import flags
 from ml_collections import config_flags
@@ -44,15 +43,14 @@ def random_batch(config, rng):
 
 def bench_phi1_jax(config, steps, warmup):
     b = build(config)
-    params = init_params(b, config.seed)
-    opt_state = jax.jit(b.opt_init, in_shardings=(b.p_shard,), out_shardings=b.o_shard)(params)
-    batch = {k: jax.device_put(v, b.b_shard[k]) for k, v in random_batch(config, np.random.default_rng(0)).items()}
-    for i in range(warmup):
-        params, opt_state, m = b.step_fn(params, opt_state, jnp.int32(i), batch)
+    state = b.start(init_params(b, config.seed))
+    batch = jax.device_put(random_batch(config, np.random.default_rng(0)), b.shardings(b.batch))
+    for _ in range(warmup):
+        state, m = b.step_fn(state, batch)
     jax.block_until_ready(m["loss"])
     t0 = time.perf_counter()
-    for i in range(steps):
-        params, opt_state, m = b.step_fn(params, opt_state, jnp.int32(warmup + i), batch)
+    for _ in range(steps):
+        state, m = b.step_fn(state, batch)
     jax.block_until_ready(m["loss"])
     return config.batch_size * config.seq_len * steps / (time.perf_counter() - t0), float(m["loss"])
 

@@ -89,23 +89,6 @@ def param_shardings(logical: dict, abstract_params, rules: dict, mesh: Mesh):
     return jax.tree_util.tree_map_with_path(one, abstract_params)
 
 
-def like_params_shardings(tree, params_shardings, mesh: Mesh):
-    """Shardings for a tree (e.g. optimizer state) whose leaves mirror params by path suffix; the rest replicated."""
-    by_path = {}
-    for path, s in jax.tree_util.tree_flatten_with_path(params_shardings)[0]:
-        by_path[tuple(str(p) for p in path)] = s
-    replicated = NamedSharding(mesh, P())
-
-    def one(path, x):
-        keys = tuple(str(p) for p in path)
-        for i in range(len(keys)):
-            if keys[i:] in by_path and by_path[keys[i:]].spec and len(by_path[keys[i:]].spec) <= len(x.shape):
-                return by_path[keys[i:]]
-        return replicated
-
-    return jax.tree_util.tree_map_with_path(one, tree)
-
-
 def batch_sharding(rules: dict, mesh: Mesh, ndim: int = 2) -> NamedSharding:
     targets = tuple(t for t in rules.get("batch", ()) if mesh.shape[t] > 1)
     lead = None if not targets else targets[0] if len(targets) == 1 else targets

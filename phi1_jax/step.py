@@ -1,7 +1,10 @@
-"""What a training config compiles to: the mesh, shardings, and the jitted train and eval steps (no flags, no I/O).
+"""What a training config compiles to: the mesh, the train state's abstract form, and the jitted steps (no flags, no I/O).
 
-Used by phi1_jax.train (the loop) and phi1_jax.bench_train (throughput). `build(config)` allocates nothing: the model
-and optimizer state are abstract until `init_params` (or a restore) creates them in their shardings.
+Used by phi1_jax.train (the loop) and phi1_jax.bench_train (throughput). `build(config)` allocates nothing: the state
+is abstract (`Built.state`, ShapeDtypeStructs that carry their shardings) until `init_params` + `Built.start`, or a
+restore into that abstract form, creates it on the devices. Parameter shardings come from the model's logical axes and
+`config.sharding_rules`; the optimizer state's are derived from them with optax's own `tree_map_params`, so no
+sharding is guessed from a leaf's path or shape.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import jmp
@@ -17,16 +21,27 @@ from flax import linen as nn
 from flax import nnx
 
 from phi1_jax import data, optim, sharding
-from phi1_jax.model import Phi, PhiConfig, abstract_model, logical_axes
+from phi1_jax.errors import UserError
+from phi1_jax.model import Phi, PhiConfig, abstract_model, count_params, logical_axes
 
 
-class BuildError(ValueError):
+class BuildError(UserError, ValueError):
     """A mesh, batch or sharding that does not fit; the message says what to change."""
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The step
+# The state and the step
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything one optimizer step reads and writes. A checkpoint holds `params` and `opt_state` as two items and the
+    step in its directory name (phi1_jax.checkpoint), so this type changes no file format."""
+
+    step: jax.Array  # [] int32, replicated: updates done so far; the dropout key of the next update is folded from it
+    params: dict  # the model's parameters as a pure dict (nnx.to_pure_dict), in the config's param_dtype
+    opt_state: Any  # the optax state, plus {"loss_scale": ...} beside it under fp16 compute (make_opt_init)
 
 
 def loss_sums(graphdef, params, batch, dropout_key):
@@ -57,7 +72,8 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, 
     `loss_scale.period` good steps it doubles (jmp.DynamicLossScale, as in mixed-precision practice).
     """
 
-    def train_step(params, opt_state, step, batch):
+    def train_step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        params, opt_state, step = state.params, state.opt_state, state.step
         if loss_scale is not None:
             scaler = jmp.DynamicLossScale(opt_state["loss_scale"]["scale"], opt_state["loss_scale"]["counter"],
                                           period=loss_scale.period)
@@ -87,7 +103,7 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, 
         metrics = {"loss": total / count, "grad_norm": optax.tree.norm(grads), "tokens": count}
         if loss_scale is None:
             updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, metrics
+            return TrainState(step + 1, optax.apply_updates(params, updates), opt_state), metrics
         finite = jmp.all_finite(grads)
         updates, tx_state = tx.update(grads, opt_state["tx"], params)
         # An overflowed step changes nothing but the scale.
@@ -95,7 +111,8 @@ def make_train_step(graphdef, tx, *, grad_accum: int, seed: int, dropout: bool, 
                                            (params, opt_state["tx"]))
         scaler = scaler.adjust(finite)
         metrics.update(loss_scale=scaler.loss_scale, skipped=1 - finite.astype(jnp.int32))
-        return params, {"tx": tx_state, "loss_scale": {"scale": scaler.loss_scale, "counter": scaler.counter}}, metrics
+        opt_state = {"tx": tx_state, "loss_scale": {"scale": scaler.loss_scale, "counter": scaler.counter}}
+        return TrainState(step + 1, params, opt_state), metrics
 
     return train_step
 
@@ -113,52 +130,69 @@ def _check_batch(config, mesh):
                          "config.grad_accum_steps or config.mesh")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Built:
-    """What a config compiles to: the mesh, the model's graph and abstract state, shardings and the jitted steps."""
+    """What a config compiles to. `state` and `batch` are abstract (ShapeDtypeStruct leaves with `.sharding`): the one
+    place shardings are declared, read by the jitted steps, the restore, the dry run and the benchmarks alike."""
 
     mesh: jax.sharding.Mesh
     cfg: PhiConfig
-    abstract: Phi
-    graphdef: Any
-    abs_params: dict
-    p_shard: Any
-    tx: optax.GradientTransformation
-    abs_opt: Any
-    o_shard: Any
-    b_shard: dict
-    replicated: jax.sharding.NamedSharding
-    opt_init: Any  # params -> optimizer state (optax state, and the loss scale for fp16)
-    step_fn: Any  # (params, opt_state, step, batch) -> (params, opt_state, metrics); params and opt_state donated
+    graphdef: Any  # the model's structure; nnx.merge(graphdef, params) is the model
+    n_params: int
+    state: TrainState  # abstract
+    batch: dict  # abstract: one [batch_size, seq_len] entry per data.DEVICE_BATCH key
+    opt_init: Any  # params -> optimizer state (unjitted; `start` runs it in the state's shardings)
+    step_fn: Any  # (state, batch) -> (state, metrics); the state is donated
     eval_fn: Any  # (params, batch) -> (sum of token losses, number of tokens)
+
+    @property
+    def replicated(self) -> jax.sharding.NamedSharding:
+        return jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+
+    def shardings(self, abstract):
+        """The shardings of an abstract tree (e.g. `self.state`, `self.batch`)."""
+        return jax.tree.map(lambda x: x.sharding, abstract)
+
+    def start(self, params) -> TrainState:
+        """The state at step 0 for `params` (already in their shardings): the optimizer state created in its own."""
+        s = self.shardings(self.state)
+        return jax.jit(lambda p: TrainState(jnp.int32(0), p, self.opt_init(p)), in_shardings=(s.params,),
+                       out_shardings=s)(params)
+
+
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def build(config) -> Built:
-    """Mesh, abstract model and optimizer, shardings and the jitted train and eval steps; nothing is allocated."""
+    """Mesh, abstract train state with its shardings, and the jitted train and eval steps; nothing is allocated."""
     # --- Mesh -------------------------------------------------------------------------------------------------------
-    try:
-        mesh = sharding.make_mesh(config.mesh)
-        rules = sharding.rules_dict(config.sharding_rules)
-    except sharding.ShardingError as e:
-        raise BuildError(str(e)) from None
+    mesh = sharding.make_mesh(config.mesh)
+    rules = sharding.rules_dict(config.sharding_rules)
     _check_batch(config, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
     # --- Model and optimizer: abstract shapes first, then shardings from the logical axes ------------------------------
     cfg = PhiConfig.from_dict(config.model)
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(abs_state)
-    try:
-        p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
-    except sharding.ShardingError as e:
-        raise BuildError(str(e)) from None
+    p_shard = sharding.param_shardings(logical_axes(abstract), abs_params, rules, mesh)
     tx = optim.make_optimizer(config.optimizer, config.steps)
     loss_scale = config.loss_scale if cfg.dtype == "float16" else None
     opt_init = make_opt_init(tx, loss_scale)
     abs_opt = jax.eval_shape(opt_init, abs_params)
-    o_shard = sharding.like_params_shardings(abs_opt, p_shard, mesh)
-    b_shard = {k: sharding.batch_sharding(rules, mesh, 2) for k in data.DEVICE_BATCH}
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    # Every copy of the parameter tree inside the optimizer state (Adam's mu, nu) is sharded like the parameters;
+    # the rest (counts, the loss scale) is replicated.
+    o_shard = optax.tree_map_params(opt_init, lambda _, s: s, abs_opt, p_shard,
+                                    transform_non_params=lambda _: replicated)
+    state = TrainState(jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), _with_shardings(abs_params, p_shard),
+                       _with_shardings(abs_opt, o_shard))
+    batch_sharding = sharding.batch_sharding(rules, mesh, 2)
+    batch = {k: jax.ShapeDtypeStruct((config.batch_size, config.seq_len), dtype, sharding=batch_sharding)
+             for k, dtype in data.DEVICE_BATCH.items()}
+
+    # --- The jitted steps ---------------------------------------------------------------------------------------------
     dropout = max(cfg.embed_dropout, cfg.resid_dropout, cfg.attn_dropout) > 0
     train_step = make_train_step(graphdef, tx, grad_accum=config.grad_accum_steps, seed=config.seed, dropout=dropout,
                                  loss_scale=loss_scale)
@@ -170,21 +204,17 @@ def build(config) -> Built:
 
         return traced
 
-    step_fn = jax.jit(
-        with_rules(train_step),
-        in_shardings=(p_shard, o_shard, replicated, b_shard), out_shardings=(p_shard, o_shard, replicated),
-        donate_argnums=(0, 1),
-    )
-
+    s_shard, b_shard = jax.tree.map(lambda x: x.sharding, state), {k: batch_sharding for k in batch}
+    step_fn = jax.jit(with_rules(train_step), in_shardings=(s_shard, b_shard), out_shardings=(s_shard, replicated),
+                      donate_argnums=(0,))
     eval_fn = jax.jit(with_rules(lambda params, batch: loss_sums(graphdef, params, batch, None)),
                       in_shardings=(p_shard, b_shard), out_shardings=(replicated, replicated))
-
-    return Built(mesh, cfg, abstract, graphdef, abs_params, p_shard, tx, abs_opt, o_shard, b_shard, replicated,
-                 opt_init, step_fn, eval_fn)
+    return Built(mesh, cfg, graphdef, count_params(abstract), state, batch, opt_init, step_fn, eval_fn)
 
 
 def init_params(b: Built, seed: int) -> dict:
     """Random initial parameters, created directly in their shardings."""
-    return jax.jit(lambda: nnx.to_pure_dict(nnx.split(Phi(b.cfg, rngs=nnx.Rngs(seed)))[1]), out_shardings=b.p_shard)()
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.split(Phi(b.cfg, rngs=nnx.Rngs(seed)))[1]),
+                   out_shardings=b.shardings(b.state.params))()
 
 

@@ -53,7 +53,7 @@ def _tiny_config(base=phi1, **fields):
 
 def _random_params(b, seed=0, std=0.5):
     """Every parameter random and nonzero (the model's own init has zero biases, which decay could not change)."""
-    leaves, treedef = jax.tree.flatten(b.abs_params)
+    leaves, treedef = jax.tree.flatten(b.state.params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     return jax.tree.unflatten(treedef, [std * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)])
 
@@ -80,7 +80,7 @@ LOSS_ROWS = [16, 1, 9, 3, 14, 0, 5, 2]
 def _reference_loss(graphdef, params, batch):
     """Mean cross-entropy over every learned token of the batch, written without phi1_jax.step."""
     logits = nnx.merge(graphdef, params)(jnp.asarray(batch["inputs"]), segment_ids=jnp.asarray(batch["segment_ids"]),
-                                         positions=jnp.asarray(batch["positions"]), deterministic=True)
+                                         positions=jnp.asarray(batch["positions"]), deterministic=True).logits
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, jnp.asarray(batch["targets"])[..., None], axis=-1)[..., 0]
     mask = jnp.asarray(batch["loss_mask"])
@@ -165,8 +165,8 @@ def test_accumulated_gradients_equal_the_whole_batch_gradient(reference, accum, 
         scale_cfg.initial = loss_scale
     train_step = jax.jit(step.make_train_step(b.graphdef, tx, grad_accum=accum, seed=0, dropout=False,
                                               loss_scale=scale_cfg))
-    _, opt_state, metrics = train_step(params, step.make_opt_init(tx, scale_cfg)(params), 0, batch)
-    grads = opt_state if scale_cfg is None else opt_state["tx"]
+    state, metrics = train_step(step.TrainState(jnp.int32(0), params, step.make_opt_init(tx, scale_cfg)(params)), batch)
+    grads = state.opt_state if scale_cfg is None else state.opt_state["tx"]
     _assert_tree_close(grads, ref_grads, 1e-5, "gradient")
     assert float(metrics["loss"]) == pytest.approx(ref_loss, rel=1e-6)
     assert float(metrics["tokens"]) == sum(LOSS_ROWS)
@@ -184,10 +184,9 @@ def test_the_configured_step_accumulates_and_clips_like_the_reference(reference,
     clip = norm / 3  # the clip is active: the update is scaled by 1/3
 
     b = step.build(_tiny_config(**{"grad_accum_steps": accum, "optimizer.grad_clip_norm": clip}))
-    opt = b.opt_init(params)
     params_copy = jax.tree.map(jnp.array, params)  # the step donates its inputs
-    _, opt_state, metrics = b.step_fn(params_copy, opt, jnp.int32(0), batch)
-    mu, nu = _adam_state(opt_state)
+    state, metrics = b.step_fn(b.start(params_copy), batch)
+    mu, nu = _adam_state(state.opt_state)
     b1, b2 = phi1.get_config().optimizer.b1, phi1.get_config().optimizer.b2
     clipped = jax.tree.map(lambda g: g * clip / norm, ref_grads)
     _assert_tree_close(mu, jax.tree.map(lambda g: (1 - b1) * g, clipped), 1e-5, "mu")
@@ -210,7 +209,8 @@ def test_weight_decay_applies_to_exactly_the_declared_parameters(base):
     params = _random_params(b)
     before = jax.tree.map(lambda x: np.array(x, copy=True), params)  # the step donates params
     batch = _batch(b.cfg.vocab_size, [0] * BATCH)  # nothing learned: the gradient is exactly zero
-    new_params, _, metrics = b.step_fn(params, b.opt_init(params), jnp.int32(0), batch)
+    state, metrics = b.step_fn(b.start(params), batch)
+    new_params = state.params
     assert float(metrics["grad_norm"]) == 0.0
     names = set()
     for path, new in jax.tree_util.tree_flatten_with_path(new_params)[0]:
@@ -295,7 +295,7 @@ def test_the_step_applies_the_scheduled_learning_rate(base, peak, warmup, total)
     for t in (0, warmup // 2, warmup, warmup + (total - warmup) // 2, total - (total - warmup) // 10, total):
         opt_state = optax.tree_utils.tree_set(b.opt_init(params), count=jnp.asarray(t, jnp.int32))
         opt_state = jax.tree.map(jnp.array, opt_state)  # one buffer per count (the step donates its inputs)
-        new, _, _ = b.step_fn(jax.tree.map(jnp.array, params), opt_state, jnp.int32(t), batch)
+        new = b.step_fn(step.TrainState(jnp.int32(t), jax.tree.map(jnp.array, params), opt_state), batch)[0].params
         shrink = np.mean((embed - np.asarray(new["embed"], np.float64)) / embed)
         want = _paper_lr(t, peak, warmup, total, 0.0) * wd
         if want == 0:
@@ -422,8 +422,8 @@ def test_prompt_targets_get_no_gradient(finetune):
     train_step = jax.jit(step.make_train_step(b.graphdef, tx, grad_accum=c.grad_accum_steps, seed=0, dropout=False))
 
     def run(targets):
-        _, grads, metrics = train_step(params, tx.init(params), 0, {**batch, "targets": targets})
-        return float(metrics["loss"]), grads
+        state, metrics = train_step(step.TrainState(jnp.int32(0), params, tx.init(params)), {**batch, "targets": targets})
+        return float(metrics["loss"]), state.opt_state
 
     prompt = batch["loss_mask"] == 0
     assert prompt.sum() > 100
