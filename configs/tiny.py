@@ -36,6 +36,8 @@ def get_config():
     c.checkpoint_every = 500
     c.eval_every = 250
     c.eval_batches = 8
+    c.code_eval.every = 0  # off: see configs/tiny_fig2_1.py for the tiny run that measures HumanEval as it trains
+    c.code_eval.max_new_tokens = 64  # at most half the 128-token context
     c.data.holdout_every = 50  # 2% of the stdlib files are held out
     c.data.use_embedded_corpus = True
     c.data.embedded_vocab_size = 2048

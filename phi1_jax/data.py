@@ -193,7 +193,10 @@ def from_config(config, *, process_index: int | None = None, process_count: int 
     if config.data.use_embedded_corpus:
         corpus = embedded_corpus.build(config.data.embedded_vocab_size)
         tokenizer = corpus.tokenizer()
-        sources = [Source("stdlib", str(corpus.shard_dir), 1.0)]
+        # Configured sources (shards made with the embedded tokenizer) are mixed in beside it: e.g. configs/
+        # tiny_fig2_1.py's second data regime, the stdlib plus exercises.
+        sources = [Source("stdlib", str(corpus.shard_dir), float(config.data.embedded_weight))]
+        sources += sources_from_config(config.data)
     else:
         if not config.data.tokenizer:
             raise DataError("config.data.tokenizer is empty: name a SentencePiece .model or a tokenizer.json")

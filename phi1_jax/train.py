@@ -21,6 +21,7 @@ of the batch.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -36,11 +37,11 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from phi1_jax import checkpoint, cli, data, metrics, optim, sharding
+from phi1_jax import checkpoint, cli, data, metrics, optim
 from phi1_jax import flops as flops_lib
-from phi1_jax.model import PhiConfig, count_params
-from phi1_jax.step import BuildError, build, init_params
-from phi1_jax.tokenizer import TokenizerError
+from phi1_jax.model import PhiConfig
+from phi1_jax.errors import UserError
+from phi1_jax.step import TrainState, build, init_params
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experiment config (configs/*.py)")
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints and metrics go; rerunning on it resumes")
@@ -50,7 +51,7 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "number of processe
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "this process's index (multi-host)")
 
 
-class TrainError(RuntimeError):
+class TrainError(UserError, RuntimeError):
     """A run that cannot start or go on; the message says why and what to change."""
 
 
@@ -84,7 +85,7 @@ def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
         else:
             theirs = checkpoint.read_model_config(source)
             model = None
-    except (convert.ConversionError, checkpoint.CheckpointError, loader.LoadError) as e:
+    except UserError as e:
         raise TrainError(f"config.init_from: {e}") from None
     diff = checkpoint.shape_difference(theirs, cfg)
     if diff:
@@ -98,8 +99,19 @@ def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
         raise TrainError(f"config.init_from: {e}") from None
 
 
-def _abstract_with_shardings(tree, shardings):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+def _code_evaluator(section, tokenizer, workdir: Path, max_seq_len: int):
+    """`section.evaluator`'s make_evaluator(section, tokenizer, workdir, max_seq_len=...): a callable (model, step)
+    -> metric fields. Its own checks of the section (task, sampling, lengths) run here, before any compile."""
+    if section.every < 0:
+        raise TrainError(f"config.code_eval.every={section.every}: steps between evals, 0 for never")
+    try:
+        module = importlib.import_module(section.evaluator)
+    except ImportError as e:
+        raise TrainError(f"config.code_eval.evaluator={section.evaluator!r} cannot be imported ({e})") from None
+    if not hasattr(module, "make_evaluator"):
+        raise TrainError(f"config.code_eval.evaluator={section.evaluator!r} has no make_evaluator(section, "
+                         "tokenizer, workdir, max_seq_len)")
+    return module.make_evaluator(section, tokenizer, workdir, max_seq_len=max_seq_len)
 
 
 def _device_batch(batch, shardings, whole: bool):
@@ -163,17 +175,10 @@ def train_and_evaluate(config, workdir: str):
         schedule_config = config.copy_and_resolve_references()
         schedule_config.steps = schedule_steps
     b = build(schedule_config)
-    mesh, cfg, abstract, abs_params, p_shard = b.mesh, b.cfg, b.abstract, b.abs_params, b.p_shard
-    abs_opt, o_shard, b_shard, replicated = b.abs_opt, b.o_shard, b.b_shard, b.replicated
-    step_fn, eval_fn = b.step_fn, b.eval_fn
+    mesh, cfg, b_shard = b.mesh, b.cfg, b.shardings(b.batch)
 
     if config.dry_run:
-        bs, t = config.batch_size, config.seq_len
-        abs_batch = {k: jax.ShapeDtypeStruct((bs, t), dtype, sharding=b_shard[k])
-                     for k, dtype in data.DEVICE_BATCH.items()}
-        compiled = step_fn.lower(_abstract_with_shardings(abs_params, p_shard), _abstract_with_shardings(abs_opt, o_shard),
-                                 jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated), abs_batch).compile()
-        return _print_memory(compiled, count_params(abstract))
+        return _print_memory(b.step_fn.lower(b.state, b.batch).compile(), b.n_params)
 
     # --- Data ----------------------------------------------------------------------------------------------------------
     ds, tokenizer = data.from_config(config)
@@ -185,9 +190,12 @@ def train_and_evaluate(config, workdir: str):
         """Mean held-out loss over the same `eval_batches` batches every time."""
         eval_it, total, count = iter(eval_ds), 0.0, 0.0
         for _ in range(config.eval_batches):
-            t, c = eval_fn(params, _device_batch(next(eval_it), b_shard, whole_batches))
+            t, c = b.eval_fn(state.params, _device_batch(next(eval_it), b_shard, whole_batches))
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
+
+    # --- Code evals during training: the evaluator module the config names (phi1_jax imports nothing of evals/) -------
+    code_evaluator = _code_evaluator(config.code_eval, tokenizer, workdir, cfg.max_seq_len) if config.code_eval.every else None
 
     # --- Restore or init -----------------------------------------------------------------------------------------------
     if primary:
@@ -195,23 +203,24 @@ def train_and_evaluate(config, workdir: str):
     else:
         workdir.mkdir(parents=True, exist_ok=True)
     ckpts = checkpoint.TrainCheckpoints(workdir, config.keep_checkpoints)
-    start, params, opt_state = ckpts.restore_newest(_abstract_with_shardings(abs_params, p_shard),
-                                                    _abstract_with_shardings(abs_opt, o_shard), it, primary)
+    start, params, opt_state = ckpts.restore_newest(b.state.params, b.state.opt_state, it, primary)
     if start:
+        state = TrainState(jax.device_put(jnp.int32(start), b.replicated), params, opt_state)
         print(f"resumed from {workdir / 'checkpoints' / str(start)}")
         if schedule_steps != config.steps and primary:
             print(_schedule_note(config, schedule_steps), file=sys.stderr, flush=True)
     else:
         if config.init_from:  # finetuning: parameters from a pretrained model; optimizer, schedule and step start fresh
-            params = jax.device_put(_pretrained_params(config.init_from, cfg), p_shard)
+            params = jax.device_put(_pretrained_params(config.init_from, cfg), b.shardings(b.state.params))
             print(f"initialized parameters from {config.init_from}")
         else:
             params = init_params(b, config.seed)
-        opt_state = jax.jit(b.opt_init, in_shardings=(p_shard,), out_shardings=o_shard)(params)
+        state = b.start(params)
+    del params, opt_state  # the state holds them; the step donates the state's buffers
 
     # --- Loop ----------------------------------------------------------------------------------------------------------
-    window = metrics.TrainWindow(replicated)  # the steps since the last log: their mean loss, any non-finite step
-    state_finite = jax.jit(_all_finite, out_shardings=replicated)
+    window = metrics.TrainWindow(b.replicated)  # the steps since the last log: their mean loss, any non-finite step
+    state_finite = jax.jit(_all_finite, out_shardings=b.replicated)
 
     def check_finite():
         """The window's numbers; raises, before a log or save, if any step since the last log was not finite."""
@@ -222,25 +231,41 @@ def train_and_evaluate(config, workdir: str):
 
     def save(step):
         check_finite()
-        if not bool(state_finite((params, opt_state))):
+        if not bool(state_finite((state.params, state.opt_state))):
             raise TrainError(f"the parameters or optimizer state hold non-finite values after step {step}: stopping "
                              f"without saving this state. {_last_checkpoint(ckpts.latest_step())}")
-        ckpts.save(step, params, opt_state, it, schedule_steps)
+        ckpts.save(step, state.params, state.opt_state, it, schedule_steps)
+
+    def code_eval(step):
+        """pass@k of the model being trained, on its own mesh; a failure is one warning line, not the run's end."""
+        t0 = time.perf_counter()
+        try:
+            fields = code_evaluator(nnx.merge(b.graphdef, state.params), step)
+        except Exception as e:  # noqa: BLE001  a sandbox or generation failure must not cost the training run
+            print(f"warning: code eval at step {step} failed, training goes on: {type(e).__name__}: {e}",
+                  file=sys.stderr, flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        writer.write({"step": step, "tokens_seen": step * config.batch_size * config.seq_len, **fields,
+                      "code_eval_seconds": seconds})
+        if primary:
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in fields.items() if "pass@" in k)
+            print(f"step {step:>7}/{config.steps}  {shown}  ({seconds:.1f} s)", flush=True)
 
     stop = {"signal": None}
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
     flops = flops_lib.flops_per_token(cfg, config.seq_len)
     peak = flops_lib.peak_flops(jax.devices()[0])
     schedule = optim.learning_rate_schedule(config.optimizer, schedule_steps)
-    writer = metrics.MetricsWriter(workdir, enabled=primary)
-    print(f"training {count_params(abstract):,} parameters on {jax.device_count()} devices, mesh "
+    writer = metrics.MetricsWriter(workdir, enabled=primary, resume_step=start)
+    print(f"training {b.n_params:,} parameters on {jax.device_count()} devices, mesh "
           f"{dict(mesh.shape)}, steps {start + 1}..{config.steps}, workdir {workdir}")
     t_last, tokens_since = time.perf_counter(), 0
     step = start
     try:
         while step < config.steps:
             batch = _device_batch(next(it), b_shard, whole_batches)
-            params, opt_state, m = step_fn(params, opt_state, jnp.int32(step), batch)
+            state, m = b.step_fn(state, batch)
             step += 1
             window.add(m, step)
             tokens_since += config.batch_size * config.seq_len
@@ -264,6 +289,9 @@ def train_and_evaluate(config, workdir: str):
                 if primary:
                     print(f"step {step:>7}/{config.steps}  held-out loss {eval_loss:.4f}", flush=True)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
+            if code_evaluator is not None and (step % config.code_eval.every == 0 or step == config.steps):
+                code_eval(step)  # before the save: a run killed in between evaluates this step again on resume
+                t_last = time.perf_counter()
             if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
                 save(step)
                 if os.environ.get("PHI1_JAX_TRAIN_TEST_PAUSE"):  # test hook: a test kills the run between checkpoints
@@ -302,12 +330,7 @@ def main(argv):
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    try:
-        train_and_evaluate(config, _WORKDIR.value)
-    except (TrainError, BuildError, data.DataError, TokenizerError, sharding.ShardingError,
-            checkpoint.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    train_and_evaluate(config, _WORKDIR.value)  # a UserError is one `error:` line and exit 2 (cli.run)
 
 
 if __name__ == "__main__":
