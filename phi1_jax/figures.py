@@ -23,13 +23,14 @@ import os
 import sys
 from pathlib import Path
 
-from phi1_jax import metrics
+from phi1_jax import cli, metrics
+from phi1_jax.errors import UserError
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 TASK_NAMES = {"humaneval": "HumanEval", "mbpp": "MBPP"}
 
 
-class FigureError(ValueError):
+class FigureError(UserError, ValueError):
     """Bad input to a figure or table; the message names the flag, run or file."""
 
 
@@ -314,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli.reports_user_errors  # FigureError, MetricsError, the checkpoint module's errors: one `error:` line, exit 2
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     try:
@@ -322,9 +324,8 @@ def main(argv=None) -> int:
             out = fig2_1(runs, a.out, a.task, a.xscale, parse_finetuned_from(a.finetuned_from, [n for n, _ in runs]))
         else:
             out = table3(a.report, a.out)
-    except (ValueError, OSError) as e:  # FigureError, the checkpoint module's errors, unreadable files
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except OSError as e:  # an output folder that cannot be written, a file that cannot be read
+        raise FigureError(str(e)) from None
     print(f"wrote {out}")
     return 0
 

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from phi1_jax.errors import UserError
+
 
 def _window_zeros():
     import jax.numpy as jnp
@@ -79,7 +81,7 @@ METRICS_FILE = "metrics.jsonl"
 PASS1_SUFFIX = "/pass@1"  # a code-eval row has a "<task>/pass@1" key
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A metrics.jsonl line that is not a metrics row; the message names the file and line."""
 
 
