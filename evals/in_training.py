@@ -23,7 +23,6 @@ sample). An eval made again after a resume replaces them.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ import jax
 
 from evals import generation, tasks
 from evals.execution import Limits, Sandbox, cpu_limit_for
+from phi1_jax import files
 from phi1_jax.errors import UserError
 
 TASKS = ("humaneval", "mbpp")
@@ -73,7 +73,7 @@ def check_section(section, max_seq_len: int | None = None) -> generation.Setting
 def check_new_tokens(max_new_tokens: int, max_seq_len: int) -> None:
     """At most half the context, as `python -m evals` caps it: the prompt keeps the other half. (The CLI caps with a
     note; a training config says what it means instead, so its evals are the CLI's with the same number.)"""
-    cap = max(1, max_seq_len // 2)
+    cap = generation.new_tokens_cap(max_seq_len)
     if max_new_tokens > cap:
         raise CodeEvalError(f"{_field('max_new_tokens', max_new_tokens)} is more than half the model's context "
                             f"({max_seq_len} tokens), which the prompt needs; set it to {cap} or less")
@@ -97,13 +97,6 @@ def _sandbox(timeout: float) -> Sandbox:
         raise CodeEvalError(f"config.code_eval: the sandbox that runs the completions cannot start ({e})") from None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """A file that is whole or absent: an eval killed while writing leaves no half file to be mistaken for one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def _jsonl(rows) -> str:
     return "".join(json.dumps(r) + "\n" for r in rows)
 
@@ -121,7 +114,9 @@ class Evaluator:
         self.tokenizer = tokenizer
         self.dir = Path(workdir) / "code_eval"
         self.primary = jax.process_index() == 0
-        self.sandbox = _sandbox(section.timeout) if self.primary else None  # only process 0 runs programs
+        # Only process 0 runs programs, but every process probes: a host that cannot refuses the run on all of them
+        # at start, instead of process 0 leaving the others waiting in a collective.
+        self.sandbox = _sandbox(section.timeout)
 
     def samples(self, model) -> tuple[list[dict], int]:
         """(samples in the CLI's order and format, prompts truncated); every process makes them."""
@@ -144,13 +139,13 @@ class Evaluator:
             return {}
         self.dir.mkdir(parents=True, exist_ok=True)
         out = self.dir / f"step_{step}.json"
-        _write_atomic(out.with_name(f"step_{step}.samples.jsonl"), _jsonl(samples))  # kept even if scoring fails
+        files.write_text(out.with_name(f"step_{step}.samples.jsonl"), _jsonl(samples))  # kept even if scoring fails
         summary, per_sample = score(self.task, samples, self.sandbox, progress=False)
         s = self.settings
         summary.update(step=step, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                        seed=s.seed, prompts_truncated=truncated, generation_seconds=round(generation_seconds, 2))
-        _write_atomic(out.with_name(f"step_{step}.results.jsonl"), _jsonl(per_sample))
-        _write_atomic(out, json.dumps(summary, indent=2) + "\n")
+        files.write_text(out.with_name(f"step_{step}.results.jsonl"), _jsonl(per_sample))
+        files.write_text(out, json.dumps(summary, indent=2) + "\n")
         name = self.task.name
         fields = {f"{name}/pass@{k}": summary[f"pass@{k}"] for k in REPORTED_K if f"pass@{k}" in summary}
         return {**fields, f"{name}/n_problems": summary["n_problems"]}

@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from phi1_jax import files
 from phi1_jax.errors import UserError
 from phi1_jax.model import Phi, PhiConfig, abstract_model
 
@@ -52,9 +53,7 @@ def save_model(directory: str | os.PathLike, model: Phi) -> None:
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / PARAMS_ITEM, params)
         ckptr.wait_until_finished()
-    tmp = directory / (CONFIG_FILE + ".tmp")
-    tmp.write_text(json.dumps(model.cfg.to_dict(), indent=2) + "\n")
-    os.replace(tmp, directory / CONFIG_FILE)
+    files.write_text(directory / CONFIG_FILE, json.dumps(model.cfg.to_dict(), indent=2) + "\n")
 
 
 def read_model_config(directory: str | os.PathLike) -> PhiConfig:

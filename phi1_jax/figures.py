@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
-from phi1_jax import cli, metrics
+from phi1_jax import cli, files, metrics
 from phi1_jax.errors import UserError
 
 FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
@@ -53,23 +52,12 @@ def _check_out(out: Path, suffixes: tuple[str, ...]) -> None:
         raise FigureError(f"--out={out}: is a directory; name the file to write")
 
 
-def _replace_into(out: Path, write) -> Path:
-    """Calls write(tmp) on a temp file beside `out` (same suffix, so matplotlib picks the format), then renames it
-    over `out`: a reader never sees half a file, and a failure leaves the old one."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.stem}.tmp{out.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return out
-
-
 def _save_figure(fig, out: Path) -> Path:
     plt = _pyplot()
     try:
-        return _replace_into(out, lambda tmp: fig.savefig(tmp, bbox_inches="tight"))
+        with files.replacing(out) as tmp:  # a reader never sees half a file; a failure leaves the old one
+            fig.savefig(tmp, bbox_inches="tight")
+        return out
     finally:
         plt.close(fig)
 
@@ -112,10 +100,7 @@ def size_label(n: int) -> str:
 def pass_curve(workdir: Path, task: str) -> list[tuple[int, float]]:
     """[(tokens seen, pass@1 in %)] from the run's code-eval rows for `task`, by step."""
     key = f"{task}{metrics.PASS1_SUFFIX}"
-    try:
-        rows = metrics.read_code_evals(workdir)
-    except metrics.MetricsError as e:
-        raise FigureError(str(e)) from None
+    rows = metrics.read_code_evals(workdir)  # a MetricsError names the file and line
     points = []
     for step, row in sorted(rows.items()):
         if not isinstance(row.get(key), (int, float)):
@@ -174,7 +159,7 @@ def fig2_1(runs: list[tuple[str, Path]], out: Path, task: str = "humaneval", xsc
     ax.set_xscale(xscale)
     ax.set_xlabel("training tokens seen")
     ax.set_ylabel(f"{TASK_NAMES.get(task, task)} pass@1 (%)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, metrics.pass_at_1_top(max([v for _, points, _ in curves for _, v in points], default=0.0)))
     ax.margins(x=0.08)  # room for the end points' labels
     ax.set_title(f"Figure 2.1: {TASK_NAMES.get(task, task)} pass@1 by data, size and tokens seen")
     ax.grid(alpha=0.3, which="both")
@@ -288,7 +273,7 @@ def table3(report_args: list[str], out: Path) -> Path:
     reports = [(name, read_report(path)) for name, path in (parse_report_arg(s, i) for i, s in enumerate(report_args))]
     if out.suffix.lower() == ".md":
         text = table3_markdown(reports)
-        return _replace_into(out, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+        return files.write_text(out, text)
     return _save_figure(table3_figure(reports), out)
 
 

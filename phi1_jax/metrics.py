@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 
+from phi1_jax import files
 from phi1_jax.errors import UserError
 
 
@@ -104,8 +104,8 @@ def _lines(path: Path) -> list[tuple[str, bool]]:
 def drop_rows_after(workdir, resume_step: int | None) -> int:
     """Rewrites WORKDIR/metrics.jsonl without the rows of steps > resume_step (None: keeps every step) and without
     lines that are not rows (a line cut off by a kill mid-write); returns how many lines went. The file is replaced
-    only when something goes, and atomically: the kept lines go to a temp file in the same folder, are fsynced, and
-    os.replace swaps it in, so a crash at any point leaves either the old file or the new one, never a mix."""
+    only when something goes, and atomically and durably (phi1_jax.files): a crash at any point leaves either the old
+    file or the new one, never a mix."""
     path = Path(workdir) / METRICS_FILE
     lines = _lines(path)
     kept = [line for line, _ in lines
@@ -113,28 +113,8 @@ def drop_rows_after(workdir, resume_step: int | None) -> int:
     last_cut = bool(lines) and not lines[-1][1]  # a complete last row without its newline still needs one
     if len(kept) == len(lines) and not last_cut:
         return 0
-    tmp = path.with_name(f".{METRICS_FILE}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    files.write_text(path, "".join(line + "\n" for line in kept), durable=True)
     return len(lines) - len(kept)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Makes a rename in `directory` durable (where the platform allows opening a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 class MetricsWriter:
@@ -169,6 +149,7 @@ class MetricsWriter:
         if self.enabled:
             self._file.close()
             self._tb.close()
+
 
 
 def read_rows(workdir) -> list[dict]:
@@ -250,14 +231,22 @@ def loss_figure(workdir):
     return fig
 
 
+def pass_at_1_top(highest_percent: float) -> float:
+    """The pass@1 axis's top: at least 5%, so a curve at 0 (a young or tiny model) reads as zero, not as noise on an
+    axis that ends at 0.05%; above that, 15% headroom over the highest point."""
+    return max(5.0, 1.15 * highest_percent)
+
+
 def _pass_at_1_panel(ax, code: dict[int, dict]) -> None:
     tasks = sorted({t for row in code.values() for t in code_eval_tasks(row)})
+    highest = 0.0
     for task in tasks:
         key = f"{task}{PASS1_SUFFIX}"
         pts = sorted((s, r[key]) for s, r in code.items() if isinstance(r.get(key), (int, float)))
         ax.plot([s for s, _ in pts], [100 * v for _, v in pts], "o-", label=task, lw=1.2, ms=4)
+        highest = max([highest] + [100 * v for _, v in pts])
     ax.set_ylabel("pass@1 (%)")
-    ax.set_ylim(bottom=0)
+    ax.set_ylim(0, pass_at_1_top(highest))
     ax.set_title(f"{', '.join(tasks)} pass@1")
     ax.grid(alpha=0.3)
     if len(tasks) > 1:
@@ -272,10 +261,9 @@ def plot_loss(workdir) -> Path | None:
     import matplotlib.pyplot as plt
 
     out = Path(workdir) / "loss.png"
-    tmp = out.with_name(".loss.png.tmp.png")
     try:
-        fig.savefig(tmp)
+        with files.replacing(out) as tmp:
+            fig.savefig(tmp)
     finally:
         plt.close(fig)
-    tmp.replace(out)
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from phi1_jax import files
 from phi1_jax.errors import UserError
 
 FORMAT_VERSION = 1
@@ -66,9 +67,7 @@ def decode_record(record: bytes, dtype) -> tuple[int, np.ndarray]:
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    files.write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _encode_documents(tokenizer, docs: list[Document], num_threads: int):
@@ -82,12 +81,11 @@ def _encode_documents(tokenizer, docs: list[Document], num_threads: int):
 def _write_shard(path: Path, records: list[bytes]) -> None:
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    tmp = path.with_name(f".{path.name}.tmp")
-    writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: cheap random access for global shuffles
-    for r in records:
-        writer.write(r)
-    writer.close()
-    os.replace(tmp, path)
+    with files.replacing(path) as tmp:
+        writer = ArrayRecordWriter(str(tmp), "group_size:1")  # group_size 1: cheap random access for global shuffles
+        for r in records:
+            writer.write(r)
+        writer.close()
 
 
 def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *, source_name: str,

@@ -18,6 +18,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from phi1_jax import files
 from phi1_jax.errors import UserError
 
 EOS_PIECE = "<|endoftext|>"
@@ -96,10 +97,8 @@ class Tokenizer:
             )
         except RuntimeError as e:
             raise TokenizerError(f"SentencePiece could not train {path}: {e}") from None
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(model.getvalue())
-        os.replace(tmp, path)
+        with files.replacing(path) as tmp:
+            tmp.write_bytes(model.getvalue())
         return cls.load(path)
 
     @classmethod

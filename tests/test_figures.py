@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from configs import tiny
-from phi1_jax import figures, metrics
+from phi1_jax import figures, files, metrics
 from phi1_jax.model import PhiConfig
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -95,7 +95,7 @@ def test_a_failed_rewrite_leaves_the_old_file(tmp_path, monkeypatch):
     def fail(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(metrics.os, "replace", fail)
+    monkeypatch.setattr(files.os, "replace", fail)
     with pytest.raises(OSError, match="disk full"):
         metrics.drop_rows_after(tmp_path, 10)
     assert path.read_bytes() == before
