@@ -71,7 +71,7 @@ def get_config() -> ml_collections.ConfigDict:
         dict(
             tokenizer="",  # SentencePiece .model or Hugging Face tokenizer.json (phi-1: CodeGen's, vocab 51200)
             use_embedded_corpus=False,  # True: the stdlib corpus of phi1_jax.embedded_corpus, its own tokenizer,
-            embedded_vocab_size=2048,  # mixed with any `sources` (shards made with that tokenizer) by weight
+            embedded_vocab_size=2048,  # mixed by weight with the `sources` that have a path (shards of that tokenizer)
             embedded_weight=1.0,
             holdout_every=1000,  # every 1000th document of each source is held out for the eval loss
             # "document": each process reads only its share of the documents (scales to many hosts; the global batch
@@ -110,7 +110,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between held-out loss measurements (0: never)
     c.eval_batches = 8
     # Code evals during training (Figure 2.1's y-axis): at every `every` steps (and the last) the trainer hands its
-    # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir); phi1_jax itself
+    # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir, max_seq_len=); phi1_jax
     # imports nothing of evals/), which generates on the training mesh, scores in the sandbox and returns pass@k.
     # Its time is reported apart (code_eval_seconds) and never counted in tokens/s; a failure is a warning line.
     c.code_eval = ml_collections.ConfigDict(

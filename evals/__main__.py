@@ -126,7 +126,7 @@ def fit_new_tokens(requested: int, max_seq_len: int) -> int:
     """New tokens capped at half the model's context, so a prompt keeps the other half (one line says so)."""
     if requested < 1:
         raise EvalError(f"--max-new-tokens={requested}: must be at least 1")
-    cap = max(1, max_seq_len // 2)
+    cap = generation.new_tokens_cap(max_seq_len)
     if requested > cap:
         print(f"note: --max-new-tokens={requested} is more than half the model's context ({max_seq_len} tokens); "
               f"generating at most {cap} new tokens", file=sys.stderr)
@@ -202,21 +202,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     out = Path(args.out)
-    try:
-        if args.timeout <= 0:
-            raise EvalError(f"--timeout={args.timeout}: must be positive")
-        _make_out_dir(out)
-        task = tasks.load(args.task, args.data)
-        if args.samples:
-            samples = read_samples(Path(args.samples), task)
-        else:
-            samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"),
-                                                  progress=not args.no_progress)
-        limits = Limits(timeout_s=args.timeout, cpu_s=cpu_limit_for(args.timeout))
-        summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
-    except (tasks.TaskError, EvalError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.timeout <= 0:
+        raise EvalError(f"--timeout={args.timeout}: must be positive")
+    _make_out_dir(out)
+    task = tasks.load(args.task, args.data)
+    if args.samples:
+        samples = read_samples(Path(args.samples), task)
+    else:
+        samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"), progress=not args.no_progress)
+    limits = Limits(timeout_s=args.timeout, cpu_s=cpu_limit_for(args.timeout))
+    summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
     if args.checkpoint:
         summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, prompts_truncated=truncated)

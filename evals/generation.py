@@ -21,6 +21,12 @@ from collections.abc import Iterator, Mapping
 from evals import tasks
 
 
+def new_tokens_cap(max_seq_len: int) -> int:
+    """The most new tokens a sample may have: half the model's context, so the prompt keeps the other half. The CLI
+    caps --max-new-tokens to it with a note; a training config above it is refused (it says what it means instead)."""
+    return max(1, max_seq_len // 2)
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
     """How completions are sampled (the CLI's --n-samples ... --seed; config.code_eval's fields of the same names)."""

@@ -116,7 +116,14 @@ def main(argv=None) -> int:
     p.add_argument("--prompt", default="def ", help="text to continue greedily")
     p.add_argument("--tokens", type=int, default=40)
     args = p.parse_args(argv)
+    if args.tokens < 1:
+        raise cli.UsageError(f"--tokens={args.tokens}: the continuation's length, at least 1")
     run = load(args.workdir, args.step)
+    if run.tokenizer is not None:
+        n, context = len(run.tokenizer.encode(args.prompt)), run.model.cfg.max_seq_len
+        if n + args.tokens > context:
+            raise cli.UsageError(f"--prompt ({n} tokens) + --tokens={args.tokens} exceed the model's context of "
+                                 f"{context} tokens; shorten one")
     if run.step is not None:
         where = f"step {run.step} of {checkpoint_steps(run.workdir)}"
     else:

@@ -9,11 +9,17 @@ from __future__ import annotations
 import jax
 import optax
 
+from phi1_jax.errors import UserError
+
+
+class OptimizerError(UserError, ValueError):
+    """An optimizer or schedule the config names that does not exist."""
+
 
 def learning_rate_schedule(opt, steps: int) -> optax.Schedule:
     """0 -> learning_rate over warmup_steps, then linearly to end_learning_rate at `steps`."""
     if opt.schedule != "warmup_linear_decay":
-        raise ValueError(f"config.optimizer.schedule={opt.schedule!r}; only 'warmup_linear_decay' exists")
+        raise OptimizerError(f"config.optimizer.schedule={opt.schedule!r}; only 'warmup_linear_decay' exists")
     warmup = min(int(opt.warmup_steps), steps)
     return optax.join_schedules(
         [optax.linear_schedule(0.0, opt.learning_rate, max(warmup, 1)),
@@ -34,7 +40,7 @@ def decay_mask(params):
 
 def make_optimizer(opt, steps: int) -> optax.GradientTransformation:
     if opt.name != "adamw":
-        raise ValueError(f"config.optimizer.name={opt.name!r}; only 'adamw' exists")
+        raise OptimizerError(f"config.optimizer.name={opt.name!r}; only 'adamw' exists")
     return optax.chain(
         optax.clip_by_global_norm(opt.grad_clip_norm),
         optax.adamw(learning_rate_schedule(opt, steps), b1=opt.b1, b2=opt.b2, eps=opt.eps,

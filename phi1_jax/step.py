@@ -154,10 +154,11 @@ class Built:
         return jax.tree.map(lambda x: x.sharding, abstract)
 
     def start(self, params) -> TrainState:
-        """The state at step 0 for `params` (already in their shardings): the optimizer state created in its own."""
+        """The state at step 0 for `params` (already in their shardings; donated, so parameter memory is not doubled
+        at start): the optimizer state created in its own shardings."""
         s = self.shardings(self.state)
         return jax.jit(lambda p: TrainState(jnp.int32(0), p, self.opt_init(p)), in_shardings=(s.params,),
-                       out_shardings=s)(params)
+                       out_shardings=s, donate_argnums=(0,))(params)
 
 
 def _with_shardings(tree, shardings):

@@ -2,9 +2,15 @@
 
 Rerunning the same command on the same DIR resumes from the newest complete checkpoint. Sections: workdir checks,
 mesh, model and optimizer (abstract first, then sharded), data, restore or init, step, loop. Writes DIR/metrics.jsonl
-(one JSON line per `log_every` steps, its loss the mean over those steps), DIR/model_config.json and
-DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}: that layout is phi1_jax.checkpoint's (TrainCheckpoints,
-check_workdir, describe_workdir); this file is wiring.
+(one JSON line per `log_every` steps, its loss the mean over those steps; held-out loss and code-eval rows at their
+own steps), DIR/code_eval/step_<N>.* (what the model wrote at each code eval, and the verdicts), DIR/model_config.json
+and DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}: that layout is phi1_jax.checkpoint's
+(TrainCheckpoints, check_workdir, describe_workdir); this file is wiring.
+
+Code evals (config.code_eval): at every `every` steps and the last, before that step's save, the module named by
+`config.code_eval.evaluator` (evals.in_training: phi1_jax imports nothing of evals/, so the config names it) gets the
+model being trained, on its mesh, and returns pass@k; its time is kept out of tokens/s. A failure there is one
+warning line (its traceback in DIR/code_eval/step_<N>.error.txt) and training goes on.
 
 A workdir that cannot be this run's (a file, not writable, another model's) is refused before any data is read or
 anything compiled. A newest checkpoint that cannot be read is moved aside to checkpoints/<step>.corrupt with one
@@ -27,6 +33,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import jax
@@ -112,6 +119,22 @@ def _code_evaluator(section, tokenizer, workdir: Path, max_seq_len: int):
         raise TrainError(f"config.code_eval.evaluator={section.evaluator!r} has no make_evaluator(section, "
                          "tokenizer, workdir, max_seq_len)")
     return module.make_evaluator(section, tokenizer, workdir, max_seq_len=max_seq_len)
+
+
+def _settled(state) -> float:
+    """The clock once every dispatched step has finished (steps run asynchronously; an eval would wait for them)."""
+    jax.block_until_ready(state)
+    return time.perf_counter()
+
+
+def _save_traceback(path: Path) -> Path | None:
+    """The current exception's traceback in `path` (the warning line stays one line); None if it cannot be written."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(traceback.format_exc(), encoding="utf-8")
+        return path
+    except OSError:
+        return None
 
 
 def _device_batch(batch, shardings, whole: bool):
@@ -211,7 +234,9 @@ def train_and_evaluate(config, workdir: str):
             print(_schedule_note(config, schedule_steps), file=sys.stderr, flush=True)
     else:
         if config.init_from:  # finetuning: parameters from a pretrained model; optimizer, schedule and step start fresh
-            params = jax.device_put(_pretrained_params(config.init_from, cfg), b.shardings(b.state.params))
+            # Host arrays first: every process then places its own shards, whatever devices the source was read to.
+            params = jax.device_put(jax.device_get(_pretrained_params(config.init_from, cfg)),
+                                    b.shardings(b.state.params))
             print(f"initialized parameters from {config.init_from}")
         else:
             params = init_params(b, config.seed)
@@ -242,8 +267,9 @@ def train_and_evaluate(config, workdir: str):
         try:
             fields = code_evaluator(nnx.merge(b.graphdef, state.params), step)
         except Exception as e:  # noqa: BLE001  a sandbox or generation failure must not cost the training run
-            print(f"warning: code eval at step {step} failed, training goes on: {type(e).__name__}: {e}",
-                  file=sys.stderr, flush=True)
+            where = _save_traceback(workdir / "code_eval" / f"step_{step}.error.txt") if primary else None
+            print(f"warning: code eval at step {step} failed, training goes on: {type(e).__name__}: {e}"
+                  + (f" (traceback: {where})" if where else ""), file=sys.stderr, flush=True)
             return
         seconds = time.perf_counter() - t0
         writer.write({"step": step, "tokens_seen": step * config.batch_size * config.seq_len, **fields,
@@ -283,15 +309,19 @@ def train_and_evaluate(config, workdir: str):
                 if primary:
                     print(f"step {step:>7}/{config.steps}  loss {loss:.4f}  lr {row['lr']:.2e}  "
                           f"grad_norm {row['grad_norm']:.3f}  {tps:,.0f} tok/s", flush=True)
+            # Evaluation time is not training throughput: the window's clock is moved on by what the evals took,
+            # measured from when the steps already dispatched have finished.
             if eval_ds is not None and (step % config.eval_every == 0 or step == config.steps):
+                t_eval = _settled(state)
                 eval_loss = evaluate()
                 writer.write({"step": step, "eval_loss": eval_loss})
                 if primary:
                     print(f"step {step:>7}/{config.steps}  held-out loss {eval_loss:.4f}", flush=True)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
+                t_last += time.perf_counter() - t_eval
             if code_evaluator is not None and (step % config.code_eval.every == 0 or step == config.steps):
+                t_eval = _settled(state)
                 code_eval(step)  # before the save: a run killed in between evaluates this step again on resume
-                t_last = time.perf_counter()
+                t_last += time.perf_counter() - t_eval
             if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
                 save(step)
                 if os.environ.get("PHI1_JAX_TRAIN_TEST_PAUSE"):  # test hook: a test kills the run between checkpoints
@@ -305,8 +335,9 @@ def train_and_evaluate(config, workdir: str):
         ckpts.close()
         writer.close()
     if primary:
+        evals = "\n  code_eval/       each code eval's samples and verdicts" if code_evaluator else ""
         print(f"done at step {step}. In {workdir}:\n  checkpoints/     Orbax checkpoints (newest {ckpts.latest_step()})"
-              f"\n  metrics.jsonl    one JSON line per logged step\n  loss.png         the loss curve"
+              f"\n  metrics.jsonl    one JSON line per logged step\n  loss.png         the loss curve{evals}"
               f"\n  tensorboard/     tensorboard --logdir {workdir / 'tensorboard'}", flush=True)
     return {"step": step}
 

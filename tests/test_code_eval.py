@@ -199,3 +199,16 @@ def test_an_eval_that_fails_mid_run_is_a_warning_and_training_goes_on(tmp_path, 
     assert "step 2" in warnings[0] and "step 3" in warnings[1]
     assert _code_eval_rows(workdir) == []
     assert "done at step 3" in r.stdout and (workdir / "checkpoints" / "3").is_dir()
+
+
+def test_fig2_1_and_the_loss_plot_from_the_run(run, tmp_path):
+    """The figure and the loss plot's pass@1 panel drawn from the rows a real run wrote (test_figures.py covers their
+    layout on rows it writes itself)."""
+    from phi1_jax import figures, metrics
+
+    workdir, _ = run
+    out = tmp_path / "fig2_1.png"
+    assert figures.main(["fig2_1", f"--runs=tiny={workdir}", f"--out={out}"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert [t for t, _ in figures.pass_curve(workdir, "humaneval")] == [s * 8 * 128 for s in (2, 4, 5)]
+    assert len(metrics.loss_figure(workdir).axes) == 2  # the loss, and pass@1 under it
