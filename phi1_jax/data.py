@@ -168,9 +168,11 @@ def make_dataset(sources: list[Source], *, seq_len: int, batch_size: int, eos_id
     return mixed.batch(batch_size // process_count, drop_remainder=True)
 
 
-def sources_from_config(data_config) -> list[Source]:
-    """`config.data.sources` (a mapping name -> {path, weight, loss_on}) as Source objects."""
-    return [Source(name=name, path=s.path, weight=s.weight, loss_on=s.loss_on) for name, s in data_config.sources.items()]
+def sources_from_config(data_config, with_path_only: bool = False) -> list[Source]:
+    """`config.data.sources` (a mapping name -> {path, weight, loss_on}) as Source objects; `with_path_only` leaves
+    out the sources whose path is empty (not in use) instead of refusing them."""
+    return [Source(name=name, path=s.path, weight=s.weight, loss_on=s.loss_on) for name, s in data_config.sources.items()
+            if s.path or not with_path_only]
 
 
 def from_config(config, *, process_index: int | None = None, process_count: int | None = None,
@@ -193,10 +195,10 @@ def from_config(config, *, process_index: int | None = None, process_count: int 
     if config.data.use_embedded_corpus:
         corpus = embedded_corpus.build(config.data.embedded_vocab_size)
         tokenizer = corpus.tokenizer()
-        # Configured sources (shards made with the embedded tokenizer) are mixed in beside it: e.g. configs/
-        # tiny_fig2_1.py's second data regime, the stdlib plus exercises.
+        # Configured sources that name a path (shards made with the embedded tokenizer) are mixed in beside it, e.g.
+        # configs/tiny_fig2_1.py's stdlib + exercises; those without one (configs/phi1.py's defaults) are not in use.
         sources = [Source("stdlib", str(corpus.shard_dir), float(config.data.embedded_weight))]
-        sources += sources_from_config(config.data)
+        sources += sources_from_config(config.data, with_path_only=True)
     else:
         if not config.data.tokenizer:
             raise DataError("config.data.tokenizer is empty: name a SentencePiece .model or a tokenizer.json")

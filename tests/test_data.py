@@ -168,3 +168,19 @@ def test_tiny_config_trains_on_the_embedded_corpus(embedded):
     assert b["inputs"].shape == (c.batch_size, c.seq_len)
     assert tokenizer.fingerprint == embedded.tokenizer().fingerprint
     assert b["inputs"].max() < c.model.vocab_size
+
+
+def test_embedded_corpus_mixes_with_the_sources_that_name_a_path(embedded, shard_sets):
+    """configs/tiny_fig2_1.py's second regime: the stdlib corpus plus shards made with its tokenizer, by weight; a
+    source without a path (configs/phi1.py's defaults) is not in use with the embedded corpus."""
+    import ml_collections
+
+    c = tiny.get_config()
+    c.data.embedded_weight = 1.0
+    with c.unlocked():
+        c.data.sources = ml_collections.ConfigDict(dict(ex=dict(path=shard_sets["ex"], weight=1.0, loss_on="all"),
+                                                        unused=dict(path="", weight=1.0, loss_on="all")))
+    ds, _ = data.from_config(c, process_index=0, process_count=1)
+    ids = np.concatenate([b["source_id"] for b in itertools.islice(iter(ds), 50)])
+    assert set(np.unique(ids)) == {0, 1}  # stdlib and ex; "unused" never appears
+    assert 0.35 < (ids == 1).mean() < 0.65  # equal weights
