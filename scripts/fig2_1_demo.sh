@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Figure 2.1 at CPU scale (configs/tiny_fig2_1.py): two tiny runs, stdlib alone and stdlib + exercises, with HumanEval
 # measured as they train, then the figure. Rerunning resumes each run where it stopped; the figure is redrawn.
-#   bash scripts/fig2_1_demo.sh [OUT_PNG]     (default docs/figures/fig2_1_tiny.png; about 10 minutes on 2 cores)
+#   bash scripts/fig2_1_demo.sh [OUT_PNG]     (default docs/figures/fig2_1_tiny.png; about 6 minutes on 2 cores)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv-3.12/bin/python}

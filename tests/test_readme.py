@@ -67,6 +67,10 @@ SKIPPED = {
     r"^python -m data_gen\.decontaminate ": "its input is data_gen.dedup's output",
     r"^python -m data_gen\.shards --input=(my_code/|exercises\.jsonl) ": "placeholder inputs and tokenizer; the tiny "
                                                                          "finetuning runs the same command on real files",
+    r"^bash scripts/fig2_1_demo\.sh$": "two tiny runs with evals, ~6 minutes; tests/test_code_eval.py runs the in-training "
+                                       "eval against python -m evals, tests/test_figures.py the figure",
+    r"^python -m phi1_jax\.figures fig2_1 --runs=stdlib=workdirs/fig2_1/": "its inputs are the demo's two runs; "
+                                                                           "tests/test_figures.py draws it from real rows",
 }
 
 PYTHON_STEPS = {"using_the_model": r"from phi1_jax\.model import Phi"}
