@@ -333,7 +333,7 @@ def finetune(tmp_path_factory, embedded):
                                              rngs=nnx.Rngs(7)))
     overrides = TINY_MODEL | {
         "seq_len": 128, "batch_size": 4, "grad_accum_steps": 2, "steps": 4, "log_every": 1, "checkpoint_every": 4,
-        "eval_every": 0, "init_from": str(root / "base"), "data.tokenizer": str(embedded.tokenizer_path),
+        "eval_every": 0, "code_eval.every": 0, "init_from": str(root / "base"), "data.tokenizer": str(embedded.tokenizer_path),
         "data.sources.exercises.path": str(root / "shards")}
     return root, records, overrides
 

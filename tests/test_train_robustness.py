@@ -207,15 +207,19 @@ def test_workdir_that_is_a_file_or_another_models_fails_before_any_work(base, tm
     assert r.returncode == 2 and "not a phi1_jax checkpoint" in _one_line(r.stderr, "error:")
 
 
-# Runs the trainer's command line as the unprivileged user `nobody`: imports first, as root, since this venv's Python
-# lives where nobody may read it; then setuid; then main() as `python -m phi1_jax.train` would.
+# Runs the trainer's command line as the unprivileged user `nobody`: the imports and the flags (the config file
+# included) as root, since this venv's Python and the checkout may lie where nobody may read them (a clone under
+# `mktemp -d` is 0700); then setuid; then main() as `python -m phi1_jax.train` would, inside the same cli.run.
 AS_NOBODY = """
 import os, sys
-from absl import app
 from phi1_jax import cli, train
 sys.argv = ["phi1_jax.train", *sys.argv[1:]]
-os.setgroups([]); os.setgid(65534); os.setuid(65534)
-cli.run(train.main)
+
+def as_nobody(argv):
+    os.setgroups([]); os.setgid(65534); os.setuid(65534)
+    return train.main(argv)
+
+cli.run(as_nobody)
 """
 
 
