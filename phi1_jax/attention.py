@@ -65,6 +65,21 @@ def cudnn_attention(q, k, v, mask, *, implementation="cudnn"):
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation=implementation)
 
 
+def training_problem(impl: str, head_dim: int, attn_dropout: float) -> str | None:
+    """Why `impl` cannot train a model of this head_dim and attention dropout (None: it can). Checked when a training
+    config is built, so the run is refused in one line before anything compiles, not in a traceback from the kernel."""
+    if impl == "pallas":
+        from kernels.flash_attention import SUPPORTED_HEAD_DIMS
+
+        if head_dim not in SUPPORTED_HEAD_DIMS:
+            return (f"attention_impl='pallas' runs head_dim {', '.join(map(str, SUPPORTED_HEAD_DIMS))}; this model's "
+                    f"is {head_dim}: use attention_impl='xla' or 'cudnn'")
+    if impl == "cudnn" and attn_dropout > 0:
+        return ("attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use attention_impl="
+                "'pallas' or 'xla'")
+    return None
+
+
 def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=None):
     """Causal, segment-masked self-attention without a cache (training, prefill, evaluation).
 

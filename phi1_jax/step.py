@@ -20,7 +20,7 @@ import optax
 from flax import linen as nn
 from flax import nnx
 
-from phi1_jax import data, optim, sharding
+from phi1_jax import attention, data, optim, sharding
 from phi1_jax.errors import UserError
 from phi1_jax.model import Phi, PhiConfig, abstract_model, count_params, logical_axes
 
@@ -175,6 +175,9 @@ def build(config) -> Built:
 
     # --- Model and optimizer: abstract shapes first, then shardings from the logical axes ------------------------------
     cfg = PhiConfig.from_dict(config.model)
+    problem = attention.training_problem(cfg.attention_impl, cfg.head_dim, cfg.attn_dropout)
+    if problem:
+        raise BuildError(f"config.model: {problem}")
     abstract = abstract_model(cfg)
     graphdef, abs_state = nnx.split(abstract)
     abs_params = nnx.to_pure_dict(abs_state)

@@ -6,6 +6,7 @@ reason; the walk finds the classes by reading the modules, so a new class that f
 
 import ast
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -128,3 +129,22 @@ def test_absl_mains_report_a_user_error():
               "cli.run(main)\n")
     r = _run("-c", script)
     assert (r.returncode, r.stderr) == (2, "error: loss is nan at step 3; lower --config.optimizer.learning_rate\n")
+
+
+@pytest.mark.parametrize("fields,says", [
+    ({"model.attention_impl": "pallas", "model.num_heads": 4, "model.head_dim": 24, "model.d_model": 96},
+     "attention_impl='pallas' runs head_dim 16, 32, 64, 128, 256; this model's is 24"),
+    ({"model.attention_impl": "cudnn", "model.attn_dropout": 0.1}, "attention_impl='cudnn' has no attention dropout"),
+], ids=["pallas-head_dim", "cudnn-dropout"])
+def test_an_attention_the_model_cannot_train_with_is_refused_at_build(fields, says):
+    """Before: a traceback from the kernel (or from cuDNN's path) while the train step compiled."""
+    from configs import tiny
+    from phi1_jax import step
+
+    c = tiny.get_config()
+    for path, value in fields.items():
+        group, name = path.split(".")
+        c[group][name] = value
+    with pytest.raises(step.BuildError, match=re.escape(says)) as e:
+        step.build(c)
+    assert isinstance(e.value, UserError)
