@@ -110,8 +110,8 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_every = 500  # steps between held-out loss measurements (0: never)
     c.eval_batches = 8
     # Code evals during training (Figure 2.1's y-axis): at every `every` steps (and the last) the trainer hands its
-    # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir, max_seq_len=); phi1_jax
-    # imports nothing of evals/), which generates on the training mesh, scores in the sandbox and returns pass@k.
+    # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir, max_seq_len=);
+    # phi1_jax imports nothing of evals/), which generates on the training mesh, scores in the sandbox, returns pass@k.
     # Its time is reported apart (code_eval_seconds) and never counted in tokens/s; a failure is a warning line.
     c.code_eval = ml_collections.ConfigDict(
         dict(

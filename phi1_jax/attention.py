@@ -85,9 +85,8 @@ def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=No
 
     q, k, v [B, T, N, H], segment_ids [B, T] -> [B, T, N, H] in v's dtype. (Decoding uses `cached_attention`.)"""
     no_dropout = dropout_rng is None or dropout_rate == 0.0
-    if impl == "cudnn" and not no_dropout:
-        raise ValueError("attention_impl='cudnn' has no attention dropout; set model.attn_dropout=0 or use "
-                         "attention_impl='pallas' or 'xla'")
+    if impl == "cudnn" and not no_dropout:  # step.build refuses such a config first; a direct caller gets this
+        raise ValueError(training_problem(impl, q.shape[-1], dropout_rate))
     if impl == "pallas":
         from kernels.flash_attention import flash_attention
 

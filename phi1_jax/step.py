@@ -151,7 +151,7 @@ class Built:
 
     def shardings(self, abstract):
         """The shardings of an abstract tree (e.g. `self.state`, `self.batch`)."""
-        return jax.tree.map(lambda x: x.sharding, abstract)
+        return shardings_of(abstract)
 
     def start(self, params) -> TrainState:
         """The state at step 0 for `params` (already in their shardings; donated, so parameter memory is not doubled
@@ -159,6 +159,11 @@ class Built:
         s = self.shardings(self.state)
         return jax.jit(lambda p: TrainState(jnp.int32(0), p, self.opt_init(p)), in_shardings=(s.params,),
                        out_shardings=s, donate_argnums=(0,))(params)
+
+
+def shardings_of(abstract):
+    """The `.sharding` of every leaf of an abstract tree (ShapeDtypeStructs that carry one)."""
+    return jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def _with_shardings(tree, shardings):
@@ -208,7 +213,7 @@ def build(config) -> Built:
 
         return traced
 
-    s_shard, b_shard = jax.tree.map(lambda x: x.sharding, state), {k: batch_sharding for k in batch}
+    s_shard, b_shard = shardings_of(state), shardings_of(batch)
     step_fn = jax.jit(with_rules(train_step), in_shardings=(s_shard, b_shard), out_shardings=(s_shard, replicated),
                       donate_argnums=(0,))
     eval_fn = jax.jit(with_rules(lambda params, batch: loss_sums(graphdef, params, batch, None)),

@@ -44,7 +44,7 @@ from absl import logging as absl_logging
 from flax import nnx
 from ml_collections import config_flags
 
-from phi1_jax import checkpoint, cli, data, metrics, optim
+from phi1_jax import checkpoint, cli, data, files, metrics, optim
 from phi1_jax import flops as flops_lib
 from phi1_jax.model import PhiConfig
 from phi1_jax.errors import UserError
@@ -130,9 +130,7 @@ def _settled(state) -> float:
 def _save_traceback(path: Path) -> Path | None:
     """The current exception's traceback in `path` (the warning line stays one line); None if it cannot be written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(traceback.format_exc(), encoding="utf-8")
-        return path
+        return files.write_text(path, traceback.format_exc())
     except OSError:
         return None
 
@@ -218,7 +216,9 @@ def train_and_evaluate(config, workdir: str):
         return total / max(count, 1.0)
 
     # --- Code evals during training: the evaluator module the config names (phi1_jax imports nothing of evals/) -------
-    code_evaluator = _code_evaluator(config.code_eval, tokenizer, workdir, cfg.max_seq_len) if config.code_eval.every else None
+    code_evaluator = None
+    if config.code_eval.every:
+        code_evaluator = _code_evaluator(config.code_eval, tokenizer, workdir, cfg.max_seq_len)
 
     # --- Restore or init -----------------------------------------------------------------------------------------------
     if primary:
