@@ -65,7 +65,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.loss_scale = ml_collections.ConfigDict(dict(initial=2.0**15, period=2000))
     c.init_from = ""  # a workdir or Hugging Face directory to start from (finetuning)
 
-    # Data (phi1_jax.data): shard directories written by `python -m data_gen.shards`, mixed by weight per sequence.
+    # Data (phi1_jax.data): shard directories written by `python -m phi1_jax.data_gen.shards`, mixed by weight per sequence.
     # CodeTextbook = filtered Stack/StackOverflow (~6B tokens) + synthetic textbooks (<1B tokens), §2.
     c.data = ml_collections.ConfigDict(
         dict(
@@ -111,12 +111,12 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval_batches = 8
     # Code evals during training (Figure 2.1's y-axis): at every `every` steps (and the last) the trainer hands its
     # live, sharded model to `evaluator` (a module with make_evaluator(section, tokenizer, workdir, max_seq_len=);
-    # phi1_jax imports nothing of evals/), which generates on the training mesh, scores in the sandbox, returns pass@k.
+    # phi1_jax imports nothing of phi1_jax/evals/), which generates on the training mesh, scores in the sandbox, returns pass@k.
     # Its time is reported apart (code_eval_seconds) and never counted in tokens/s; a failure is a warning line.
     c.code_eval = ml_collections.ConfigDict(
         dict(
             every=1000,  # steps between evals (0: never)
-            evaluator="evals.in_training",
+            evaluator="phi1_jax.evals.in_training",
             task="humaneval",  # humaneval | mbpp
             data="",  # MBPP only: path to mbpp.jsonl ("": the Hugging Face dataset)
             problems=0,  # 0: all problems; N: the first N (a fixed subset, for speed)

@@ -2,14 +2,14 @@
 
 The paper's Figure 2.1 plots HumanEval pass@1 against training tokens for one model trained on different data (The
 Stack alone, CodeTextbook, CodeTextbook then CodeExercises). Here the two regimes are the embedded stdlib corpus
-alone ("stdlib", the default) and the same corpus with the exercise-shaped records of data_gen.stdlib_exercises mixed
+alone ("stdlib", the default) and the same corpus with the exercise-shaped records of phi1_jax.data_gen.stdlib_exercises mixed
 in ("exercises": signature + docstring -> body, as CodeExercises). At this size pass@1 stays near zero: the run shows
 the path (in-training eval, metrics, figure) end to end, not the paper's effect.
 
 Commands (scripts/fig2_1_demo.sh runs them all and draws docs/figures/fig2_1_tiny.png):
   python -m phi1_jax.train --config=configs/tiny_fig2_1.py --workdir=workdirs/fig2_1/stdlib
-  python -m data_gen.stdlib_exercises --out=workdirs/fig2_1/exercises.jsonl
-  python -m data_gen.shards --input=workdirs/fig2_1/exercises.jsonl --prompt-field=prompt \\
+  python -m phi1_jax.data_gen.stdlib_exercises --out=workdirs/fig2_1/exercises.jsonl
+  python -m phi1_jax.data_gen.shards --input=workdirs/fig2_1/exercises.jsonl --prompt-field=prompt \\
       --tokenizer=workdirs/fig2_1/stdlib/tokenizer.model --out=workdirs/fig2_1/exercises
   python -m phi1_jax.train --config=configs/tiny_fig2_1.py:exercises --workdir=workdirs/fig2_1/exercises-run
   python -m phi1_jax.figures fig2_1 --runs=stdlib=workdirs/fig2_1/stdlib,stdlib+exercises=workdirs/fig2_1/exercises-run \\

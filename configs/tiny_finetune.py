@@ -2,12 +2,12 @@
 
 The path of configs/phi1_finetune.py (parameters from `init_from`; optimizer, schedule and step start fresh; the
 source's loss_on="solution" leaves each exercise's signature and docstring out of the loss) at the size of
-configs/tiny.py, on the stand-in exercises of data_gen.stdlib_exercises (stdlib functions: signature + docstring ->
+configs/tiny.py, on the stand-in exercises of phi1_jax.data_gen.stdlib_exercises (stdlib functions: signature + docstring ->
 body). It checks the plumbing; it does not make the tiny model better at anything the paper measures.
 
 Commands (after configs/tiny.py has trained workdirs/tiny; the paths below are this config's defaults):
-  python -m data_gen.stdlib_exercises --out=workdirs/exercises.jsonl
-  python -m data_gen.shards --input=workdirs/exercises.jsonl --prompt-field=prompt \\
+  python -m phi1_jax.data_gen.stdlib_exercises --out=workdirs/exercises.jsonl
+  python -m phi1_jax.data_gen.shards --input=workdirs/exercises.jsonl --prompt-field=prompt \\
       --tokenizer=workdirs/tiny/tokenizer.model --out=workdirs/exercises
   python -m phi1_jax.train --config=configs/tiny_finetune.py --workdir=workdirs/tiny-ft --config.init_from=workdirs/tiny
 Expect:    well under a minute of training on a 2-core CPU; the training loss (solution tokens only) starts near the

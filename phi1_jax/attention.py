@@ -4,7 +4,7 @@ Implementations:
   xla    plain einsums, softmax in fp32 (Hugging Face Phi's numerics); the reference, and the decode path always.
   cudnn  `jax.nn.dot_product_attention(implementation="cudnn")` (GPU, bf16/fp16). It takes no segment ids, so packed
          documents go in as a dense [B, 1, T, S] mask; it has no dropout, so attention dropout > 0 is refused.
-  pallas the project's flash-attention kernel (kernels/flash_attention.py): training and prefill without a cache,
+  pallas the project's flash-attention kernel (phi1_jax/kernels/flash_attention.py): training and prefill without a cache,
          attention dropout included (its mask is a hash of a seed drawn from the dropout RNG, so it differs from the
          xla path's mask but has the same distribution). Interpreted (`interpret=True`) on CPU, compiled on GPU/TPU.
 Decoding with a KV cache always takes the xla path (`cached_attention`: one query row per step, nothing for a flash
@@ -69,7 +69,7 @@ def training_problem(impl: str, head_dim: int, attn_dropout: float) -> str | Non
     """Why `impl` cannot train a model of this head_dim and attention dropout (None: it can). Checked when a training
     config is built, so the run is refused in one line before anything compiles, not in a traceback from the kernel."""
     if impl == "pallas":
-        from kernels.flash_attention import SUPPORTED_HEAD_DIMS
+        from phi1_jax.kernels.flash_attention import SUPPORTED_HEAD_DIMS
 
         if head_dim not in SUPPORTED_HEAD_DIMS:
             return (f"attention_impl='pallas' runs head_dim {', '.join(map(str, SUPPORTED_HEAD_DIMS))}; this model's "
@@ -88,7 +88,7 @@ def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=No
     if impl == "cudnn" and not no_dropout:  # step.build refuses such a config first; a direct caller gets this
         raise ValueError(training_problem(impl, q.shape[-1], dropout_rate))
     if impl == "pallas":
-        from kernels.flash_attention import flash_attention
+        from phi1_jax.kernels.flash_attention import flash_attention
 
         seed = None if no_dropout else jax.random.bits(dropout_rng, (), jnp.uint32)  # the kernel hashes its mask
         return flash_attention(q, k, v, segment_ids=segment_ids, causal=True,

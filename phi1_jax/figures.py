@@ -8,7 +8,7 @@ fig2_1 reads the code-eval rows the trainer writes to each WORKDIR/metrics.jsonl
 draws pass@1 (%) against training tokens seen, one line per run, the model's size (from WORKDIR/model_config.json)
 in the legend: one line per data regime and model size, where the paper's figure shows the end points as bars. A
 finetuning run counts its tokens from 0; `--finetuned-from` draws it on from its base run's last point.
-table3 renders the report of `python -m data_gen.decontaminate` (made with `--humaneval-results` for pass rates) as
+table3 renders the report of `python -m phi1_jax.data_gen.decontaminate` (made with `--humaneval-results` for pass rates) as
 the paper's Table 3: for each tau, the HumanEval problems similar and not similar to the training data, and each
 model's pass@1 on them; several `--report`s made on the same training data give one column per model.
 Outputs are written atomically (.png, .pdf or .svg for figures; .md or .png for the table). Bad input is one
@@ -174,7 +174,7 @@ _ROW_KEYS = {"benchmark": str, "tau": (int, float), "similar": int, "non_similar
 
 
 def read_report(path: Path) -> dict:
-    """A data_gen.decontaminate report (its JSON), checked for what Table 3 needs."""
+    """A phi1_jax.data_gen.decontaminate report (its JSON), checked for what Table 3 needs."""
     if not path.is_file():
         raise FigureError(f"--report: {path} not found")
     try:
@@ -184,7 +184,7 @@ def read_report(path: Path) -> dict:
     rows = report.get("table3") if isinstance(report, dict) else None
     if not isinstance(rows, list) or not rows or not all(
             isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in _ROW_KEYS.items()) for r in rows):
-        raise FigureError(f"{path}: not a data_gen.decontaminate report (expected a JSON object whose 'table3' is a "
+        raise FigureError(f"{path}: not a phi1_jax.data_gen.decontaminate report (expected a JSON object whose 'table3' is a "
                           f"list of rows with {', '.join(_ROW_KEYS)})")
     return report
 
@@ -292,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--xscale", choices=("log", "linear"), default="log", help="the tokens axis")
     f.add_argument("--finetuned-from", default=None, metavar="FT=BASE,...",
                    help="runs that finetune another run (configs/phi1_finetune.py): drawn from the base's last point")
-    what = "the decontamination table from data_gen.decontaminate's report (Table 3)"
+    what = "the decontamination table from phi1_jax.data_gen.decontaminate's report (Table 3)"
     t = sub.add_parser("table3", help=what, description=what)
     t.add_argument("--report", required=True, action="append",
                    help="[NAME=]OUT/decontamination_report.json; repeat for one pass@1 column per model")

@@ -1,6 +1,6 @@
 """Files that are whole or absent: every result the project writes under a name a reader may open at any moment.
 
-A run can be killed mid-write (SIGKILL, a preempted host), and a notebook or `python -m evals` may read while a trainer
+A run can be killed mid-write (SIGKILL, a preempted host), and a notebook or `python -m phi1_jax.evals` may read while a trainer
 writes. So a file is written to a temporary name beside its own (same folder, so the rename cannot cross filesystems;
 same suffix, so writers that go by it, such as matplotlib, pick the format) and renamed over the real name in one
 step: a reader sees the old file or the new one, never half of one, and a failure leaves the old one and no

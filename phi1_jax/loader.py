@@ -1,7 +1,7 @@
 """One way in for a model and its tokenizer, from wherever a user names it: a trainer workdir (its newest readable
 checkpoint), a phi1_jax model checkpoint (`convert import`), a Hugging Face Phi directory, or a hub id ORG/NAME.
 
-The trainer's `init_from`, `python -m phi1_jax.inspect`, `python -m evals`, `python -m phi1_jax.serve` and data_gen's
+The trainer's `init_from`, `python -m phi1_jax.inspect`, `python -m phi1_jax.evals`, `python -m phi1_jax.serve` and data_gen's
 model embedder all load through here, so "which kind of model directory is this" is decided in one place (`kind`).
 """
 

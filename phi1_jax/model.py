@@ -464,7 +464,7 @@ class DecodeProjection(nnx.Module):
 def decode_layout(model: Phi) -> Phi:
     """A model with the same weights whose projections are `DecodeProjection`s; `model` is untouched and the other
     weights are shared, not copied. For inference only (the trainer's sharding rules know nothing of the [out, in]
-    kernels). Converting phi-1-small takes ~1 s on CPU, so a caller that generates many times (`python -m evals`)
+    kernels). Converting phi-1-small takes ~1 s on CPU, so a caller that generates many times (`python -m phi1_jax.evals`)
     converts once at load."""
     if is_decode_layout(model):
         return model

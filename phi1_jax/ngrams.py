@@ -1,6 +1,6 @@
 """Word n-grams, the paper's first contamination test (arXiv 2306.11644 §5): a 13-gram of lower-cased words shared with
 a benchmark problem. Here, in the library, because the embedded default corpus (phi1_jax.embedded_corpus) applies it
-when it is built; data_gen.decontaminate builds its three tests on it."""
+when it is built; phi1_jax.data_gen.decontaminate builds its three tests on it."""
 
 from __future__ import annotations
 

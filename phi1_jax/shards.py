@@ -1,6 +1,6 @@
 """The shard format: pre-tokenized ArrayRecord shards plus a manifest; written here and read here.
 
-`python -m data_gen.shards` is the command that turns a corpus into shards; the loader (phi1_jax.data), the embedded
+`python -m phi1_jax.data_gen.shards` is the command that turns a corpus into shards; the loader (phi1_jax.data), the embedded
 corpus and the benchmarks use this module directly, so the library never imports the tools above it.
 
 Layout of a shard directory:
@@ -160,7 +160,7 @@ def read_manifest(shard_dir: str | os.PathLike, *, tokenizer_fingerprint: str | 
     if not shard_dir.is_dir():
         raise ShardError(f"{shard_dir}: shard directory not found")
     if not path.exists():
-        hint = " (an unfinished run: rerun data_gen.shards to finish it)" if (shard_dir / RUN_FILE).exists() else ""
+        hint = " (an unfinished run: rerun phi1_jax.data_gen.shards to finish it)" if (shard_dir / RUN_FILE).exists() else ""
         raise ShardError(f"{path}: not found{hint}")
     try:
         manifest = json.loads(path.read_text())

@@ -8,7 +8,7 @@ and DIR/checkpoints/<step>/{params, opt_state, data_iter, meta}: that layout is 
 (TrainCheckpoints, check_workdir, describe_workdir); this file is wiring.
 
 Code evals (config.code_eval): at every `every` steps and the last, before that step's save, the module named by
-`config.code_eval.evaluator` (evals.in_training: phi1_jax imports nothing of evals/, so the config names it) gets the
+`config.code_eval.evaluator` (phi1_jax.evals.in_training: phi1_jax imports nothing of phi1_jax/evals/, so the config names it) gets the
 model being trained, on its mesh, and returns pass@k; its time is kept out of tokens/s. A failure there is one
 warning line (its traceback in DIR/code_eval/step_<N>.error.txt) and training goes on.
 
@@ -215,7 +215,7 @@ def train_and_evaluate(config, workdir: str):
             total, count = total + float(t), count + float(c)
         return total / max(count, 1.0)
 
-    # --- Code evals during training: the evaluator module the config names (phi1_jax imports nothing of evals/) -------
+    # --- Code evals during training: the evaluator module the config names (phi1_jax imports nothing of phi1_jax/evals/) -------
     code_evaluator = None
     if config.code_eval.every:
         code_evaluator = _code_evaluator(config.code_eval, tokenizer, workdir, cfg.max_seq_len)

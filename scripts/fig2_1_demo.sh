@@ -11,8 +11,8 @@ W=workdirs/fig2_1
 mkdir -p "$W"
 "$PY" -m phi1_jax.train --config=configs/tiny_fig2_1.py --workdir="$W/stdlib"
 if [ ! -f "$W/exercises/manifest.json" ]; then
-  "$PY" -m data_gen.stdlib_exercises --out="$W/exercises.jsonl"
-  "$PY" -m data_gen.shards --input="$W/exercises.jsonl" --prompt-field=prompt \
+  "$PY" -m phi1_jax.data_gen.stdlib_exercises --out="$W/exercises.jsonl"
+  "$PY" -m phi1_jax.data_gen.shards --input="$W/exercises.jsonl" --prompt-field=prompt \
     --tokenizer="$W/stdlib/tokenizer.model" --out="$W/exercises"
 fi
 "$PY" -m phi1_jax.train --config=configs/tiny_fig2_1.py:exercises --workdir="$W/exercises-run"

@@ -9,14 +9,14 @@
 #             this JAX deprecates Pallas' Triton backend; stops the run at once when JAX sees no GPU
 #   kernels   tests/test_flash_attention.py compiled (on a GPU its interpret-mode cases run the compiled kernel) and
 #             tests/test_model.py's cuDNN test
-#   kbench    python -m kernels.bench at phi-1's shape (bf16, causal, batch 8, 32 heads of 64, seq 2048), with and
+#   kbench    python -m phi1_jax.kernels.bench at phi-1's shape (bf16, causal, batch 8, 32 heads of 64, seq 2048), with and
 #             without segment ids, forward and forward+backward TFLOP/s: pallas, cudnn, cudnn_mask, xla
 #   train     python -m phi1_jax.bench_train: phi-1 1.3B tokens/s and MFU on one GPU, over a ladder of
 #             attention:microbatch:remat settings in increasing memory order (GPU_CHECKS_TRAIN), the first out-of-memory
 #             ending the ladder; the best one counts
-#   generate  python -m evals.bench --part=generation --model=phi1 --dtype=bfloat16 --batches=1,16, transformers on
+#   generate  python -m phi1_jax.evals.bench --part=generation --model=phi1 --dtype=bfloat16 --batches=1,16, transformers on
 #             CUDA beside it
-#   tune      python -m kernels.tune (block sizes, Triton warps/stages): minutes, so not in the default run
+#   tune      python -m phi1_jax.kernels.tune (block sizes, Triton warps/stages): minutes, so not in the default run
 #   dryrun    python -m phi1_jax.train --config=configs/phi1.py --config.dry_run=True on this host's devices
 #
 # --dry (or GPU_CHECKS_DRY=1): the same steps on CPU (JAX_PLATFORMS=cpu) at tiny shapes (configs/tiny.py, the kernel
@@ -143,7 +143,7 @@ try:  # JAX 0.12 registers this deprecation (and warns at every Triton lowering)
         if env["pallas_triton_deprecated"] else False
 except Exception as e:  # noqa: BLE001
     env["pallas_triton_deprecated"] = f"unknown ({type(e).__name__})"
-import phi1_jax.model, kernels.flash_attention  # noqa: E401,E402,F401  the checkout imports with what is installed
+import phi1_jax.model, phi1_jax.kernels.flash_attention  # noqa: E401,E402,F401  the checkout imports with what is installed
 
 json.dump(env, open(sys.argv[1], "w"), indent=1)
 print(json.dumps(env, indent=1))
@@ -170,14 +170,14 @@ step_kernels() {
 step_kbench() {
   local shape=(--seqs=2048 --iters=10)
   [ "$dry" = 1 ] && shape=(--batch=1 --heads=2 --seqs=128 --iters=1 --cudnn-stand-in)
-  run kbench "${box[kbench]}" "$py" -m kernels.bench --dtypes=bfloat16 --segments=none,packed "${shape[@]}" \
+  run kbench "${box[kbench]}" "$py" -m phi1_jax.kernels.bench --dtypes=bfloat16 --segments=none,packed "${shape[@]}" \
     --json="$work/kbench.json"
 }
 
 step_tune() {
   local shape=(--iters=10)
   [ "$dry" = 1 ] && shape=(--batch=1 --seq=128 --heads=2 --iters=1 --quick)
-  run tune "${box[tune]}" "$py" -m kernels.tune "${shape[@]}" --json="$work/tune.json"
+  run tune "${box[tune]}" "$py" -m phi1_jax.kernels.tune "${shape[@]}" --json="$work/tune.json"
 }
 
 step_train() {
@@ -214,7 +214,7 @@ step_generate() {
   local peer=transformers args=(--model=phi1 --dtype=bfloat16)
   "$py" -c "import torch, transformers" 2>/dev/null || peer=none  # recorded in the report
   [ "$dry" = 1 ] && args=(--model=tiny --dtype=float32 --prompt-len=16 --new-tokens=8)
-  run generate "${box[generate]}" "$py" -m evals.bench --part=generation "${args[@]}" --batches=1,16 --peer=$peer \
+  run generate "${box[generate]}" "$py" -m phi1_jax.evals.bench --part=generation "${args[@]}" --batches=1,16 --peer=$peer \
     --json="$work/generate.json"
 }
 

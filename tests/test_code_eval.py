@@ -1,5 +1,5 @@
-"""HumanEval during training (evals/in_training.py through phi1_jax.train): rows at exactly the configured steps,
-the same completions and verdicts as `python -m evals` on the same step's checkpoint, consistent rows across a kill
+"""HumanEval during training (phi1_jax/evals/in_training.py through phi1_jax.train): rows at exactly the configured steps,
+the same completions and verdicts as `python -m phi1_jax.evals` on the same step's checkpoint, consistent rows across a kill
 and resume, and failures that are either refused at start (a bad section) or a warning the run survives.
 
 At tiny scale pass@1 is 0, so the completions and the per-sample verdicts are what is compared, not only pass@1; the
@@ -61,7 +61,7 @@ def _one_line(stderr, prefix):
     return found[0]
 
 
-# --- (a) rows at the configured steps; the completions of `python -m evals` ---------------------------------------
+# --- (a) rows at the configured steps; the completions of `python -m phi1_jax.evals` ---------------------------------------
 
 
 STEPS, EVERY = 5, 2  # evals at 2, 4 and 5 (the last step is evaluated too)
@@ -100,7 +100,7 @@ def test_completions_and_verdicts_equal_python_m_evals_on_the_checkpoint(run, tm
     assert last != _samples(evals_dir / "step_4.samples.jsonl")
     assert len({json.loads(line)["completion"] for line in last}) > 1
     out = tmp_path / "cli.json"
-    r = subprocess.run([sys.executable, "-m", "evals", "--no-progress", "--task=humaneval", f"--checkpoint={workdir}",
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--no-progress", "--task=humaneval", f"--checkpoint={workdir}",
                         f"--limit={PROBLEMS}", f"--max-new-tokens={NEW_TOKENS}", f"--batch-size={BATCH}",
                         f"--out={out}"], capture_output=True, text=True, cwd=ROOT, env=_env())
     assert r.returncode == 0, r.stderr[-3000:]
@@ -149,7 +149,7 @@ def test_kill_and_resume_keep_one_row_per_eval_step(tmp_path, embedded):
 
 
 def _section(**changes):
-    fields = dict(every=1, evaluator="evals.in_training", task="humaneval", data="", problems=2, n_samples=1,
+    fields = dict(every=1, evaluator="phi1_jax.evals.in_training", task="humaneval", data="", problems=2, n_samples=1,
                   temperature=0.0, top_p=0.95, max_new_tokens=16, batch_size=2, seed=0, timeout=3.0)
     return SimpleNamespace(**{**fields, **changes})
 
@@ -168,7 +168,7 @@ def _section(**changes):
      "config.code_eval.data='/nope/mbpp.jsonl': /nope/mbpp.jsonl: MBPP data file not found"),
 ])
 def test_a_bad_section_names_its_field(changes, message, tok, tmp_path):
-    from evals.in_training import CodeEvalError, make_evaluator
+    from phi1_jax.evals.in_training import CodeEvalError, make_evaluator
 
     with pytest.raises(CodeEvalError) as e:
         make_evaluator(_section(**changes), tok, tmp_path, max_seq_len=128)

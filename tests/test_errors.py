@@ -17,28 +17,27 @@ from phi1_jax import cli
 from phi1_jax.errors import UserError
 
 ROOT = Path(__file__).parents[1]
-PACKAGES = ["kernels", "phi1_jax", "evals", "data_gen"]
+PACKAGE = "phi1_jax"
 
 # Exception classes that are deliberately not UserErrors, and why.
 NOT_USER_ERRORS = {
     # An OpenAI-style 4xx/5xx answer to an HTTP client; the server goes on, no process exits.
     "phi1_jax.serve.ApiError",
     # A planned stop, not a mistake: "stopped: budget reached", exit 3, and a rerun continues.
-    "data_gen.llm.BudgetExceeded",
+    "phi1_jax.data_gen.llm.BudgetExceeded",
 }
 # Entry points that cannot take the one catch.
 NOT_GUARDED = {
-    "evals.sandbox_server",  # runs as `python -I -S -c <file>` inside the sandbox: standard library only, by design
-    "kernels.tune", "kernels.bench",  # kernels/ imports nothing of the project (tests/test_layers.py)
+    "phi1_jax.evals.sandbox_server",  # runs as `python -I -S -c <file>` inside the sandbox: standard library only, by design
+    "phi1_jax.kernels.tune", "phi1_jax.kernels.bench",  # phi1_jax/kernels/ imports nothing of the project (tests/test_layers.py)
 }
 
 
 def _modules():
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-            yield name, ast.parse(path.read_text(), str(path))
+    for path in sorted((ROOT / PACKAGE).rglob("*.py")):
+        parts = path.relative_to(ROOT).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        yield name, ast.parse(path.read_text(), str(path))
 
 
 def _exception_classes():
@@ -114,7 +113,7 @@ def _run(*args):
 
 
 def test_an_argparse_main_reports_a_user_error(tmp_path):
-    r = _run("-m", "data_gen.shards", f"--input={tmp_path / 'missing'}", f"--tokenizer={tmp_path / 'nope.model'}",
+    r = _run("-m", "phi1_jax.data_gen.shards", f"--input={tmp_path / 'missing'}", f"--tokenizer={tmp_path / 'nope.model'}",
              f"--out={tmp_path / 'out'}")
     assert (r.returncode, r.stderr) == (2, f"error: {tmp_path / 'nope.model'}: tokenizer file not found\n")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from evals import tasks
+from phi1_jax.evals import tasks
 from tests.verdict_samples import variants
 
 ROOT = Path(__file__).parents[1]
@@ -40,7 +40,7 @@ def _human_eval(jobs, tmp_path):
 
 def _ours(task_args, samples_path, tmp_path):
     out = tmp_path / "ours.json"
-    r = subprocess.run([sys.executable, "-m", "evals", *task_args, f"--samples={samples_path}", f"--out={out}",
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.evals", *task_args, f"--samples={samples_path}", f"--out={out}",
                         "--no-progress"], capture_output=True, text=True, cwd=ROOT, timeout=1200)
     assert r.returncode == 0, r.stderr[-3000:]
     return [json.loads(x) for x in (tmp_path / "ours.results.jsonl").read_text().splitlines()]
@@ -104,7 +104,7 @@ def test_a_broken_samples_file_is_one_error_line(tmp_path):
     out = tmp_path / "r.json"
 
     def run(path):
-        return subprocess.run([sys.executable, "-m", "evals", "--task=humaneval", f"--samples={path}", f"--out={out}",
+        return subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--task=humaneval", f"--samples={path}", f"--out={out}",
                                "--no-progress"], capture_output=True, text=True, cwd=ROOT)
 
     bad_gz = tmp_path / "bad.jsonl.gz"

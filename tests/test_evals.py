@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from evals import passk, tasks
-from evals.execution import Limits, Sandbox
+from phi1_jax.evals import passk, tasks
+from phi1_jax.evals.execution import Limits, Sandbox
 from phi1_jax.generate import generate
 from phi1_jax.model import Phi, PhiConfig
 
@@ -25,7 +25,7 @@ ROOT = Path(__file__).parents[1]
 
 
 def _evals(*args):
-    return subprocess.run([sys.executable, "-m", "evals", "--no-progress", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--no-progress", *args], capture_output=True, text=True,
                           cwd=ROOT)
 
 

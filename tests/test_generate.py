@@ -1,4 +1,4 @@
-"""data_gen.generate end to end: the real `openai` client against a local OpenAI-compatible server with faults."""
+"""phi1_jax.data_gen.generate end to end: the real `openai` client against a local OpenAI-compatible server with faults."""
 
 import ast
 import json
@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from data_gen import generate, validate
-from data_gen.batch import BatchRunner
-from data_gen.llm import LLMClient
+from phi1_jax.data_gen import generate, validate
+from phi1_jax.data_gen.batch import BatchRunner
+from phi1_jax.data_gen.llm import LLMClient
 from tests.fake_llm import respond
 from tests.openai_server import FakeOpenAI
 
@@ -68,7 +68,7 @@ def test_sigkill_halfway_then_rerun_repeats_no_request_for_a_written_record(tmp_
     out = tmp_path / "gen"
     path = out / "textbooks.jsonl"
     with FakeOpenAI(["429", "500", "drop"], responder=respond, delay=0.05) as server:
-        cmd = [sys.executable, "-m", "data_gen.generate", *_args(server, out, "textbooks", 60)]
+        cmd = [sys.executable, "-m", "phi1_jax.data_gen.generate", *_args(server, out, "textbooks", 60)]
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 60
         while time.time() < deadline and (not path.exists() or len(path.read_bytes().splitlines()) < 20):
@@ -174,7 +174,7 @@ def test_bad_input_gives_clear_errors_and_loses_nothing(tmp_path, capsys):
 
 
 def test_help_and_factor_determinism():
-    out = subprocess.run([sys.executable, "-m", "data_gen.generate", "--help"], cwd=ROOT, capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "phi1_jax.data_gen.generate", "--help"], cwd=ROOT, capture_output=True,
                          text=True, env={**os.environ, "COLUMNS": "120"})
     assert out.returncode == 0 and "--kind {textbooks,exercises}" in out.stdout and "run.json" in out.stdout
     a = [generate.prompts.factors("exercises", 3, k) for k in range(100)]
@@ -183,7 +183,7 @@ def test_help_and_factor_determinism():
 
 
 def test_generated_exercises_feed_the_shard_writer_with_their_prompts(tmp_path, embedded):
-    from data_gen import shards
+    from phi1_jax.data_gen import shards
 
     with FakeOpenAI(responder=respond) as server:
         assert generate.main(_args(server, tmp_path / "gen", "exercises", 10)) == 0

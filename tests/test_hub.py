@@ -63,7 +63,7 @@ def test_from_hf_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
 def test_evals_inspect_and_init_from_take_a_hub_id(hub, tmp_path):
     root, _ = hub
     out = tmp_path / "he.json"
-    r = _run(root, "-m", "evals", "--task=humaneval", f"--checkpoint={REPO_ID}", "--limit=2", "--max-new-tokens=8",
+    r = _run(root, "-m", "phi1_jax.evals", "--task=humaneval", f"--checkpoint={REPO_ID}", "--limit=2", "--max-new-tokens=8",
              f"--out={out}", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(out.read_text())
@@ -78,7 +78,7 @@ def test_evals_inspect_and_init_from_take_a_hub_id(hub, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"initialized parameters from {REPO_ID}" in r.stdout
 
-    r = _run(root, "-m", "evals", "--task=humaneval", "--checkpoint=test-org/not-cached", f"--out={out}")
+    r = _run(root, "-m", "phi1_jax.evals", "--task=humaneval", "--checkpoint=test-org/not-cached", f"--out={out}")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "not in the cache" in lines[0] and "HF_HUB_OFFLINE" in lines[0]
 

@@ -1,4 +1,4 @@
-"""data_gen.llm through the real `openai` client against a local OpenAI-compatible server with injected faults."""
+"""phi1_jax.data_gen.llm through the real `openai` client against a local OpenAI-compatible server with injected faults."""
 
 import asyncio
 import socket
@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from data_gen.llm import BudgetExceeded, LLMClient, LLMError
+from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, LLMError
 from tests.openai_server import FakeOpenAI
 
 

@@ -44,31 +44,34 @@ STEPS = {
     "inspect_newest": r"^python -m phi1_jax\.inspect workdirs/tiny$",
     "inspect_step": r"^python -m phi1_jax\.inspect workdirs/tiny --step=",
     "notebook_headless": r"jupyter nbconvert .*--execute notebooks/inspect_checkpoint\.ipynb",
-    "eval_tiny": r"^python -m evals --task=humaneval --checkpoint=workdirs/tiny ",
-    "eval_rescore": r"^python -m evals --task=humaneval --samples=results/",
-    "exercises": r"^python -m data_gen\.stdlib_exercises ",
-    "exercise_shards": r"^python -m data_gen\.shards --input=workdirs/exercises\.jsonl ",
+    "eval_tiny": r"^python -m phi1_jax.evals --task=humaneval --checkpoint=workdirs/tiny ",
+    "eval_rescore": r"^python -m phi1_jax.evals --task=humaneval --samples=results/",
+    "exercises": r"^python -m phi1_jax.data_gen\.stdlib_exercises ",
+    "exercise_shards": r"^python -m phi1_jax.data_gen\.shards --input=workdirs/exercises\.jsonl ",
     "finetune_tiny": r"^python -m phi1_jax\.train --config=configs/tiny_finetune\.py ",
     "dry_run": r"^XLA_FLAGS=--xla_force_host_platform_device_count=8 .*--config=configs/phi1\.py .*--config\.dry_run=True",
 }
 
 SKIPPED = {
     r"^bash scripts/test\.sh$": "the whole suite, which holds this test",
+    r"^bash scripts/test\.sh --latest$": "the whole suite again on fresh environments of today's newest versions "
+                                         "(downloads, ~15 minutes); not CI, a report",
+    r"^bash scripts/lock\.sh$": "rewrites the committed locks from today's newest versions; a maintainer's step",
     r"^python -m phi1_jax\.train --config=configs/phi1\.py --workdir=/ckpt/": "1.3B pretraining: GPUs and your shards "
                                                                               "(the ... are placeholders)",
     r"^PHI1_WORKDIR=\S+ jupyter notebook ": "starts a server for a browser; the nbconvert line runs the same notebook",
-    r"^python -m evals --task=mbpp ": "needs mbpp.jsonl and a phi-1 Hugging Face directory (placeholders)",
+    r"^python -m phi1_jax.evals --task=mbpp ": "needs mbpp.jsonl and a phi-1 Hugging Face directory (placeholders)",
     r"^python -m phi1_jax\.convert (import|export) ": "needs a phi-1 Hugging Face directory (placeholder paths)",
-    r"^python -m data_gen\.generate ": "needs an LLM server (--base-url, --model=NAME)",
+    r"^python -m phi1_jax.data_gen\.generate ": "needs an LLM server (--base-url, --model=NAME)",
     r"^python -m phi1_jax\.serve --checkpoint=workdirs/tiny ": "a server that runs until stopped; tests/test_serve.py "
                                                                 "starts it and drives it with the openai client",
-    r"^python -m data_gen\.dedup ": "its inputs are data_gen.generate's output",
-    r"^python -m data_gen\.filter (annotate|train|apply) ": "reads a hub corpus (hf://) and needs an LLM server",
-    r"^python -m data_gen\.decontaminate ": "its input is data_gen.dedup's output",
-    r"^python -m data_gen\.shards --input=(my_code/|exercises\.jsonl) ": "placeholder inputs and tokenizer; the tiny "
+    r"^python -m phi1_jax.data_gen\.dedup ": "its inputs are phi1_jax.data_gen.generate's output",
+    r"^python -m phi1_jax.data_gen\.filter (annotate|train|apply) ": "reads a hub corpus (hf://) and needs an LLM server",
+    r"^python -m phi1_jax.data_gen\.decontaminate ": "its input is phi1_jax.data_gen.dedup's output",
+    r"^python -m phi1_jax.data_gen\.shards --input=(my_code/|exercises\.jsonl) ": "placeholder inputs and tokenizer; the tiny "
                                                                          "finetuning runs the same command on real files",
     r"^bash scripts/fig2_1_demo\.sh$": "two tiny runs with evals, ~6 minutes; tests/test_code_eval.py runs the in-training "
-                                       "eval against python -m evals, tests/test_figures.py the figure",
+                                       "eval against python -m phi1_jax.evals, tests/test_figures.py the figure",
     r"^python -m phi1_jax\.figures fig2_1 --runs=stdlib=workdirs/fig2_1/": "its inputs are the demo's two runs; "
                                                                            "tests/test_figures.py draws it from real rows",
 }
@@ -172,7 +175,7 @@ def sh(clone: Path, cmd: str, timeout: float = 900, **env_overrides) -> subproce
 def _setup_is_current() -> bool:
     stamp = REPO / ".venv" / ".phi1_jax_installed"
     return stamp.exists() and all(stamp.stat().st_mtime >= (REPO / f).stat().st_mtime
-                                  for f in ("pyproject.toml", "scripts/setup.sh"))
+                                  for f in ("pyproject.toml", "scripts/setup.sh", "requirements/lock-py311.txt"))
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,8 @@
 
 Two servers run for the module: the tiny config's model with random weights and the embedded corpus's tokenizer
 (greedy text checked against phi1_jax.generate, batching, streaming, errors, SIGTERM), and a "scripted" model whose
-weights are set by hand so that it writes one fixed, valid textbook reply whatever it is asked (data_gen.generate end to
-end, chat, EvalPlus-style samples scored by `python -m evals`). The SIGTERM test stops the first server, so it is last.
+weights are set by hand so that it writes one fixed, valid textbook reply whatever it is asked (phi1_jax.data_gen.generate end to
+end, chat, EvalPlus-style samples scored by `python -m phi1_jax.evals`). The SIGTERM test stops the first server, so it is last.
 """
 
 from __future__ import annotations
@@ -288,7 +288,7 @@ def test_chat_with_the_plain_template_sync_async_and_streamed(scripted_server):
 
 def test_data_gen_runs_to_completion_against_the_server_and_resumes(scripted_server, tmp_path):
     def run(n):
-        cmd = [sys.executable, "-m", "data_gen.generate", "--kind=textbooks", f"--n={n}", f"--out={tmp_path}",
+        cmd = [sys.executable, "-m", "phi1_jax.data_gen.generate", "--kind=textbooks", f"--n={n}", f"--out={tmp_path}",
                f"--base-url={scripted_server.base_url}", f"--model={scripted_server.name}", "--concurrency=4",
                "--max-tokens=64", "--dedup-threshold=0", "--no-progress", "--timeout=60"]
         return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -308,7 +308,7 @@ def test_data_gen_runs_to_completion_against_the_server_and_resumes(scripted_ser
 
 
 def test_evalplus_style_samples_through_the_server_are_scored_by_evals(scripted_server, tmp_path):
-    from evals import tasks
+    from phi1_jax.evals import tasks
 
     task = tasks.load("humaneval", None)
     client = scripted_server.client()
@@ -320,7 +320,7 @@ def test_evalplus_style_samples_through_the_server_are_scored_by_evals(scripted_
     path = tmp_path / "samples.jsonl"
     path.write_text("".join(json.dumps(s) + "\n" for s in samples))
     out = tmp_path / "he.json"
-    r = subprocess.run([sys.executable, "-m", "evals", "--task=humaneval", f"--samples={path}", f"--out={out}",
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--task=humaneval", f"--samples={path}", f"--out={out}",
                         "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(out.read_text())

@@ -1,7 +1,7 @@
-"""data_gen.stdlib_exercises: which functions become exercises, and the exact prompt/text split."""
+"""phi1_jax.data_gen.stdlib_exercises: which functions become exercises, and the exact prompt/text split."""
 
 from phi1_jax.shards import Document
-from data_gen.stdlib_exercises import MAX_BODY_LINES, exercises, exercises_from_source
+from phi1_jax.data_gen.stdlib_exercises import MAX_BODY_LINES, exercises, exercises_from_source
 
 SOURCE = '''\
 import os

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from data_gen.shards import (
+from phi1_jax.data_gen.shards import (
     ShardError, decode_record, iter_documents, read_manifest, write_shards,
 )
 from phi1_jax import embedded_corpus, ngrams
@@ -107,7 +107,7 @@ def _shard_files(d: Path):
 
 def test_killed_writer_reruns_to_the_same_shards(tmp_path, embedded):
     src = _write_jsonl(tmp_path / "ex.jsonl", _exercises(60))
-    cmd = [sys.executable, "-m", "data_gen.shards", f"--input={src}", f"--tokenizer={embedded.tokenizer_path}",
+    cmd = [sys.executable, "-m", "phi1_jax.data_gen.shards", f"--input={src}", f"--tokenizer={embedded.tokenizer_path}",
            "--docs-per-shard=6", "--prompt-field=prompt"]
     clean = subprocess.run(cmd + [f"--out={tmp_path / 'clean'}"], capture_output=True, text=True)
     assert clean.returncode == 0, clean.stderr
@@ -135,7 +135,7 @@ def test_killed_writer_reruns_to_the_same_shards(tmp_path, embedded):
 
 
 def test_bad_input_is_refused_by_name(tmp_path, embedded, tok):
-    run = lambda *a: subprocess.run([sys.executable, "-m", "data_gen.shards", *a], capture_output=True, text=True)  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "phi1_jax.data_gen.shards", *a], capture_output=True, text=True)  # noqa: E731
     r = run(f"--input={tmp_path / 'missing'}", f"--tokenizer={embedded.tokenizer_path}", f"--out={tmp_path / 'o'}")
     assert r.returncode == 2 and "missing: input not found" in r.stderr
     (tmp_path / "empty").mkdir()

@@ -317,9 +317,9 @@ def _exercises(n):
 
 @pytest.fixture(scope="module")
 def finetune(tmp_path_factory, embedded):
-    """Exercise shards (data_gen.shards --prompt-field=prompt), a tiny model checkpoint, and the finetune config's
+    """Exercise shards (phi1_jax.data_gen.shards --prompt-field=prompt), a tiny model checkpoint, and the finetune config's
     overrides at the tiny shape, as one dict that gives both the command line and the in-process config."""
-    from data_gen import shards
+    from phi1_jax.data_gen import shards
     from phi1_jax import checkpoint
     from phi1_jax.model import Phi, PhiConfig
 

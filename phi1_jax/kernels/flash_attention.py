@@ -49,7 +49,7 @@ PAD_SEGMENT = -1  # segment id of padding added by the wrapper; never equal to a
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the three kernels, and Triton's launch settings (warps per program, software-pipelining stages)
-    for the forward and the two backward kernels; the Triton settings are ignored elsewhere. `python -m kernels.tune`
+    for the forward and the two backward kernels; the Triton settings are ignored elsewhere. `python -m phi1_jax.kernels.tune`
     measures candidates on a GPU."""
 
     block_q: int = 64

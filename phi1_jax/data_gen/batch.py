@@ -17,7 +17,7 @@ from pathlib import Path
 import openai
 from tqdm import tqdm
 
-from data_gen.llm import BudgetExceeded, LLMClient, LLMError, RequestCache, reply_of
+from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, LLMError, RequestCache, reply_of
 
 ENDPOINT = "/v1/chat/completions"
 MAX_REQUESTS, MAX_BYTES = 50_000, 190 * 2**20

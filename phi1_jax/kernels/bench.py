@@ -1,6 +1,6 @@
 """Attention throughput: the Pallas kernel, cuDNN and XLA side by side, forward and forward+backward.
 
-Command:  python -m kernels.bench [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
+Command:  python -m phi1_jax.kernels.bench [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
           [--dtypes=bfloat16,float16] [--segments=none,packed] [--impls=pallas,cudnn,cudnn_mask,xla] [--iters=20]
           [--dropout=0.1] [--json=PATH]
 Expect:   a GPU (the kernel compiles through Triton); on a CPU the kernel only runs interpreted, so the figures there
@@ -8,7 +8,7 @@ Expect:   a GPU (the kernel compiles through Triton); on a CPU the kernel only r
           --dtypes=bfloat16`, about a minute on an H100/H200.
 
 Implementations, all causal:
-  pallas      kernels/flash_attention.py (attention_impl="pallas"), segment ids passed as such.
+  pallas      phi1_jax/kernels/flash_attention.py (attention_impl="pallas"), segment ids passed as such.
   cudnn       `jax.nn.dot_product_attention(is_causal=True, implementation=cudnn_impl)`, packed documents as a
               [B, 1, T, S] same-segment mask: the best cuDNN does through JAX's public API, and the kernel's bar.
   cudnn_mask  what attention_impl="cudnn" runs today (as phi1_jax.attention.cudnn_attention does it): the causal and
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels.flash_attention import flash_attention
+from phi1_jax.kernels.flash_attention import flash_attention
 
 IMPLS = ("pallas", "cudnn", "cudnn_mask", "xla")
 SEGMENTS = ("none", "packed")

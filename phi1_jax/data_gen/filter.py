@@ -1,9 +1,9 @@
 """The educational-value filter (arXiv 2306.11644 §2.1): an LLM grades a sample, a random forest learns the grade from
 code embeddings, and the forest filters the whole corpus.
 
-    python -m data_gen.filter annotate --corpus=SRC --out=filt/ --n=2000 --base-url=URL --model=NAME
-    python -m data_gen.filter train --labels=filt/labels.jsonl --out=filt/ [--embedder=hashing|model:PATH]
-    python -m data_gen.filter apply --classifier=filt/ --corpus=SRC --out=kept.jsonl [--threshold=0.5]
+    python -m phi1_jax.data_gen.filter annotate --corpus=SRC --out=filt/ --n=2000 --base-url=URL --model=NAME
+    python -m phi1_jax.data_gen.filter train --labels=filt/labels.jsonl --out=filt/ [--embedder=hashing|model:PATH]
+    python -m phi1_jax.data_gen.filter apply --classifier=filt/ --corpus=SRC --out=kept.jsonl [--threshold=0.5]
 
 SRC is a folder of files (`--glob`, default **/*.py), a JSONL file with a text field, or `hf://NAME` (a Hugging Face
 dataset streamed through `datasets`, e.g. `hf://bigcode/the-stack-smol --hf-config=data/python`).
@@ -35,8 +35,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_gen.llm import BudgetExceeded, LLMClient, resolve_api_key
-from data_gen.shards import Document, iter_documents
+from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, resolve_api_key
+from phi1_jax.data_gen.shards import Document, iter_documents
 from phi1_jax import cli
 from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
@@ -148,7 +148,7 @@ def annotate(args) -> int:
 
 def load_labels(path: Path) -> tuple[list[str], np.ndarray]:
     if not path.exists():
-        raise FilterError(f"{path}: labels file not found (make it with `python -m data_gen.filter annotate`)")
+        raise FilterError(f"{path}: labels file not found (make it with `python -m phi1_jax.data_gen.filter annotate`)")
     texts, grades = [], []
     for where, rec in read_jsonl(path, FilterError):
         if not (isinstance(rec, dict) and isinstance(rec.get("text"), str) and isinstance(rec.get("grade"), int)):
@@ -164,7 +164,7 @@ def train(args) -> int:
     from sklearn.metrics import confusion_matrix, precision_recall_curve, precision_recall_fscore_support
     from sklearn.model_selection import train_test_split
 
-    from data_gen.embed import make_embedder
+    from phi1_jax.data_gen.embed import make_embedder
 
     texts, grades = load_labels(Path(args.labels))
     y = (grades >= args.positive_grade).astype(int)
@@ -228,11 +228,11 @@ def _plot_pr(precision, recall, path: Path, metrics: dict) -> None:
 def apply(args) -> int:
     import joblib
 
-    from data_gen.embed import make_embedder
+    from phi1_jax.data_gen.embed import make_embedder
 
     cdir = Path(args.classifier)
     if not (cdir / "classifier.json").exists() or not (cdir / "classifier.joblib").exists():
-        raise FilterError(f"{cdir}: no classifier.json/classifier.joblib (train one with `data_gen.filter train`)")
+        raise FilterError(f"{cdir}: no classifier.json/classifier.joblib (train one with `phi1_jax.data_gen.filter train`)")
     meta = json.loads((cdir / "classifier.json").read_text())
     forest = joblib.load(cdir / "classifier.joblib")
     embedder = make_embedder(meta["embedder"])
@@ -270,7 +270,7 @@ def apply(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m data_gen.filter", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.data_gen.filter", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 

@@ -1,6 +1,6 @@
-"""The completions of a task's problems: the one generation core of `python -m evals` and the in-training evaluator.
+"""The completions of a task's problems: the one generation core of `python -m phi1_jax.evals` and the in-training evaluator.
 
-Both callers go through `completions`, so the trainer's pass@1 at step N and `python -m evals --checkpoint=WORKDIR`
+Both callers go through `completions`, so the trainer's pass@1 at step N and `python -m phi1_jax.evals --checkpoint=WORKDIR`
 on step N's checkpoint are made from the same completions, token for token: the same prompt encoding, batches, seeds,
 prompt truncation and stop handling. Only what is done with the batches differs (the CLI appends them to a file as
 they come and can resume; the trainer scores them at once).
@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Mapping
 
-from evals import tasks
+from phi1_jax.evals import tasks
 
 
 def new_tokens_cap(max_seq_len: int) -> int:

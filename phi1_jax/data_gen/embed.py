@@ -24,7 +24,7 @@ import tokenize
 
 import numpy as np
 
-from data_gen import ast_match
+from phi1_jax.data_gen import ast_match
 from phi1_jax.errors import UserError
 
 _CODE_TOKEN = r"[A-Za-z_]\w*|\d+|[^\w\s]"

@@ -1,0 +1,87 @@
+"""One top-level import name (`phi1_jax`), Hugging Face's `kernels` never shadowed, and environments equal to the lock.
+
+A top-level `kernels/` in this repository once shadowed Hugging Face's `kernels` package (which transformers imports)
+whenever the repository root was on sys.path, and broke every fresh install; `evals` and `configs` are PyPI names too.
+"""
+
+import importlib.metadata
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+
+
+def test_the_wheel_installs_one_top_level_name(tmp_path):
+    """Builds the wheel from a copy of what setuptools packages and reads its file list: one top-level name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, src / name)
+    shutil.copytree(ROOT / "phi1_jax", src / "phi1_jax", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("configs", "tests", "scripts"):  # present beside the package, as in a checkout, and not to be packaged
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (wheel,) = (tmp_path / "dist").glob("phi1_jax-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith((".dist-info", ".data"))}
+    assert tops == {"phi1_jax"}, f"the wheel installs top-level names {sorted(tops)}"
+    (top_level,) = [n for n in names if n.endswith(".dist-info/top_level.txt")] or [None]
+    if top_level:
+        assert zipfile.ZipFile(wheel).read(top_level).decode().split() == ["phi1_jax"]
+    for sub in ("kernels/flash_attention.py", "evals/__main__.py", "data_gen/dedup.py"):
+        assert f"phi1_jax/{sub}" in names
+
+
+def test_no_top_level_package_beside_phi1_jax_shadows_an_installed_one():
+    """The repository root holds no importable package but phi1_jax and configs (a folder of config files, loaded by
+    path; its name is kept because the configs import each other by it)."""
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {p.stem for p in ROOT.glob("*.py")}
+    assert packages <= {"phi1_jax", "configs", "tests"}, f"top-level packages beside phi1_jax: {sorted(packages)}"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("transformers") is None,
+                    reason="transformers is installed in the Python 3.11 lane only (the parity extra)")
+def test_hugging_face_kernels_is_found_from_the_repository_root():
+    """From the repository root (as pytest and every `python -m` run), `kernels` is Hugging Face's, in site-packages,
+    and transformers' Phi imports; the project's kernel is phi1_jax.kernels."""
+    assert importlib.util.find_spec("kernels") is not None, "transformers' `kernels` dependency is not installed here"
+    code = ("import transformers, kernels; from transformers import PhiForCausalLM; print(kernels.__file__); "
+            "import phi1_jax.kernels.flash_attention as fa; print(fa.flash_attention.__module__)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    kernels_file, module = r.stdout.split()
+    assert "site-packages" in kernels_file and not Path(kernels_file).is_relative_to(ROOT / "phi1_jax"), kernels_file
+    assert module == "phi1_jax.kernels.flash_attention"
+
+
+def _lock_used() -> Path | None:
+    stamp = Path(sys.prefix) / ".phi1_jax_installed"
+    name = stamp.read_text().strip() if stamp.exists() else ""
+    return ROOT / name if name.startswith("requirements/") else None
+
+
+@pytest.mark.skipif(_lock_used() is None, reason="this environment was not installed from a lock (LOCK=none, or by hand)")
+def test_the_environment_is_exactly_its_lock():
+    """scripts/setup.sh installed exactly the versions the lock names: what CI passed with is what a fresh machine gets."""
+    lock = _lock_used()
+    pins = dict(re.match(r"^([A-Za-z0-9_.-]+)==(\S+)$", line).groups()
+                for line in lock.read_text().splitlines() if line and not line.startswith("#"))
+    assert "transformers" in pins or sys.version_info >= (3, 12), "the 3.11 lock pins transformers (the parity extra)"
+    wrong = {}
+    for name, version in pins.items():
+        try:
+            have = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            have = "not installed"
+        if have.split("+")[0] != version:
+            wrong[name] = (version, have)
+    assert not wrong, f"installed versions differ from {lock.name} (pinned, installed): {wrong}"
