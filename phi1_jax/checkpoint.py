@@ -293,13 +293,15 @@ def schedule_steps(workdir: Path, steps: int) -> int:
 
 def describe_workdir(workdir: Path, cfg: PhiConfig, tokenizer) -> None:
     """The workdir describes itself: the model config and a copy of the tokenizer beside the checkpoints, so inspect,
-    evals and serve rebuild everything from the directory alone. Written once (by process 0)."""
+    evals and serve rebuild everything from the directory alone. Written once (by process 0), each file whole or
+    absent (`phi1_jax.files`)."""
     workdir.mkdir(parents=True, exist_ok=True)
     if not (workdir / CONFIG_FILE).exists():
-        (workdir / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+        files.write_text(workdir / CONFIG_FILE, json.dumps(cfg.to_dict(), indent=2) + "\n")
     copy = workdir / ("tokenizer.json" if tokenizer.kind == "huggingface" else "tokenizer.model")
     if not copy.exists():
-        shutil.copyfile(tokenizer.path, copy)
+        with files.replacing(copy) as tmp:
+            shutil.copyfile(tokenizer.path, tmp)
 
 
 class TrainCheckpoints:

@@ -1,4 +1,4 @@
-"""Hugging Face interop, both ways: `from_hf(dir or ORG/NAME) -> Phi` and `to_hf(model, dir)`.
+"""Hugging Face interop, both ways: `from_hf(dir) -> Phi` and `to_hf(model, dir)`.
 
 Command:
   python -m phi1_jax.convert import --hf-dir=HF_DIR --out=CKPT_DIR   # Hugging Face -> phi1_jax checkpoint
@@ -24,7 +24,6 @@ import json
 import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 import jax
@@ -35,7 +34,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from phi1_jax import cli
+from phi1_jax import cli, files
 from phi1_jax.errors import UserError
 from phi1_jax.model import Phi, PhiConfig, abstract_model
 
@@ -344,29 +343,20 @@ def model_to_phi_tensors(model: Phi, dtype=None) -> dict[str, np.ndarray]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def from_hf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str = "float32",
-            attention_impl: str = "xla", revision: str | None = None) -> Phi:
-    """Reads a Hugging Face Phi checkpoint (any of the three layouts) and returns the phi1_jax model.
+def from_hf(path: str | os.PathLike, *, dtype: str = "float32", attention_impl: str = "xla") -> Phi:
+    """Reads a Hugging Face Phi checkpoint directory (any of the three layouts) and returns the phi1_jax model.
 
-    `path` is a directory, or a hub id ORG/NAME (fetched into the Hugging Face cache at `revision` by phi1_jax.hub; a
-    local path always wins). `dtype` is the compute dtype; `param_dtype` the dtype the weights are stored in (fp32 by
-    default, whatever the file holds, so a bf16 checkpoint is upcast exactly).
+    `path` is a local directory (`phi1_jax.loader.open` takes hub ids and fetches them first). `dtype` is the compute
+    dtype; the weights are stored in fp32 whatever the file holds, so a bf16 checkpoint is upcast exactly.
     """
-    from phi1_jax import hub
-
     directory = Path(path)
-    if hub.is_hub_id(str(path)):
-        try:
-            directory = hub.resolve(path, revision)
-        except hub.HubError as e:
-            raise ConversionError(str(e)) from None
     if not directory.is_dir():
         raise ConversionError(f"{directory}: not a directory (expected a Hugging Face checkpoint directory)")
     hf_config = _read_json(directory / "config.json")
     tensors = read_tensors(directory)
     layout = _detect_layout(hf_config, tensors.keys())
     cfg = _phi_config(hf_config, layout)
-    cfg = PhiConfig(**{**cfg.to_dict(), "dtype": dtype, "param_dtype": param_dtype, "attention_impl": attention_impl})
+    cfg = PhiConfig(**{**cfg.to_dict(), "dtype": dtype, "param_dtype": "float32", "attention_impl": attention_impl})
     return model_from_phi_tensors(to_phi_layout(tensors, cfg, layout), cfg)
 
 
@@ -407,8 +397,7 @@ _NP_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": 
 def to_hf(model: Phi, path: str | os.PathLike, *, dtype: str = "float32") -> None:
     """Writes a directory that `transformers.PhiForCausalLM.from_pretrained` loads (config.json + model.safetensors).
 
-    Files are written under temporary names and renamed into place, so an interrupted export leaves no file that
-    looks complete.
+    Each file is whole or absent (`phi1_jax.files`): an interrupted export leaves no file that looks complete.
     """
     if dtype not in _NP_DTYPES:
         raise ConversionError(f"dtype must be one of {sorted(_NP_DTYPES)}, got {dtype!r}")
@@ -416,18 +405,9 @@ def to_hf(model: Phi, path: str | os.PathLike, *, dtype: str = "float32") -> Non
     directory.mkdir(parents=True, exist_ok=True)
     tensors = model_to_phi_tensors(model, _NP_DTYPES[dtype])
     config = hf_config_dict(model.cfg, torch_dtype=dtype)
-    for name, write in (
-        ("model.safetensors", lambda p: save_file(tensors, p, metadata={"format": "pt"})),
-        ("config.json", lambda p: Path(p).write_text(json.dumps(config, indent=2) + "\n")),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, directory / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    with files.replacing(directory / "model.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    files.write_text(directory / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -4,14 +4,19 @@ A run can be killed mid-write (SIGKILL, a preempted host), and a notebook or `py
 writes. So a file is written to a temporary name beside its own (same folder, so the rename cannot cross filesystems;
 same suffix, so writers that go by it, such as matplotlib, pick the format) and renamed over the real name in one
 step: a reader sees the old file or the new one, never half of one, and a failure leaves the old one and no
-temporary file.
+temporary file (`replacing`, `write_text`, `write_jsonl`).
+
+Files that grow as results come (generated samples, records) are appended to instead (`appending`): each batch of
+lines is one write, flushed and fsynced, so a kill loses at most the batch in flight, and a rerun first drops a last
+line the kill cut off (`drop_cut_last_line`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 
@@ -41,6 +46,78 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> 
     with replacing(path, durable=durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def write_jsonl(path: str | os.PathLike, records: Iterable, *, durable: bool = False) -> Path:
+    """One JSON line per record as the whole content of `path`, replaced in one step (see `replacing`)."""
+    with replacing(path, durable=durable) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for record in records:
+            f.write(json.dumps(record) + "\n")
+    return Path(path)
+
+
+class Appender:
+    """Whole lines appended to a file (made if missing): each `write_lines` / `write_jsonl` call is one write,
+    flushed and (durable) fsynced before it returns. Use as a context manager, or `close()` it."""
+
+    def __init__(self, path: str | os.PathLike, *, durable: bool = True):
+        self.path, self.durable = Path(path), durable
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def write_lines(self, lines: Iterable[str]) -> None:
+        """Each line gets a newline if it has none; all of them go in one write."""
+        text = "".join(line if line.endswith("\n") else line + "\n" for line in lines)
+        if text:
+            self._file.write(text)
+            self._file.flush()
+            if self.durable:
+                os.fsync(self._file.fileno())
+
+    def write_jsonl(self, records: Iterable) -> None:
+        self.write_lines(json.dumps(record) for record in records)
+
+    def close(self) -> None:
+        self._file.close()
+
+    def __enter__(self) -> "Appender":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def appending(path: str | os.PathLike, *, durable: bool = True) -> Appender:
+    """`with appending(path) as out: out.write_jsonl(batch)`: see `Appender`."""
+    return Appender(path, durable=durable)
+
+
+def drop_cut_last_line(path: str | os.PathLike) -> bool:
+    """Truncates a last line that has no newline (a write a kill cut off) so that appending goes on from whole lines;
+    True if one was dropped. A missing file is left missing."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    with open(path, "r+b") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return False
+        # the last newline: read back in blocks (a samples file can be large)
+        end, block = size, 1 << 16
+        while end > 0:
+            start = max(0, end - block)
+            f.seek(start)
+            chunk = f.read(end - start)
+            i = chunk.rfind(b"\n")
+            if i >= 0:
+                f.truncate(start + i + 1)
+                return True
+            end = start
+        f.truncate(0)
+        return True
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -7,7 +7,7 @@
     pi.top_next_tokens(run, "def fibonacci(n):")   # the model's next-token distribution
     pi.greedy_continue(run, "import os\n", 40)     # greedy text continuation on the KV cache
 
-Command:  python -m phi1_jax.inspect WORKDIR|HF_DIR|ORG/NAME [--step=S] [--prompt=TEXT] [--tokens=N]
+Command:  python -m phi1_jax.inspect WORKDIR|HF_DIR|ORG/NAME [--step=S] [--revision=R] [--prompt=TEXT] [--tokens=N]
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax import checkpoint, cli, loader
+from phi1_jax import cli, loader
 from phi1_jax.checkpoint import checkpoint_steps
-from phi1_jax.generate import generate
+from phi1_jax.decoding import generate
 from phi1_jax.model import Phi
 from phi1_jax.tokenizer import Tokenizer
 
@@ -35,19 +35,15 @@ class Run:
     step: int | None
     model: Phi
     tokenizer: Tokenizer | None
+    format: str = loader.PHI1_JAX
 
 
-def load(source, step: int | None = None, **overrides) -> Run:
+def load(source, step: int | None = None, revision: str | None = None) -> Run:
     """A trainer workdir's model (newest readable checkpoint unless `step`: a broken newer one is skipped with a note
-    on stderr naming the step used) and its tokenizer; or a Hugging Face directory's or hub id's (no steps there)."""
-    directory = loader.resolve(source)
-    if loader.kind(directory) == "huggingface":
-        if step is not None:
-            raise cli.UsageError(f"{source}: a Hugging Face model has no checkpoint steps; drop --step")
-        model, tokenizer = loader.load_model_and_tokenizer(directory)
-        return Run(directory, None, model, tokenizer)
-    model, used = checkpoint.load_model_and_step(directory, step=step, **overrides)
-    return Run(directory, used, model, loader.find_tokenizer(directory))
+    on stderr naming the step used) and its tokenizer; or a Hugging Face directory's or hub id's (no steps there).
+    `phi1_jax.loader.open` does the loading."""
+    loaded = loader.open(source, revision, step=step)
+    return Run(loaded.path, loaded.step, loaded.model, loaded.tokenizer, loaded.format)
 
 
 def _flat_params(model: Phi) -> dict[str, np.ndarray]:
@@ -101,9 +97,10 @@ def top_next_tokens(run: Run, text: str, k: int = 5) -> list[tuple[str, float]]:
 
 
 def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:
-    """Greedy continuation of `text` (phi1_jax.generate on the KV cache), stopping at EOS."""
+    """Greedy continuation of `text` (phi1_jax.decoding.generate on the KV cache), stopping at EOS."""
     tok = _require_tokenizer(run)
-    return tok.decode(generate(run.model, [tok.encode(text)], max_new_tokens, eos_id=tok.eos_id)[0])
+    return tok.decode(generate(run.model, [tok.encode(text)], max_new_tokens, eos_id=tok.eos_id,
+                               vocab=tok.vocab_size)[0])
 
 
 @cli.reports_user_errors
@@ -113,12 +110,13 @@ def main(argv=None) -> int:
                                             "or a hub id ORG/NAME.")
     p.add_argument("workdir", help="trainer workdir, phi1_jax checkpoint, Hugging Face directory or hub id")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    p.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
     p.add_argument("--prompt", default="def ", help="text to continue greedily")
     p.add_argument("--tokens", type=int, default=40)
     args = p.parse_args(argv)
     if args.tokens < 1:
         raise cli.UsageError(f"--tokens={args.tokens}: the continuation's length, at least 1")
-    run = load(args.workdir, args.step)
+    run = load(args.workdir, args.step, args.revision)
     if run.tokenizer is not None:
         n, context = len(run.tokenizer.encode(args.prompt)), run.model.cfg.max_seq_len
         if n + args.tokens > context:
@@ -127,7 +125,7 @@ def main(argv=None) -> int:
     if run.step is not None:
         where = f"step {run.step} of {checkpoint_steps(run.workdir)}"
     else:
-        where = "Hugging Face model" if loader.kind(run.workdir) == "huggingface" else "phi1_jax model checkpoint"
+        where = "Hugging Face model" if run.format == loader.HUGGINGFACE else "phi1_jax model checkpoint"
     print(f"{run.workdir}: {where}\n")
     print(format_table(param_table(run.model)))
     if run.tokenizer is not None:

@@ -1,12 +1,21 @@
 """One way in for a model and its tokenizer, from wherever a user names it: a trainer workdir (its newest readable
-checkpoint), a phi1_jax model checkpoint (`convert import`), a Hugging Face Phi directory, or a hub id ORG/NAME.
+checkpoint, or a given step), a phi1_jax model checkpoint (`convert import`), a Hugging Face Phi directory, or a hub
+id ORG/NAME.
 
-The trainer's `init_from`, `python -m phi1_jax.inspect`, `python -m phi1_jax.evals`, `python -m phi1_jax.serve` and data_gen's
-model embedder all load through here, so "which kind of model directory is this" is decided in one place (`kind`).
+    from phi1_jax import loader
+    loaded = loader.open("workdirs/tiny")            # or "microsoft/phi-1", revision="main"; step=500 for a workdir
+    loaded.model, loaded.tokenizer, loaded.path, loaded.step, loaded.format
+
+`open` reads top to bottom: the source becomes a local directory (a hub id is fetched once, by phi1_jax.hub), the
+directory's format is decided once (`format_of`), the model is read by the one reader of that format
+(`convert.from_hf` or `checkpoint.load_model_and_step`), and the tokenizer beside it is found. The trainer's
+`init_from`, `python -m phi1_jax.inspect`, `python -m phi1_jax.evals`, `python -m phi1_jax.serve` and data_gen's model
+embedder all load through it. Every failure is one `LoadError` naming the source.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -16,15 +25,54 @@ from phi1_jax.model import Phi
 from phi1_jax.tokenizer import Tokenizer
 
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json")  # SentencePiece (ours), Hugging Face (phi-1's, CodeGen's)
+HUGGINGFACE, PHI1_JAX = "huggingface", "phi1_jax"  # the two formats
 
 
 class LoadError(UserError, ValueError):
     """A model source that cannot be loaded; the message names it and says why."""
 
 
-def kind(directory: Path) -> str:
-    """'huggingface' (config.json + safetensors) or 'phi1_jax' (a trainer workdir or a model checkpoint)."""
-    return "huggingface" if (directory / "config.json").exists() else "phi1_jax"
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """A model, its tokenizer and what was loaded."""
+
+    model: Phi
+    tokenizer: Tokenizer | None  # None when no tokenizer file lies beside the model
+    source: str  # what the caller named: a path or a hub id
+    path: Path  # the local directory read (for a hub id, its snapshot in the Hugging Face cache)
+    revision: str | None  # the hub revision asked for (None: main; always None for a local path)
+    step: int | None  # the trainer step of a workdir's checkpoint; None for a model checkpoint or Hugging Face model
+    format: str  # HUGGINGFACE or PHI1_JAX
+
+
+def open(source: str | os.PathLike, revision: str | None = None, *, step: int | None = None) -> Loaded:  # noqa: A001
+    """The model and tokenizer of `source` (see the module docstring for what it may be).
+
+    revision: a hub id's branch, tag or commit (default main); an error for a local path.
+    step: a trainer workdir's checkpoint step (default: the newest that reads; a broken newer one is skipped with one
+      note on stderr); an error for a Hugging Face model, which has no steps.
+    """
+    from phi1_jax import convert
+    from phi1_jax.tokenizer import TokenizerError
+
+    path = _local_directory(source, revision)
+    fmt = format_of(path)
+    try:
+        if fmt == HUGGINGFACE:
+            if step is not None:
+                raise LoadError(f"{source}: a Hugging Face model has no checkpoint steps; drop the step ({step})")
+            model, used = convert.from_hf(path), None
+        else:
+            model, used = checkpoint.load_model_and_step(path, step=step)
+        tokenizer = find_tokenizer(path)
+    except (convert.ConversionError, checkpoint.CheckpointError, TokenizerError) as e:
+        raise LoadError(str(e)) from None
+    return Loaded(model, tokenizer, str(source), path, revision, used, fmt)
+
+
+def format_of(directory: Path) -> str:
+    """HUGGINGFACE (config.json + safetensors) or PHI1_JAX (a trainer workdir or a model checkpoint)."""
+    return HUGGINGFACE if (directory / "config.json").exists() else PHI1_JAX
 
 
 def find_tokenizer(directory: str | os.PathLike) -> Tokenizer | None:
@@ -35,36 +83,15 @@ def find_tokenizer(directory: str | os.PathLike) -> Tokenizer | None:
     return None
 
 
-def load_model(source: str | os.PathLike, *, revision: str | None = None, param_dtype: str = "float32") -> Phi:
-    from phi1_jax import convert
-
-    directory = _resolve(source, revision)
-    try:
-        if kind(directory) == "huggingface":
-            return convert.from_hf(directory, param_dtype=param_dtype)
-        return checkpoint.load_model(directory, param_dtype=param_dtype)
-    except (convert.ConversionError, checkpoint.CheckpointError) as e:
-        raise LoadError(str(e)) from None
-
-
 def load_model_and_tokenizer(source: str | os.PathLike, *, revision: str | None = None) -> tuple[Phi, Tokenizer | None]:
-    """(model, tokenizer or None) from any source this module knows."""
-    from phi1_jax.tokenizer import TokenizerError
-
-    directory = _resolve(source, revision)
-    model = load_model(directory)
-    try:
-        return model, find_tokenizer(directory)
-    except TokenizerError as e:
-        raise LoadError(str(e)) from None
+    """(model, tokenizer or None): `open` for callers not yet moved to it (phi1_jax.serve); goes when they are."""
+    loaded = open(source, revision)
+    return loaded.model, loaded.tokenizer
 
 
-def resolve(source: str | os.PathLike, revision: str | None = None) -> Path:
-    """The local directory of a source (a hub id is fetched into the Hugging Face cache first)."""
-    return _resolve(source, revision)
-
-
-def _resolve(source, revision) -> Path:
+def _local_directory(source, revision) -> Path:
+    if revision is not None and Path(source).exists():
+        raise LoadError(f"{source}: a local path; a revision ({revision}) is for hub ids only")
     try:
         return hub.resolve(source, revision)
     except hub.HubError as e:

@@ -138,7 +138,7 @@ class Projection(nnx.Module):
     `out_axes` are the logical axes of y; constraining them keeps the batch sharded when the weights are sharded too
     (XLA then gathers weights, FSDP-style, instead of gathering activations). The kernel's leading dims are the
     contracted ones (the trailing dims of x), its trailing dims the output's. (Generation on CPU swaps in
-    `DecodeProjection`, the same map with another weight layout; see the end of this file.)
+    `phi1_jax.decoding.DecodeProjection`, the same map with another weight layout.)
     """
 
     def __init__(self, spec: str, kernel_shape, kernel_axes, bias_shape, bias_axes, out_axes, cfg: PhiConfig, *,
@@ -430,52 +430,3 @@ def logical_axes(model: Phi) -> dict:
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         out[path] = var.get_metadata().get("out_sharding")
     return out
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Generation on CPU: the projections' kernels as [out, in] matrices
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-class DecodeProjection(nnx.Module):
-    """A `Projection`'s map with its kernel stored as one [out, in] matrix: x [..., in...] is flattened to [..., K]
-    and multiplied by kernel_t [O, K], then y [..., O] is unflattened to the projection's output dims.
-
-    At decoding's small batches XLA:CPU's matrix multiply runs ~40% faster with the weight in this layout (measured in
-    docs/benchmarks.md), and one plain product also spares it transposing a kernel with two contracted dims (the
-    attention output's [N, H, D]) at every step. Only `decode_layout` makes these, for generation on CPU; training
-    and the parameter layout (checkpoints, `phi1_jax.convert`) know only `Projection`.
-    """
-
-    def __init__(self, proj: Projection):
-        self.n_in, self.dtype, self.out_axes = proj.n_in, proj.dtype, proj.out_axes
-        kernel = proj.kernel[...]  # [in..., out...]
-        k = math.prod(kernel.shape[:self.n_in])
-        self.kernel_t = nnx.Variable(jnp.transpose(kernel.reshape(k, -1)))  # [O, K]
-        self.bias = proj.bias  # [out...], shared with the model it came from
-
-    def __call__(self, x: Array) -> Array:
-        x = x.reshape(*x.shape[:x.ndim - self.n_in], -1)  # [..., K]
-        y = jnp.einsum("...K,OK->...O", x.astype(self.dtype), self.kernel_t[...].astype(self.dtype))
-        bias = self.bias[...].astype(self.dtype)
-        return nn.with_logical_constraint(y.reshape(*y.shape[:-1], *bias.shape) + bias, self.out_axes)
-
-
-def decode_layout(model: Phi) -> Phi:
-    """A model with the same weights whose projections are `DecodeProjection`s; `model` is untouched and the other
-    weights are shared, not copied. For inference only (the trainer's sharding rules know nothing of the [out, in]
-    kernels). Converting phi-1-small takes ~1 s on CPU, so a caller that generates many times (`python -m phi1_jax.evals`)
-    converts once at load."""
-    if is_decode_layout(model):
-        return model
-    graphdef, state = nnx.split(model)
-    copy = nnx.merge(graphdef, state, copy=False)
-    for _, module in list(nnx.iter_modules(copy)):
-        for name, value in list(vars(module).items()):
-            if isinstance(value, Projection):
-                setattr(module, name, DecodeProjection(value))
-    return copy
-
-
-def is_decode_layout(model: Phi) -> bool:
-    return isinstance(model.lm_head, DecodeProjection)

@@ -81,29 +81,19 @@ def _schedule_note(config, schedule_steps: int) -> str:
 
 def _pretrained_params(path: str, cfg: PhiConfig) -> dict:
     """Parameters of a trainer workdir, a phi1_jax model checkpoint, a Hugging Face directory or hub id (ORG/NAME),
-    checked against cfg."""
-    from phi1_jax import convert, loader
+    read by `phi1_jax.loader.open`, checked against cfg and stored in cfg.param_dtype."""
+    from phi1_jax import loader
 
     try:
-        source = loader.resolve(path)
-        if loader.kind(source) == "huggingface":
-            model = convert.from_hf(source, param_dtype=cfg.param_dtype)
-            theirs = model.cfg
-        else:
-            theirs = checkpoint.read_model_config(source)
-            model = None
+        model = loader.open(path).model
     except UserError as e:
         raise TrainError(f"config.init_from: {e}") from None
-    diff = checkpoint.shape_difference(theirs, cfg)
+    diff = checkpoint.shape_difference(model.cfg, cfg)
     if diff:
         detail = ", ".join(f"{k} {a} there, {b} in the config" for k, (a, b) in diff.items())
         raise TrainError(f"config.init_from={path} is another model shape ({detail})")
-    if model is not None:
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    try:
-        return checkpoint.load_params(source, cfg)
-    except checkpoint.CheckpointError as e:
-        raise TrainError(f"config.init_from: {e}") from None
+    dtype = jnp.dtype(cfg.param_dtype)
+    return jax.tree.map(lambda x: x.astype(dtype), nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
 def _code_evaluator(section, tokenizer, workdir: Path, max_seq_len: int):

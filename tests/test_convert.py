@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers", reason=_OTHER_LANE)
 
 from safetensors.numpy import save_file  # noqa: E402
 
-from phi1_jax import checkpoint  # noqa: E402
+from phi1_jax import checkpoint, loader  # noqa: E402
 from phi1_jax.convert import ConversionError, from_hf, read_tensors, to_hf  # noqa: E402
 
 # (vocab, d_model, heads, layers, mlp, partial_rotary_factor): an odd vocab, head counts that are not powers of two,
@@ -82,7 +82,7 @@ def test_fp32_logits_match_transformers_by_hub_id(hf_dir, tmp_path, monkeypatch)
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     ids = ids_for(vocab)
-    np.testing.assert_allclose(np.asarray(from_hf("test-org/phi")(jnp.asarray(ids)).logits), hf_logits(hf, ids), atol=1e-4,
+    np.testing.assert_allclose(np.asarray(loader.open("test-org/phi").model(jnp.asarray(ids)).logits), hf_logits(hf, ids), atol=1e-4,
                                rtol=0)
 
 

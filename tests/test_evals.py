@@ -17,7 +17,7 @@ from flax import nnx
 
 from phi1_jax.evals import passk, tasks
 from phi1_jax.evals.execution import Limits, Sandbox
-from phi1_jax.generate import generate
+from phi1_jax.decoding import generate
 from phi1_jax.model import Phi, PhiConfig
 
 MBPP = Path(__file__).parents[2] / "shared" / "data" / "mbpp.jsonl"
@@ -100,7 +100,7 @@ def test_bad_input_names_the_line_or_path(tmp_path):
     r = _evals("--task=humaneval", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
     assert r.returncode == 2 and "bad.jsonl:1: needs exactly one" in r.stderr
     r = _evals("--task=humaneval", f"--checkpoint={tmp_path / 'nope'}", f"--out={tmp_path / 'r.json'}")
-    assert r.returncode == 2 and "nope: checkpoint directory not found" in r.stderr
+    assert r.returncode == 2 and "nope: does not exist" in r.stderr
     r = _evals("--task=mbpp", f"--data={tmp_path / 'missing.jsonl'}", f"--samples={bad}", f"--out={tmp_path / 'r.json'}")
     assert r.returncode == 2 and "missing.jsonl: MBPP data file not found" in r.stderr
     assert not (tmp_path / "r.json").exists()

@@ -38,7 +38,8 @@ def _run(hub_root, *args, cwd=ROOT):
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=cwd, env=env, timeout=900)
 
 
-def test_from_hf_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
+def test_open_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
+    from phi1_jax import loader
     from phi1_jax.convert import ConversionError, from_hf
     from phi1_jax.model import Phi
 
@@ -48,16 +49,34 @@ def test_from_hf_by_id_and_a_local_path_wins(hub, tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(root / "hf" / "hub"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_OFFLINE", True)
     ids = jnp.array([[5, 6, 7, 8, 9]])
-    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids).logits), np.asarray(model(ids).logits))
-    # a directory at the same relative path is what loads: a local path always wins over an id
+    loaded = loader.open(REPO_ID)
+    np.testing.assert_array_equal(np.asarray(loaded.model(ids).logits), np.asarray(model(ids).logits))
+    assert loaded.format == loader.HUGGINGFACE and loaded.source == REPO_ID and loaded.step is None
+    assert loaded.path.is_relative_to(root / "hf") and loaded.tokenizer is not None
+    with pytest.raises(loader.LoadError, match="no checkpoint steps"):
+        loader.open(REPO_ID, step=3)
+    with pytest.raises(ConversionError, match="not a directory"):  # from_hf reads directories; ids go through open
+        from_hf(REPO_ID)
+    # another revision of the id: the model committed there
     from phi1_jax.convert import to_hf
 
     other = Phi(model.cfg, rngs=nnx.Rngs(4))
     to_hf(other, tmp_path / REPO_ID)
+    add_to_cache(root / "hf", REPO_ID, tmp_path / REPO_ID, revision="v2")
+    loaded = loader.open(REPO_ID, revision="v2")
+    assert loaded.revision == "v2"
+    np.testing.assert_array_equal(np.asarray(loaded.model(ids).logits), np.asarray(other(ids).logits))
+    with pytest.raises(loader.LoadError, match="not in the cache"):
+        loader.open(REPO_ID, revision="v9")
+    # a directory at the same relative path is what loads: a local path always wins over an id
     monkeypatch.chdir(tmp_path)
-    np.testing.assert_array_equal(np.asarray(from_hf(REPO_ID)(ids).logits), np.asarray(other(ids).logits))
-    with pytest.raises(ConversionError, match="not in the cache .* the hub is off"):
-        from_hf("test-org/not-cached")
+    loaded = loader.open(REPO_ID)
+    np.testing.assert_array_equal(np.asarray(loaded.model(ids).logits), np.asarray(other(ids).logits))
+    assert loaded.path == Path(REPO_ID)
+    with pytest.raises(loader.LoadError, match="a local path; a revision"):
+        loader.open(REPO_ID, revision="main")
+    with pytest.raises(loader.LoadError, match="not in the cache .* the hub is off"):
+        loader.open("test-org/not-cached")
 
 
 def test_evals_inspect_and_init_from_take_a_hub_id(hub, tmp_path):

