@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import signal
 import sys
 import time
@@ -172,7 +171,9 @@ def _print_memory(compiled, n_params):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def train_and_evaluate(config, workdir: str):
+def train_and_evaluate(config, workdir: str, *, on_checkpoint=None):
+    """Trains `config` in `workdir` (resuming from its newest checkpoint). `on_checkpoint(step)`, if given, is called
+    after each checkpoint is saved (e.g. to copy it elsewhere)."""
     workdir = Path(workdir).absolute()
     primary = jax.process_index() == 0
 
@@ -314,8 +315,8 @@ def train_and_evaluate(config, workdir: str):
                 t_last += time.perf_counter() - t_eval
             if step % config.checkpoint_every == 0 or step == config.steps or stop["signal"]:
                 save(step)
-                if os.environ.get("PHI1_JAX_TRAIN_TEST_PAUSE"):  # test hook: a test kills the run between checkpoints
-                    time.sleep(float(os.environ["PHI1_JAX_TRAIN_TEST_PAUSE"]))
+                if on_checkpoint is not None:
+                    on_checkpoint(step)
                 if primary:
                     metrics.plot_loss(workdir)
             if stop["signal"]:
@@ -342,7 +343,7 @@ def _quiet_library_logs():
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def main(argv):
+def main(argv, *, on_checkpoint=None):
     del argv
     _quiet_library_logs()
     config = _CONFIG.value
@@ -351,7 +352,8 @@ def main(argv):
     if _DISTRIBUTED.value or _COORDINATOR.value:
         jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
                                    process_id=_PROCESS_ID.value)
-    train_and_evaluate(config, _WORKDIR.value)  # a UserError is one `error:` line and exit 2 (cli.run)
+    # a UserError is one `error:` line and exit 2 (cli.run)
+    train_and_evaluate(config, _WORKDIR.value, on_checkpoint=on_checkpoint)
 
 
 if __name__ == "__main__":

@@ -118,7 +118,8 @@ def test_kill_and_resume_keep_one_row_per_eval_step(tmp_path, embedded):
     that step's eval row was written (killed mid-save): the row is dropped and remade, from the same weights."""
     workdir, steps = tmp_path / "killed", 8
     overrides = ("--config.code_eval.every=2", "--config.checkpoint_every=4")
-    proc = subprocess.Popen(_cmd(workdir, steps, *overrides), env=_env(PHI1_JAX_TRAIN_TEST_PAUSE="120"),
+    paused = [sys.executable, "-m", "tests.paused_train", "120", *_cmd(workdir, steps, *overrides)[3:]]
+    proc = subprocess.Popen(paused, env=_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / "4").exists() and time.time() < deadline and proc.poll() is None:

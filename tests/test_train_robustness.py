@@ -329,8 +329,9 @@ def test_resume_after_sigkill_starts_at_the_newest_checkpoint_bit_exact(base, tm
     """A run killed after a checkpoint: the rerun resumes from that step, starts right after it, and matches the
     uninterrupted run bit for bit."""
     workdir = tmp_path / "killed"
-    # The run pauses after each save (a test hook), so the kill lands between checkpoint N and the next one.
-    proc = subprocess.Popen(_cmd(workdir), env=_env(PHI1_JAX_TRAIN_TEST_PAUSE="120"), stdout=subprocess.DEVNULL,
+    # The run pauses after each save (tests/paused_train.py), so the kill lands between checkpoint N and the next one.
+    paused = [sys.executable, "-m", "tests.paused_train", "120", *_cmd(workdir)[3:]]
+    proc = subprocess.Popen(paused, env=_env(), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, cwd=ROOT)
     deadline = time.time() + 300
     while not (workdir / "checkpoints" / str(N)).exists() and time.time() < deadline and proc.poll() is None:
