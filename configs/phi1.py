@@ -131,6 +131,10 @@ def get_config() -> ml_collections.ConfigDict:
     )
     c.checkpoint_every = 1000
     c.keep_checkpoints = 3  # newest checkpoints kept; older ones are deleted
-    c.dry_run = False
+    c.dry_run = False  # compile the train step and print its per-device memory, without data or training
+    # With dry_run: compile for this GPU instead of this host's devices (phi1_jax.gpu_plan; needs the gpu-plan extra):
+    # a100_40, a100_80, h100_sxm, h100_pcie, h200, optionally ":N" for N GPUs on one host. "": this host's devices.
+    c.dry_run_target = ""
+    c.dry_run_fit = False  # with dry_run_target: compile a ladder of attention x micro-batch x remat, print what fits
     c.lock()
     return c

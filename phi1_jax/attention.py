@@ -6,7 +6,10 @@ Implementations:
          documents go in as a dense [B, 1, T, S] mask; it has no dropout, so attention dropout > 0 is refused.
   pallas the project's flash-attention kernel (phi1_jax/kernels/flash_attention.py): training and prefill without a cache,
          attention dropout included (its mask is a hash of a seed drawn from the dropout RNG, so it differs from the
-         xla path's mask but has the same distribution). Interpreted (`interpret=True`) on CPU, compiled on GPU/TPU.
+         xla path's mask but has the same distribution). Interpreted (`interpret=True`) when compiling for a CPU,
+         compiled through Triton / Mosaic when compiling for a GPU / TPU: the platform is the devices' of the mesh
+         being traced for (`compile_platform`), so a step compiled on a CPU host for a GPU target
+         (phi1_jax.gpu_plan) gets the Triton kernel, not the interpreter.
 Decoding with a KV cache always takes the xla path (`cached_attention`: one query row per step, nothing for a flash
 kernel to tile).
 
@@ -80,6 +83,16 @@ def training_problem(impl: str, head_dim: int, attn_dropout: float) -> str | Non
     return None
 
 
+def compile_platform() -> str:
+    """"cpu", "gpu" or "tpu": what the code being traced will run on. That is the platform of the mesh it is traced
+    under when there is one (jax.sharding.use_abstract_mesh, as step.build's jitted steps do), which differs from
+    JAX's default backend when a CPU host compiles for a GPU it lacks; otherwise JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    device = None if mesh.empty else getattr(mesh, "abstract_device", None)
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
 def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=None):
     """Causal, segment-masked self-attention without a cache (training, prefill, evaluation).
 
@@ -91,8 +104,9 @@ def attend(q, k, v, *, segment_ids, impl="xla", dropout_rate=0.0, dropout_rng=No
         from phi1_jax.kernels.flash_attention import flash_attention
 
         seed = None if no_dropout else jax.random.bits(dropout_rng, (), jnp.uint32)  # the kernel hashes its mask
-        return flash_attention(q, k, v, segment_ids=segment_ids, causal=True,
-                               interpret=jax.default_backend() == "cpu",
+        platform = compile_platform()
+        return flash_attention(q, k, v, segment_ids=segment_ids, causal=True, interpret=platform == "cpu",
+                               backend=platform,
                                dropout_rate=0.0 if no_dropout else dropout_rate, dropout_seed=seed)
     mask = make_mask(segment_ids, segment_ids)
     if impl == "xla":

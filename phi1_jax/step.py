@@ -170,10 +170,13 @@ def _with_shardings(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
-def build(config) -> Built:
-    """Mesh, abstract train state with its shardings, and the jitted train and eval steps; nothing is allocated."""
+def build(config, devices=None) -> Built:
+    """Mesh, abstract train state with its shardings, and the jitted train and eval steps; nothing is allocated.
+
+    `devices`: the mesh's devices (default: all of JAX's); phi1_jax.gpu_plan passes a GPU topology's devices to compile
+    for a GPU on a host without one."""
     # --- Mesh -------------------------------------------------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh)
+    mesh = sharding.make_mesh(config.mesh, devices)
     rules = sharding.rules_dict(config.sharding_rules)
     _check_batch(config, mesh)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

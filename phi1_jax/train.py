@@ -175,6 +175,10 @@ def train_and_evaluate(config, workdir: str, *, on_checkpoint=None):
     """Trains `config` in `workdir` (resuming from its newest checkpoint). `on_checkpoint(step)`, if given, is called
     after each checkpoint is saved (e.g. to copy it elsewhere)."""
     workdir = Path(workdir).absolute()
+    if config.dry_run_target:  # a dry run compiled for a GPU this host lacks; before JAX picks its devices
+        from phi1_jax import gpu_plan
+
+        return gpu_plan.dry_run(config)
     primary = jax.process_index() == 0
 
     # --- Workdir: refused before any long work; a resumed run keeps the schedule it started with ----------------------

@@ -8,6 +8,10 @@
 #   PYTHON=python3.12 bash scripts/setup.sh     Python 3.12 -> .venv-3.12  (the newest JAX the project allows)
 #   LOCK=none bash scripts/setup.sh             the newest versions pyproject.toml's ranges allow, in .venv-latest
 #                                               (.venv-latest-3.12 for 3.12): scripts/test.sh --latest, scripts/lock.sh
+#   EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh
+#                                               opt-in: .venv-gpu-plan, the 3.12 lane plus JAX's CUDA plugin and CUDA
+#                                               wheels (~4 GB) to compile for a GPU on this host (phi1_jax/gpu_plan.py);
+#                                               the CUDA packages are pinned by requirements/lock-py312-gpu-plan.txt
 #
 # PYTHON may be a command or a path; a version that pyenv has but has not put on PATH is found in pyenv's versions.
 # VENV overrides the directory, LOCK the constraints file. A second run is a no-op unless pyproject.toml, the lock or
@@ -25,6 +29,14 @@ version=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[
 case "$version" in
   3.11) default_venv=.venv; extras="test,notebook,parity" ;;
   *) default_venv=.venv-$version; extras="test,notebook" ;;
+esac
+extra_lock=
+case "${EXTRAS:-}" in
+  "") ;;
+  gpu-plan)
+    [ "$version" = 3.12 ] || { echo "error: EXTRAS=gpu-plan is for Python 3.12 (give PYTHON=python3.12)" >&2; exit 2; }
+    default_venv=.venv-gpu-plan; extras="$extras,gpu-plan"; extra_lock=requirements/lock-py312-gpu-plan.txt ;;
+  *) echo "error: EXTRAS=$EXTRAS: the opt-in extras are: gpu-plan" >&2; exit 2 ;;
 esac
 LOCK=${LOCK:-requirements/lock-py${version/./}.txt}
 if [ "$LOCK" = none ]; then
@@ -50,8 +62,10 @@ if [ "$LOCK" = none ]; then
   pins=(--upgrade --upgrade-strategy eager)
 else
   pins=(-c "$LOCK")
+  if [ -n "$extra_lock" ]; then pins+=(-c "$extra_lock"); fi
   if [ -f "$stamp" ] && [ ! pyproject.toml -nt "$stamp" ] && [ ! scripts/setup.sh -nt "$stamp" ] \
-     && [ ! "$LOCK" -nt "$stamp" ] && [ "$(cat "$stamp")" = "$LOCK" ]; then
+     && [ ! "$LOCK" -nt "$stamp" ] && { [ -z "$extra_lock" ] || [ ! "$extra_lock" -nt "$stamp" ]; } \
+     && [ "$(cat "$stamp")" = "$LOCK" ]; then
     exit 0
   fi
 fi

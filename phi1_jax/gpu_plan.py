@@ -1,0 +1,455 @@
+"""Compiling for a GPU this host lacks: the train step's real XLA:GPU memory, FLOPs and kernels, from a CPU machine.
+
+Command:   python -m phi1_jax.train --config=configs/phi1.py --workdir=W --config.dry_run=True \\
+               --config.dry_run_target=h100_sxm [--config.dry_run_fit=True]
+           python -m phi1_jax.gpu_plan tiles --target=h100_sxm       (the kernel's tune candidates, compiled)
+Needs:     the gpu-plan extra (JAX's CUDA plugin and the CUDA wheels, ~4 GB; Python 3.12):
+           `EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh`, then .venv-gpu-plan/bin/python. No GPU, no driver.
+Expect:    phi-1 1.3B: 5-13 minutes per compile on a 2-core CPU; configs/tiny.py: seconds. docs/gpu.md has the figures.
+
+How: JAX's CUDA plugin describes a GPU from a target-config text file (phi1_jax/gpu_targets/NAME.txtpb, written from the
+published device figures) without a device (`jax.experimental.topologies.get_topology_desc`); the train state and batch
+are ShapeDtypeStructs sharded on a mesh of that topology's devices, and XLA:GPU compiles the real step (Triton for the
+Pallas kernel: phi1_jax.attention picks the backend from the mesh being traced for, so the interpreter is never
+compiled). `memory_analysis()` is XLA:GPU's buffer assignment: what one device needs. The CUDA plugin only registers
+when JAX's platforms are limited to the CPU (else its CUPTI check fails without a driver): this module sets that when
+JAX has not started yet, and says so when it has.
+
+`dry_run_target` is NAME[:N] (N GPUs on one host, default 1); NAME is one of TARGETS. The report: a per-device table
+(arguments, outputs, temporaries, peak; whether the peak fits under JAX's default preallocation, 75% of the memory, and
+under the whole memory), FLOPs per token of the compiled program next to docs/flops.md's formula, the attention
+kernels the program calls, XLA's own memory warnings, the compile time; then one JSON line (`Plan.as_json`).
+
+FLOPs: XLA's HloCostAnalysis over the optimized GPU module (the executable's own `cost_analysis()` is None without a
+device). It counts custom kernels (the Triton flash attention, cuDNN) as 0 and a loop body once: the gradient
+accumulation loop is one micro-batch, so FLOPs per token = the module's FLOPs / the tokens of one micro-batch per
+device (the optimizer update, counted once, adds < 0.1%). With remat the compiled program recomputes the forward pass,
+so it is above the formula (which counts each FLOP once).
+
+Fit mode (`dry_run_fit`): walks LADDER (attention x micro-batch per device x remat, fastest-likely first), compiling
+each rung, and prints the first whose peak fits under the preallocation as `--config.` overrides to paste.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import importlib.util
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+from phi1_jax import cli, files
+from phi1_jax.errors import UserError
+
+TARGETS = {
+    "a100_40": "NVIDIA A100 SXM4 40 GB",
+    "a100_80": "NVIDIA A100 SXM4 80 GB",
+    "h100_sxm": "NVIDIA H100 SXM5 80 GB",
+    "h100_pcie": "NVIDIA H100 PCIe 80 GB",
+    "h200": "NVIDIA H200 SXM 141 GB",
+}
+PREALLOCATE = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs
+GIB = 1024 ** 3
+SETUP = "EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh (then run with .venv-gpu-plan/bin/python)"
+# Fit mode: (attention, micro-batch per device, remat), fastest-likely first. A fused kernel before plain XLA (which
+# holds every layer's [B, N, T, T] scores); within one, bigger micro-batches and less recomputation first, from 8
+# sequences per device (16k tokens at phi-1's 2048, enough to keep a GPU's matmuls large; each rung is a compile of
+# minutes). Rungs the model cannot take (pallas at an unsupported head_dim, cudnn with attention dropout) or the batch
+# cannot divide into are skipped without compiling.
+LADDER = (
+    ("pallas", 8, "dots"), ("pallas", 8, "full"), ("pallas", 4, "full"),
+    ("pallas", 2, "full"), ("pallas", 1, "full"),
+    ("cudnn", 8, "full"), ("cudnn", 4, "full"), ("cudnn", 2, "full"),
+    ("xla", 8, "full"), ("xla", 4, "full"), ("xla", 2, "full"), ("xla", 1, "full"),
+)
+# Custom-call targets of attention kernels in an optimized XLA:GPU module.
+KERNEL_CALLS = {"triton": "__gpu$xla.gpu.triton", "cudnn": "__cudnn$fmha"}
+
+
+class GpuPlanError(UserError, ValueError):
+    """A target that cannot be compiled for here (unknown name, no CUDA plugin, JAX already started on another
+    platform); the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Targets and their devices
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    name: str  # a key of TARGETS
+    devices: int = 1  # GPUs on one host
+
+    def __str__(self) -> str:
+        return self.name if self.devices == 1 else f"{self.name}:{self.devices}"
+
+    @property
+    def description(self) -> str:
+        return TARGETS[self.name]
+
+    @property
+    def spec(self) -> str:
+        """The GpuTargetConfigProto text: the shipped file, plus the installed cuDNN's version (what a run with the
+        same wheels loads; XLA picks cuDNN fusions by it)."""
+        text = resources.files("phi1_jax").joinpath("gpu_targets", f"{self.name}.txtpb").read_text()
+        cudnn = _installed_cudnn()
+        if cudnn:
+            major, minor, patch = (list(cudnn) + [0, 0, 0])[:3]
+            text += f"dnn_version_info {{ major: {major} minor: {minor} patch: {patch} }}\n"
+        return text
+
+    @property
+    def device_bytes(self) -> int:
+        return int(re.search(r"device_memory_size:\s*(\d+)", self.spec).group(1))
+
+
+def parse_target(text: str, field: str = "config.dry_run_target") -> Target:
+    """'NAME' or 'NAME:N' -> Target; a GpuPlanError names the field (`field`) and the choices."""
+    name, _, count = text.partition(":")
+    if name not in TARGETS:
+        raise GpuPlanError(f"{field}={text!r}: unknown GPU {name!r}; choose one of "
+                           f"{', '.join(TARGETS)} (optionally :N for N GPUs on one host)")
+    if count and not (count.isdigit() and int(count) >= 1):
+        raise GpuPlanError(f"{field}={text!r}: after ':' comes the number of GPUs (1 or more)")
+    return Target(name, int(count) if count else 1)
+
+
+def _installed_cudnn() -> tuple[int, ...] | None:
+    for dist in ("nvidia-cudnn-cu13", "nvidia-cudnn-cu12"):
+        try:
+            return tuple(int(x) for x in importlib.metadata.version(dist).split(".")[:3])
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def cuda_plugin_problem() -> str | None:
+    """Why this environment cannot compile for a GPU (None: it can). Tests skip with this reason."""
+    if importlib.util.find_spec("jax_plugins") is None or not any(
+            importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+        return f"JAX's CUDA plugin is not installed (the gpu-plan extra): {SETUP}"
+    return None
+
+
+def topology_devices(target: Target) -> list:
+    """The target's devices, described by its spec: no GPU, no driver needed."""
+    import jax
+    from jax._src import xla_bridge
+    from jax.experimental import topologies
+
+    problem = cuda_plugin_problem()
+    if problem:
+        raise GpuPlanError(f"config.dry_run_target={target}: {problem}")
+    started = xla_bridge.backends_are_initialized()
+    if not started:
+        jax.config.update("jax_platforms", "cpu")  # else the CUDA plugin's CUPTI check fails without a driver
+    try:
+        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{target.devices}",
+                                            target_config=target.spec)
+    except Exception as e:  # noqa: BLE001  the plugin raises plain RuntimeErrors
+        hint = (" (JAX had started on its default platforms before the target was set up: run with JAX_PLATFORMS=cpu)"
+                if started and os.environ.get("JAX_PLATFORMS") != "cpu" else "")
+        raise GpuPlanError(f"config.dry_run_target={target}: JAX's CUDA plugin could not describe the GPU: "
+                           f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
+    return list(topo.devices)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Compiling the train step
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Plan:
+    """One compile of the train step for a target: per-device figures, and what the program calls."""
+
+    target: str
+    devices: int
+    attention_impl: str
+    micro_batch: int  # sequences per device per micro-batch
+    grad_accum_steps: int
+    remat: str
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int
+    temp_bytes: int
+    peak_bytes: int
+    device_bytes: int
+    fits: bool  # peak under JAX's default preallocation (75% of the memory)
+    fits_whole_memory: bool  # peak under the whole memory (XLA_PYTHON_CLIENT_PREALLOCATE=false or MEM_FRACTION=.95)
+    flops_per_token: float  # from the compiled program (custom kernels count 0; remat's recomputation counts)
+    flops_per_token_formula: float  # docs/flops.md
+    kernels: dict  # attention kernel calls in the program: {"triton": n, "cudnn": n}
+    interpreted_kernels: int  # Pallas kernels compiled as the interpreter (must be 0 for a GPU target)
+    xla_warnings: list
+    compile_seconds: float
+    jax_version: str
+
+    def as_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=False)
+
+
+def _peak(mem) -> int:
+    """The most memory one device holds at once: XLA:GPU's own peak from its buffer assignment when it reports one,
+    else arguments + outputs + temporaries less what outputs share with donated arguments."""
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    return peak or int(mem.argument_size_in_bytes + mem.output_size_in_bytes - mem.alias_size_in_bytes
+                       + mem.temp_size_in_bytes)
+
+
+def kernel_calls(hlo_text: str) -> dict:
+    return {name: hlo_text.count(f'custom_call_target="{target}') for name, target in KERNEL_CALLS.items()}
+
+
+def interpreted_kernels(hlo_text: str) -> int:
+    """Pallas kernels compiled as the interpreter: its lowering keeps the kernel's name in the op metadata of plain
+    HLO (a compiled kernel is one custom call, whose body XLA never sees)."""
+    names = set(re.findall(r'op_name="[^"]*?(flash_attention_\w+)', hlo_text))
+    calls = {m for line in hlo_text.splitlines() if "custom-call(" in line
+             for m in re.findall(r'op_name="[^"]*?(flash_attention_\w+)', line)}
+    return len(names - calls)
+
+
+def _flops(compiled) -> float:
+    """HloCostAnalysis FLOPs of the optimized module (see the module docstring for what it counts)."""
+    import jax
+    from jax._src.lib import _jax
+
+    modules = compiled.runtime_executable().hlo_modules()
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, modules[0])
+    return float(cost.get("flops", 0.0))
+
+
+@contextlib.contextmanager
+def _captured_stderr(sink: list):
+    """Collects what native code writes to fd 2 (XLA's C++ warnings) into `sink`, and writes it on to stderr after."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace")
+            sys.stderr.write(text)
+            sink.extend(text.splitlines())
+
+
+def compile_train_step(config, target: Target) -> Plan:
+    """The config's train step compiled by XLA:GPU for `target`; nothing is allocated."""
+    import jax
+
+    from phi1_jax import flops as flops_lib
+    from phi1_jax.step import build
+
+    devices = topology_devices(target)
+    b = build(config, devices)
+    batch_devices = b.mesh.shape["data"] * b.mesh.shape["fsdp"]
+    micro = config.batch_size // config.grad_accum_steps // batch_devices
+    log: list[str] = []
+    t0 = time.perf_counter()
+    with _captured_stderr(log), jax.sharding.use_abstract_mesh(b.mesh.abstract_mesh):
+        compiled = b.step_fn.lower(b.state, b.batch).compile()
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    text = compiled.as_text()
+    peak, device_bytes = _peak(mem), target.device_bytes
+    return Plan(
+        target=str(target), devices=target.devices, attention_impl=b.cfg.attention_impl, micro_batch=micro,
+        grad_accum_steps=config.grad_accum_steps, remat=b.cfg.remat,
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes), peak_bytes=peak,
+        device_bytes=device_bytes, fits=peak <= PREALLOCATE * device_bytes, fits_whole_memory=peak <= device_bytes,
+        flops_per_token=_flops(compiled) / (micro * config.seq_len),
+        flops_per_token_formula=flops_lib.flops_per_token(b.cfg, config.seq_len),
+        kernels=kernel_calls(text), interpreted_kernels=interpreted_kernels(text),
+        xla_warnings=[line for line in log if "memory" in line.lower() or "rematerializ" in line.lower()],
+        compile_seconds=round(seconds, 1), jax_version=jax.__version__)
+
+
+def report(plan: Plan, n_params: int | None = None, out=None) -> None:
+    """The human table for one plan (the JSON line is printed by the caller, last)."""
+    out = out or sys.stdout
+    t = parse_target(plan.target)
+    params = f"; {n_params:,} parameters" if n_params else ""
+    print(f"dry run: train step compiled by XLA:GPU for {plan.devices} x {t.description} ({plan.target}) in "
+          f"{plan.compile_seconds:.0f} s, JAX {plan.jax_version}{params}", file=out)
+    print(f"  attention {plan.attention_impl}, micro-batch {plan.micro_batch} per device x {plan.grad_accum_steps} "
+          f"accumulation steps, remat {plan.remat}", file=out)
+    rows = [("arguments", plan.argument_bytes), ("outputs", plan.output_bytes),
+            ("  (aliased to args)", plan.alias_bytes), ("temporaries", plan.temp_bytes), ("peak", plan.peak_bytes)]
+    for name, v in rows:
+        print(f"  {name:>20}: {v / GIB:8.2f} GiB per device", file=out)
+    pre = PREALLOCATE * plan.device_bytes
+    print(f"  {'fits':>20}: {'yes' if plan.fits else 'NO'} under JAX's default preallocation ({pre / GIB:.1f} GiB = "
+          f"{PREALLOCATE:.0%}); {'yes' if plan.fits_whole_memory else 'NO'} under the whole "
+          f"{plan.device_bytes / GIB:.1f} GiB", file=out)
+    print(f"  {'FLOPs per token':>20}: {plan.flops_per_token / 1e9:.2f} G compiled (custom kernels count 0), "
+          f"{plan.flops_per_token_formula / 1e9:.2f} G by docs/flops.md", file=out)
+    calls = ", ".join(f"{k} {v}" for k, v in plan.kernels.items())
+    interp = f"; {plan.interpreted_kernels} INTERPRETED Pallas kernels" if plan.interpreted_kernels else ""
+    print(f"  {'attention kernels':>20}: {calls}{interp}", file=out)
+    for line in plan.xla_warnings:
+        print(f"  XLA: {line.strip()}", file=out)
+    if not plan.xla_warnings:
+        print(f"  {'XLA warnings':>20}: none about memory", file=out)
+
+
+def dry_run(config) -> dict:
+    """train.py's dry run for `config.dry_run_target` (and `config.dry_run_fit`): prints the table(s), then one JSON
+    line; returns that line's fields."""
+    target = parse_target(config.dry_run_target)
+    if not config.dry_run:
+        raise GpuPlanError(f"config.dry_run_target={config.dry_run_target!r} compiles for a GPU without training: "
+                           "add --config.dry_run=True (or drop the target to train here)")
+    if config.dry_run_fit:
+        plan = fit(config, target)
+    else:
+        plan = compile_train_step(config, target)
+        report(plan, _n_params(config))
+    print(plan.as_json(), flush=True)
+    return dataclasses.asdict(plan)
+
+
+def _n_params(config) -> int:
+    from phi1_jax.model import PhiConfig, abstract_model, count_params
+
+    return count_params(abstract_model(PhiConfig.from_dict(config.model)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fit mode
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def ladder(config, target: Target) -> list[tuple[str, int, str, int]]:
+    """LADDER's rungs this config can take on `target`: (attention, micro-batch per device, remat, grad_accum_steps)."""
+    from phi1_jax import attention, sharding
+
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, target.devices)
+    rungs = []
+    for impl, micro, remat in LADDER:
+        if attention.training_problem(impl, config.model.head_dim, config.model.attn_dropout):
+            continue
+        per_step = micro * data * fsdp
+        if config.batch_size % per_step:
+            continue
+        rungs.append((impl, micro, remat, config.batch_size // per_step))
+    return rungs
+
+
+def overrides(plan: Plan) -> str:
+    return (f"--config.model.attention_impl={plan.attention_impl} --config.grad_accum_steps={plan.grad_accum_steps} "
+            f"--config.model.remat={plan.remat}")
+
+
+def fit(config, target: Target) -> Plan:
+    """The first rung of `ladder` whose peak fits under the preallocation, each rung compiled and printed as it goes;
+    a GpuPlanError when none does."""
+    rungs = ladder(config, target)
+    if not rungs:
+        raise GpuPlanError(f"config.batch_size={config.batch_size}: no micro-batch of the ladder divides it over "
+                           f"{target}'s data-parallel devices")
+    print(f"fit: compiling up to {len(rungs)} settings for {target} ({target.description}) until one fits under "
+          f"{PREALLOCATE:.0%} of its memory", flush=True)
+    for impl, micro, remat, accum in rungs:
+        c = config.copy_and_resolve_references()
+        c.model.attention_impl, c.model.remat, c.grad_accum_steps = impl, remat, accum
+        plan = compile_train_step(c, target)
+        print(f"  {impl:>6} micro-batch {micro:>2} remat {remat:>4}: peak {plan.peak_bytes / GIB:6.2f} GiB "
+              f"({plan.compile_seconds:.0f} s compile) -> {'fits' if plan.fits else 'does not fit'}", flush=True)
+        if plan.fits:
+            report(plan)
+            print(f"fit: {overrides(plan)}", flush=True)
+            return plan
+    raise GpuPlanError(f"no setting of the ladder fits {target} under {PREALLOCATE:.0%} of its memory: use more "
+                       "GPUs (dry_run_target NAME:N), a bigger GPU, or a smaller model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The kernel's tiles
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def check_tiles(target: Target, candidates, *, batch=8, seq=2048, heads=32, head_dim=64, dtype="bfloat16"):
+    """Each BlockSizes in `candidates` compiled (forward and backward, causal) by Triton for `target`: yields
+    (blocks, None) when it compiles, (blocks, first line of the compiler's error) when not (shared memory, say)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from phi1_jax.kernels.flash_attention import flash_attention
+
+    devices = topology_devices(Target(target.name, 1))
+    mesh = jax.sharding.Mesh(devices[:1], ("x",))
+    x = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.dtype(dtype), sharding=NamedSharding(mesh,
+                                                                                                    PartitionSpec()))
+    for blocks in candidates:
+        def loss(q, k, v, blocks=blocks):
+            out = flash_attention(q, k, v, causal=True, block_sizes=blocks, backend="gpu")
+            return out.astype(jnp.float32).sum()
+
+        try:
+            with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+                text = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile().as_text()
+            if not kernel_calls(text)["triton"]:
+                raise RuntimeError("no Triton kernel in the compiled program")
+            yield blocks, None
+        except Exception as e:  # noqa: BLE001  the compiler's refusal is the finding
+            msg = str(e).strip().splitlines()
+            yield blocks, (msg[0] if msg else type(e).__name__)[:200]
+
+
+@cli.reports_user_errors
+def main(argv=None) -> int:
+    """`python -m phi1_jax.gpu_plan tiles`: the kernel's tune candidates compiled for a GPU on this host."""
+    import argparse
+    import itertools
+
+    from phi1_jax.kernels import tune
+    from phi1_jax.kernels.flash_attention import BlockSizes
+
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.gpu_plan", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("tiles", help="compile the kernel's tune candidates (phi1_jax.kernels.tune) for a GPU; the ones "
+                                     "the compiler refuses are dropped before any GPU minute is spent")
+    t.add_argument("--target", default="h100_sxm", help=f"one of {', '.join(TARGETS)}")
+    t.add_argument("--head-dim", type=int, default=64)
+    t.add_argument("--defaults", action="store_true", help="only BlockSizes.default for GPUs, not the candidates")
+    t.add_argument("--json", default="", help="also write every candidate's result to this file")
+    args = p.parse_args(argv)
+    target = parse_target(args.target, "--target")
+    base = BlockSizes.default(args.head_dim, "gpu")
+    if args.defaults:
+        candidates = [base]
+    else:  # tune's two sweeps: forward tiles x launch settings, then backward tiles x launch settings
+        candidates = [dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=nw, num_stages=ns)
+                      for (bq, bk), (nw, ns) in itertools.product(tune.TILES, tune.FWD_LAUNCH)]
+        candidates += [dataclasses.replace(base, block_q_dkv=bq, block_k_dkv=bk, block_q_dq=bq, block_k_dq=bk,
+                                           num_warps_bwd=nw, num_stages_bwd=ns)
+                       for (bq, bk), (nw, ns) in itertools.product(tune.TILES, tune.BWD_LAUNCH)]
+    rows, t0 = [], time.perf_counter()
+    for blocks, error in check_tiles(target, candidates, head_dim=args.head_dim):
+        rows.append({"blocks": dataclasses.asdict(blocks), "compiles": error is None, "error": error})
+        print(f"  {blocks}: {'compiles' if error is None else 'FAILS: ' + error}", flush=True)
+    ok = sum(r["compiles"] for r in rows)
+    print(f"{target}: {ok} of {len(rows)} candidates compile ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.json:
+        files.write_text(Path(args.json), json.dumps({"target": str(target), "candidates": rows}, indent=1))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
