@@ -22,7 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from phi1_jax import cli, files
-from phi1_jax.evals import generation, tasks
+from phi1_jax.evals import evalplus, generation, tasks
 from phi1_jax.evals.execution import Limits, Sandbox, cpu_limit_for
 from phi1_jax.evals.scoring import EvalError, read_samples, score
 
@@ -122,14 +122,15 @@ def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.evals", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--task", required=True, help="humaneval or mbpp")
+    p.add_argument("--task", required=True, help="humaneval, mbpp, humaneval_plus or mbpp_plus (EvalPlus)")
     p.add_argument("--out", required=True, help="summary JSON to write (per-sample results go beside it)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="score this JSONL of samples")
     src.add_argument("--checkpoint", help="generate from a trainer workdir, a Hugging Face directory or a hub id "
                                           "ORG/NAME (a local path wins), then score")
     p.add_argument("--revision", default=None, help="hub id only: branch, tag or commit (default: main)")
-    p.add_argument("--data", default=None, help="MBPP: path to mbpp.jsonl (default: the Hugging Face dataset)")
+    p.add_argument("--data", default=None, help="MBPP: path to mbpp.jsonl (default: the Hugging Face dataset); "
+                                             "humaneval_plus, mbpp_plus: EvalPlus's release file (required)")
     p.add_argument("--n-samples", type=int, default=1, help="samples per problem")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -147,19 +148,23 @@ def main(argv=None) -> int:
     if args.timeout <= 0:
         raise EvalError(f"--timeout={args.timeout}: must be positive")
     _make_out_dir(out)
-    task = tasks.load(args.task, args.data)
+    plus = evalplus.load(args.task, args.data) if args.task in evalplus.NAMES else None  # phi1_jax/evals/evalplus.py
+    task = plus.task if plus else tasks.load(args.task, args.data)
     if args.samples:
         samples = read_samples(Path(args.samples), task)
     else:
         samples, truncated = generate_samples(task, args, _sidecar(out, ".samples.jsonl"), progress=not args.no_progress)
-    limits = Limits(timeout_s=args.timeout, cpu_s=cpu_limit_for(args.timeout))
-    summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
+    if plus:  # base and plus verdicts under EvalPlus's time limits (--timeout does not apply)
+        summary, per_sample = evalplus.score(plus, samples, workers=args.workers, progress=not args.no_progress)
+    else:
+        limits = Limits(timeout_s=args.timeout, cpu_s=cpu_limit_for(args.timeout))
+        summary, per_sample = score(task, samples, Sandbox(limits, workers=args.workers), progress=not args.no_progress)
     if args.checkpoint:
         summary.update(checkpoint=args.checkpoint, temperature=args.temperature, top_p=args.top_p,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, prompts_truncated=truncated)
     files.write_jsonl(_sidecar(out, ".results.jsonl"), per_sample)
     files.write_text(out, json.dumps(summary, indent=2) + "\n")
-    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if k.startswith("pass@"))
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in summary.items() if "pass@" in k)
     print(f"{task.name}: {shown} over {summary['n_problems']} problems, {summary['n_samples']} samples -> {out}")
     return 0
 
