@@ -57,6 +57,10 @@ SKIPPED = {
     r"^bash scripts/test\.sh --latest$": "the whole suite again on fresh environments of today's newest versions "
                                          "(downloads, ~15 minutes); not CI, a report",
     r"^bash scripts/lock\.sh$": "rewrites the committed locks from today's newest versions; a maintainer's step",
+    r"^EXTRAS=gpu-plan PYTHON=python3\.12 bash scripts/setup\.sh$": "~4 GB of CUDA wheels; scripts/test.sh's third "
+                                                                   "lane installs it",
+    r"^\.venv-gpu-plan/bin/python -m phi1_jax\.(train|gpu_plan) ": "phi-1 compiled for a GPU: 5-13 minutes a compile; "
+                                                                  "tests/test_gpu_target.py runs the same for tiny",
     r"^python -m phi1_jax\.train --config=configs/phi1\.py --workdir=/ckpt/": "1.3B pretraining: GPUs and your shards "
                                                                               "(the ... are placeholders)",
     r"^PHI1_WORKDIR=\S+ jupyter notebook ": "starts a server for a browser; the nbconvert line runs the same notebook",
