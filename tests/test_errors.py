@@ -22,7 +22,7 @@ PACKAGE = "phi1_jax"
 # Exception classes that are deliberately not UserErrors, and why.
 NOT_USER_ERRORS = {
     # An OpenAI-style 4xx/5xx answer to an HTTP client; the server goes on, no process exits.
-    "phi1_jax.serve.ApiError",
+    "phi1_jax.serving.api.ApiError",
     # A planned stop, not a mistake: "stopped: budget reached", exit 3, and a rerun continues.
     "phi1_jax.data_gen.llm.BudgetExceeded",
 }

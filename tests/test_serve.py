@@ -1,7 +1,9 @@
 """phi1_jax.serve as a real subprocess on a free port, driven by the `openai` package (sync and async) over HTTP.
 
 Two servers run for the module: the tiny config's model with random weights and the embedded corpus's tokenizer
-(greedy text checked against phi1_jax.generate, batching, streaming, errors, SIGTERM), and a "scripted" model whose
+(greedy text checked against phi1_jax.decoding.generate, log-probabilities against the model's log-softmax, no compile
+under traffic, lm-evaluation-harness, batching, streaming, errors, SIGTERM; it starts cold, without the persistent
+compilation cache, so its warm-up is seen), and a "scripted" model whose
 weights are set by hand so that it writes one fixed, valid textbook reply whatever it is asked (phi1_jax.data_gen.generate end to
 end, chat, EvalPlus-style samples scored by `python -m phi1_jax.evals`). The SIGTERM test stops the first server, so it is last.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import socket
@@ -50,17 +53,26 @@ class Served:
                                       f"--port={self.port}", *extra], cwd=ROOT, stdout=subprocess.PIPE,
                                      stderr=subprocess.STDOUT, text=True)
 
-    def wait_ready(self, timeout=180.0):
-        deadline = time.time() + timeout
+    def wait_ready(self, timeout=600.0):
+        """Polls until /v1/models answers; keeps what /health said while it did not (`self.warming`) and the
+        health counters at the moment it became ready (`self.ready_health`)."""
+        deadline, self.warming = time.time() + timeout, []
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited {self.proc.returncode}: {self.proc.stdout.read()[-3000:]}")
             try:
-                if httpx.get(f"{self.base_url}/models", timeout=2).status_code == 200:
+                models = httpx.get(f"{self.base_url}/models", timeout=5)
+                if models.status_code == 200:
+                    self.ready_health = self.health()
                     return self
+                self.warming.append((models.status_code, models.json()["error"]["code"], self.health()))
             except httpx.HTTPError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         raise AssertionError("server not ready in time")
+
+    def health(self) -> dict:
+        return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=10).json()
 
     def client(self, **kw):
         return openai.OpenAI(base_url=self.base_url, api_key="none", max_retries=0, timeout=120, **kw)
@@ -125,10 +137,12 @@ def _scripted_checkpoint(path: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory, embedded):
+def servers(tmp_path_factory, embedded, request):
     root = tmp_path_factory.mktemp("serve")
-    tiny = Served(_tiny_checkpoint(root / "tiny", embedded), "--slots=16")
-    scripted = Served(_scripted_checkpoint(root / "scripted"), "--slots=8")
+    tiny = Served(_tiny_checkpoint(root / "tiny", embedded), "--slots=16", "--compile-cache=none")
+    # The scripted server keeps its compiled programs in pytest's cache folder, so later runs start in seconds.
+    scripted = Served(_scripted_checkpoint(root / "scripted"), "--slots=4",
+                      f"--compile-cache={request.config.cache.mkdir('phi1_jax_compile')}")
     try:
         yield tiny.wait_ready(), scripted.wait_ready()
     finally:
@@ -149,11 +163,15 @@ def scripted_server(servers):
 @pytest.fixture(scope="module")
 def reference(tiny_server):
     """Greedy text of phi1_jax.generate for a prompt, from the served checkpoint loaded in this process."""
+    import jax
+    import jax.numpy as jnp
+
     from phi1_jax import checkpoint
-    from phi1_jax.generate import for_decoding, generate
+    from phi1_jax.decoding import for_decoding, generate
     from phi1_jax.tokenizer import Tokenizer
 
-    model = for_decoding(checkpoint.load_model(tiny_server.name))
+    plain = checkpoint.load_model(tiny_server.name)
+    model = for_decoding(plain)
     tok = Tokenizer.load(Path(tiny_server.name) / "tokenizer.model")
 
     def greedy(prompt: str, max_tokens: int) -> tuple[str, int, int]:
@@ -161,7 +179,12 @@ def reference(tiny_server):
         out = generate(model, [ids], max_new_tokens=max_tokens, eos_id=tok.eos_id)[0]
         return tok.decode(out), len(ids), len(out)
 
-    greedy.tok = tok
+    def log_softmax(ids: list[int]) -> np.ndarray:
+        """[T, V]: the model's own fp32 log-softmax after each token of `ids` (one sequence, no padding)."""
+        return np.asarray(jax.nn.log_softmax(plain(jnp.asarray([ids])).logits[0].astype(jnp.float32), axis=-1))
+
+    greedy.tok, greedy.log_softmax = tok, log_softmax
+    greedy.greedy_ids = lambda ids, n: generate(model, [ids], max_new_tokens=n, eos_id=tok.eos_id)[0]
     return greedy
 
 
@@ -186,6 +209,113 @@ def test_models_health_and_greedy_completions_equal_generate(tiny_server, refere
     ids = reference.tok.encode(PROMPTS[0])
     r = client.completions.create(model=tiny_server.name, prompt=ids, max_tokens=24, temperature=0)
     assert r.choices[0].text == reference(PROMPTS[0], 24)[0]
+
+
+def test_warm_up_compiles_every_shape_before_models_answers(tiny_server, scripted_server, request):
+    warming = tiny_server.warming  # the tiny server starts cold: /v1/models was a 503 while /health said warming
+    assert warming and all(code == 503 and why == "warming" for code, why, _ in warming)
+    assert any(h["status"] == "warming" and h["compiling"] for _, _, h in warming)
+    ready = tiny_server.ready_health
+    # 16 slots, 128 positions: admit 3 group sizes x 2 prompt buckets, decode 3 row counts x 1 window, compact 1.
+    assert ready["status"] == "ok" and ready["shapes"] == 10 and ready["compiles"] >= ready["shapes"]
+    cache = request.config.cache.mkdir("phi1_jax_compile")  # the scripted server's persistent cache holds its programs
+    assert scripted_server.ready_health["shapes"] > 0 and any(cache.iterdir())
+
+
+def test_echo_logprobs_equal_the_models_log_softmax(tiny_server, reference):
+    client, tok = tiny_server.client(), reference.tok
+    ids = tok.encode("def fibonacci(n):\n    if n < 2:\n        return n\n")
+    # What lm-evaluation-harness sends for a log-likelihood: token ids, echo, logprobs, max_tokens 0 (or 1).
+    r = client.completions.create(model=tiny_server.name, prompt=ids, max_tokens=0, echo=True, logprobs=5,
+                                  temperature=0)
+    lp, want = r.choices[0].logprobs, reference.log_softmax(ids)
+    assert r.choices[0].text == tok.decode(ids) and r.usage.completion_tokens == 0
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    np.testing.assert_allclose(lp.token_logprobs[1:], [want[i - 1, t] for i, t in enumerate(ids) if i], atol=1e-5)
+    for i in range(1, len(ids)):
+        best = np.sort(want[i - 1])[::-1][:5]
+        got = sorted(lp.top_logprobs[i].values(), reverse=True)
+        np.testing.assert_allclose(got[:5], best[:len(got[:5])], atol=1e-5)
+    assert "".join(lp.tokens) == r.choices[0].text and lp.text_offset[0] == 0
+    assert all(r.choices[0].text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
+    # Echo with generated tokens: one sequence of log-probabilities, prompt then completion, as the model's.
+    r = client.completions.create(model=tiny_server.name, prompt=ids, max_tokens=6, echo=True, logprobs=1,
+                                  temperature=0)
+    full = ids + reference.greedy_ids(ids, 6)
+    want = reference.log_softmax(full)
+    assert len(r.choices[0].logprobs.token_logprobs) == len(full)
+    np.testing.assert_allclose(r.choices[0].logprobs.token_logprobs[1:], [want[i - 1, t] for i, t in enumerate(full)
+                                                                          if i], atol=1e-5)
+    # Greedy: each generated token is the best of its top_logprobs.
+    for t, top in zip(r.choices[0].logprobs.token_logprobs[len(ids):], r.choices[0].logprobs.top_logprobs[len(ids):]):
+        assert t == max(top.values())
+    # Chat: logprobs of the reply's tokens, with top_logprobs alternatives.
+    r = client.chat.completions.create(model=tiny_server.name, messages=[{"role": "user", "content": "hello"}],
+                                       max_completion_tokens=5, temperature=0, logprobs=True, top_logprobs=3)
+    prompt = tok.encode("User: hello\nAssistant:")
+    content = r.choices[0].logprobs.content
+    reply = reference.greedy_ids(prompt, 5)
+    assert "".join(c.token for c in content) == r.choices[0].message.content == tok.decode(reply)
+    assert len(content) == r.usage.completion_tokens == len(reply) and all(len(c.top_logprobs) == 3 for c in content)
+    want = reference.log_softmax(prompt + reply)
+    np.testing.assert_allclose([c.logprob for c in content], [want[len(prompt) - 1 + i, t] for i, t in
+                                                               enumerate(reply)], atol=1e-5)
+
+
+def _lm_eval_tasks(folder: Path) -> None:
+    """Two lm-evaluation-harness tasks reading local JSONL (no hub): one generate_until, one loglikelihood."""
+    gen = ["def add(a, b):\n", "import os\n", "class Stack:\n", "for i in range(3):\n"]
+    ll = [("def add(a, b):\n", "    return a + b"), ("import", " os"), ("x = ", "1"), ("for i in", " range(10):")]
+    (folder / "gen.jsonl").write_text("".join(json.dumps({"prompt": p, "target": "x"}) + "\n" for p in gen))
+    (folder / "ll.jsonl").write_text("".join(json.dumps({"context": c, "continuation": t}) + "\n" for c, t in ll))
+    common = "dataset_path: json\ntest_split: test\ndataset_kwargs:\n  data_files:\n    test: {path}\n"
+    (folder / "phi1_gen.yaml").write_text(
+        "task: phi1_gen\n" + common.format(path=folder / "gen.jsonl") +
+        'output_type: generate_until\ndoc_to_text: "{{prompt}}"\ndoc_to_target: "{{target}}"\n'
+        'generation_kwargs:\n  until: ["\\n\\n"]\n  max_gen_toks: 16\n  do_sample: false\n  temperature: 0\n'
+        "metric_list:\n  - metric: exact_match\n")
+    (folder / "phi1_ll.yaml").write_text(
+        "task: phi1_ll\n" + common.format(path=folder / "ll.jsonl") +
+        'output_type: loglikelihood\ndoc_to_text: "{{context}}"\ndoc_to_target: "{{continuation}}"\n'
+        'target_delimiter: ""\nmetric_list:\n  - metric: acc\n')
+
+
+def test_lm_evaluation_harness_runs_both_kinds_of_task_against_the_server(tiny_server, reference, tmp_path):
+    pytest.importorskip("lm_eval", reason="pip install 'lm-eval[api]' (the test extra)")
+    _lm_eval_tasks(tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf")}
+    r = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+                        f"model={tiny_server.name},base_url={tiny_server.base_url}/completions,tokenizer_backend=remote,"
+                        "max_length=128,num_concurrent=2,max_retries=1", "--tasks", "phi1_gen,phi1_ll",
+                        "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out"), "--log_samples"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    samples = {p.name.split("_20")[0]: [json.loads(x) for x in p.read_text().splitlines()]
+               for p in (tmp_path / "out").rglob("samples_*.jsonl")}
+    assert len(samples["samples_phi1_gen"]) == len(samples["samples_phi1_ll"]) == 4
+    tok = reference.tok
+    for s in samples["samples_phi1_ll"]:  # lm-eval splits context and continuation as its remote tokenizer says
+        context, continuation = s["doc"]["context"], s["doc"]["continuation"]
+        # lm-eval's _encode_pair: the context's trailing whitespace moves to the continuation, the context is encoded
+        # alone and the continuation is what follows as many tokens in the encoding of the whole
+        head = tok.encode(context.rstrip())
+        whole, n = head + tok.encode(context + continuation)[len(head):], len(head)
+        want = reference.log_softmax(whole)
+        assert float(s["resps"][0][0][0]) == pytest.approx(sum(want[i - 1, whole[i]] for i in range(n, len(whole))),
+                                                           abs=1e-4)
+    for s in samples["samples_phi1_gen"]:
+        text = reference(s["doc"]["prompt"], 16)[0]
+        assert s["resps"][0][0] == text.split("\n\n")[0]
+
+
+def test_evalplus_request_shape_chat_n_max_completion_tokens_top_p(scripted_server):
+    """EvalPlus's `--backend openai` asks chat completions for n samples at once with max_completion_tokens."""
+    client, name = scripted_server.client(), scripted_server.name
+    r = client.chat.completions.create(model=name, messages=[{"role": "user", "content": "Complete the function."}],
+                                       n=5, max_completion_tokens=4, temperature=0.8, top_p=0.95, seed=3)
+    assert [c.index for c in r.choices] == list(range(5))
+    assert [(c.message.content, c.finish_reason) for c in r.choices] == [("".join(SCRIPT[:4]), "length")] * 5
+    assert r.usage.completion_tokens == 20
 
 
 def test_concurrent_async_requests_share_the_batch_and_keep_their_text(tiny_server, reference):
@@ -248,7 +378,7 @@ def test_bad_requests_are_400s_and_the_server_lives_on(tiny_server):
     with pytest.raises(openai.BadRequestError, match="context length"):
         client.completions.create(model=name, prompt="def f():", max_tokens=500)
     bad = [dict(temperature=-1), dict(temperature="hot"), dict(top_p=0), dict(n=0), dict(max_tokens=0),
-           dict(stop=[""]), dict(logprobs=2), dict(extra_body={"prompt": 7}), dict(extra_body={"prompt": [[]]}),
+           dict(stop=[""]), dict(logprobs=21), dict(logprobs=1, stream=True), dict(extra_body={"prompt": 7}), dict(extra_body={"prompt": [[]]}),
            dict(extra_body={"prompt": [5000]}), dict(echo="yes")]
     for kw in bad:
         with pytest.raises(openai.BadRequestError) as e:
@@ -334,6 +464,30 @@ def test_command_line_errors_are_one_line(tmp_path):
         r = subprocess.run([sys.executable, "-m", "phi1_jax.serve", *args], cwd=ROOT, capture_output=True, text=True,
                            timeout=120)
         assert r.returncode == 2 and said in r.stderr and "Traceback" not in r.stderr
+
+
+def test_no_compilation_under_mixed_traffic(tiny_server):
+    """16 concurrent requests of every prompt length bucket, choice count and setting: nothing compiles (the health
+    route counts every program JAX lowers in the server process)."""
+    before = tiny_server.health()
+
+    async def run():
+        client = openai.AsyncOpenAI(base_url=tiny_server.base_url, api_key="none", max_retries=0, timeout=300)
+        calls = []
+        for i in range(16):
+            prompt = list(range(3, 3 + [1, 5, 63, 64, 65, 100, 120][i % 7]))
+            room = 128 - len(prompt)
+            kw = dict(max_tokens=[1, room, 7, room // 2][i % 4], temperature=[0, 0.7][i % 2], n=[1, 2, 5][i % 3])
+            if i % 5 == 0:
+                kw.update(echo=True, logprobs=3, max_tokens=0 if i % 2 else 2)
+            calls.append(client.completions.create(model=tiny_server.name, prompt=prompt, **kw))
+        return await asyncio.gather(*calls)
+
+    for _ in range(2):
+        assert all(r.choices for r in asyncio.run(run()))
+    after = tiny_server.health()
+    assert after["jobs"] - before["jobs"] > 60 and after["compactions"] >= before["compactions"]
+    assert after["compiles"] == tiny_server.ready_health["compiles"], "the server compiled under traffic"
 
 
 def test_sigterm_finishes_requests_in_flight_then_exits(tiny_server):

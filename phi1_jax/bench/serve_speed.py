@@ -1,0 +1,265 @@
+"""Benchmark phi1_jax.serve: stalls under changing traffic, decode speed beside `generate`, clients side by side.
+
+    python -m phi1_jax.bench.serve_speed --scenario=stalls  [--json=PATH]   # issue #28's latency check, tiny model, 512 ctx
+    python -m phi1_jax.bench.serve_speed --scenario=decode --model=phi1_small  # engine decode vs generate, 16 rows
+    python -m phi1_jax.bench.serve_speed --scenario=clients     # 1, 16, 64 clients: req/s, tok/s, p50/p99, TTFT
+
+Every scenario writes a random-weights checkpoint of the shape (configs/tiny.py or configs/phi1_small.py, the context
+set by --max-len) with the embedded corpus's tokenizer into a temporary folder.
+
+stalls: `python -m phi1_jax.serve` started cold (an empty compilation cache of its own) and timed until /v1/models
+  answers; one warm request of the longest shape (a 300-token prompt, 100 new tokens); then 5 rounds of 16 concurrent
+  greedy requests with prompt lengths drawn from 4..300 tokens and max_tokens from 1..100 (a new mix each round). The
+  bar: the slowest round at most 3x the median, the median at most 4x the single request. Then a restart on the now
+  warm cache, timed until ready.
+decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
+  (16 rows, compiled first), each timed warm, greedy, --max-tokens new tokens: decode tokens/s side by side.
+clients: C clients (1, 16, 64) each send --rounds streamed greedy requests one after another (after one warm-up
+  round): requests/s, tokens/s, p50/p99 latency, time to first token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from phi1_jax import cli, files
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+          "    return fibonacci(n - 1) + fibonacci(n - 2)\n\n\nclass Stack:\n    def __init__(self):\n"
+          "        self.items = []\n\n    def push(self, x):\n        self.items.append(x)\n\n")
+
+
+def _checkpoint(shape: str, max_len: int, folder: Path):
+    from flax import nnx
+
+    from phi1_jax import checkpoint, embedded_corpus
+    from phi1_jax.model import Phi, PhiConfig
+
+    if shape == "tiny":
+        from configs import tiny as config
+    else:
+        from configs import phi1_small as config
+    emb = embedded_corpus.build(2048, progress=False)
+    cfg = config.get_config().model
+    cfg.max_seq_len = max_len
+    model = Phi(PhiConfig.from_dict(cfg), rngs=nnx.Rngs(0))
+    checkpoint.save_model(folder, model)
+    shutil.copyfile(emb.tokenizer_path, folder / "tokenizer.model")
+    return model, emb.tokenizer()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Server:
+    """`python -m phi1_jax.serve` (or another command) as a subprocess; `ready_s` is the time until /v1/models."""
+
+    def __init__(self, cmd: list[str], port: int, timeout: float = 3600, env=None):
+        import httpx
+
+        self.url = f"http://127.0.0.1:{port}/v1"
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                     env=env)
+        while True:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/models", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() - t0 > timeout:
+                self.stop()
+                raise SystemExit(f"server not ready after {timeout} s")
+            time.sleep(0.2)
+        self.ready_s = time.perf_counter() - t0
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _serve(ckpt: Path, port: int, cache: Path | str, *extra: str) -> _Server:
+    return _Server([sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={ckpt}", f"--port={port}",
+                    f"--compile-cache={cache}", *extra], port)
+
+
+async def _requests(url: str, name: str, specs: list[dict], stream: bool = False) -> list[dict]:
+    """Sends the requests at once; per request: latency, time to first token (streamed), completion tokens."""
+    import openai
+
+    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) as client:
+        async def one(spec):
+            t0 = time.perf_counter()
+            if not stream:
+                r = await client.completions.create(model=name, temperature=0, **spec)
+                return {"latency_s": time.perf_counter() - t0, "tokens": r.usage.completion_tokens}
+            first, tokens = None, 0
+            async for chunk in await client.completions.create(model=name, temperature=0, stream=True,
+                                                                stream_options={"include_usage": True}, **spec):
+                if first is None and chunk.choices and chunk.choices[0].text:
+                    first = time.perf_counter() - t0
+                if chunk.usage:
+                    tokens = chunk.usage.completion_tokens
+            return {"latency_s": time.perf_counter() - t0, "ttft_s": first, "tokens": tokens}
+
+        return await asyncio.gather(*(one(s) for s in specs))
+
+
+# --- scenarios ----------------------------------------------------------------------------------------------------------
+
+
+def stalls(a, folder: Path) -> dict:
+    ckpt = folder / "model"
+    _, tok = _checkpoint(a.model, a.max_len, ckpt)
+    base = tok.encode(PROMPT * 20)
+    rng = np.random.default_rng(0)
+    cache = folder / "compile_cache"
+    server = _serve(ckpt, _free_port(), cache, f"--slots={a.slots}")
+    try:
+        cold = server.ready_s
+        longest = {"prompt": base[:300], "max_tokens": 100}
+        single = min(asyncio.run(_requests(server.url, str(ckpt), [longest]))[0]["latency_s"] for _ in range(3))
+        rounds = []
+        for _ in range(a.rounds):
+            specs = [{"prompt": base[:int(rng.integers(4, 301))], "max_tokens": int(rng.integers(1, 101))}
+                     for _ in range(16)]
+            t0 = time.perf_counter()
+            asyncio.run(_requests(server.url, str(ckpt), specs))
+            rounds.append(time.perf_counter() - t0)
+    finally:
+        server.stop()
+    restart = _serve(ckpt, _free_port(), cache, f"--slots={a.slots}")
+    restart.stop()
+    median = statistics.median(rounds)
+    out = {"cold_start_s": round(cold, 2), "restart_s": round(restart.ready_s, 2), "single_longest_s": round(single, 3),
+           "rounds_s": [round(r, 3) for r in rounds], "slowest_over_median": round(max(rounds) / median, 2),
+           "median_over_single": round(median / single, 2)}
+    out["met"] = out["slowest_over_median"] <= 3 and out["median_over_single"] <= 4
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def decode(a, folder: Path) -> dict:
+    import threading
+
+    from phi1_jax.decoding import for_decoding, generate
+    from phi1_jax.serving.batching import Engine, Job
+
+    model, tok = _checkpoint(a.model, a.max_len, folder / "model")
+    prompts = [tok.encode(PROMPT * 4)[i:i + 16] for i in range(16)]
+    n = a.max_tokens
+    fast = for_decoding(model)
+    generate(fast, prompts, max_new_tokens=n)  # compiles
+    t0 = time.perf_counter()
+    gen_tokens = sum(len(o) for o in generate(fast, prompts, max_new_tokens=n))
+    gen_s = time.perf_counter() - t0
+
+    engine = Engine(model, tok, slots=16, max_len=a.max_len)
+    needed = {("admit", 16, 64), *(("decode", 16, w) for w in engine.windows if w <= max(128, 2 * (64 + n)))}
+    for shape in sorted(needed):
+        engine.compile(shape)
+
+    def run() -> tuple[float, int]:
+        done = [threading.Event() for _ in prompts]
+        jobs = [Job(prompt=p, max_tokens=n, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                    emit=lambda ev, d=d: ev[0] != "text" and d.set()) for p, d in zip(prompts, done)]
+        engine.waiting += jobs
+        t0 = time.perf_counter()
+        while not all(d.is_set() for d in done):
+            engine._admit()
+            if engine.active:
+                engine._chunk()
+        return time.perf_counter() - t0, sum(len(j.tokens) for j in jobs)
+
+    run()  # warm
+    eng_s, eng_tokens = run()
+    out = {"model": a.model, "rows": 16, "new_tokens": n, "generate_tok_per_s": round(gen_tokens / gen_s, 1),
+           "engine_tok_per_s": round(eng_tokens / eng_s, 1),
+           "generate_over_engine": round((gen_tokens / gen_s) / (eng_tokens / eng_s), 2)}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def clients(a, folder: Path) -> dict:
+    ckpt = folder / "model"
+    _, tok = _checkpoint(a.model, a.max_len, ckpt)
+    levels = [int(x) for x in a.concurrency.split(",")]
+    prompt = tok.encode(PROMPT)[:48]
+    servers = {"phi1_jax.serve": lambda port: _serve(ckpt, port, folder / "compile_cache", f"--slots={a.slots}")}
+    rows = []
+    for name, start in servers.items():
+        server = start(_free_port())
+        try:
+            for c in levels:
+                specs = [{"prompt": prompt, "max_tokens": a.max_tokens}] * c
+                asyncio.run(_requests(server.url, str(ckpt), specs, stream=True))  # warm
+                t0, got = time.perf_counter(), []
+                for _ in range(a.rounds):
+                    got += asyncio.run(_requests(server.url, str(ckpt), specs, stream=True))
+                wall = time.perf_counter() - t0
+                lat = sorted(g["latency_s"] for g in got)
+                ttft = sorted(g["ttft_s"] or g["latency_s"] for g in got)
+                rows.append({"server": name, "clients": c, "requests": len(got), "req_per_s": round(len(got) / wall, 2),
+                             "tok_per_s": round(sum(g["tokens"] for g in got) / wall, 1),
+                             "p50_s": round(lat[len(lat) // 2], 3), "p99_s": round(lat[min(len(lat) - 1,
+                                                                                           int(len(lat) * 0.99))], 3),
+                             "ttft_p50_s": round(ttft[len(ttft) // 2], 3)})
+                print(json.dumps(rows[-1]), flush=True)
+        finally:
+            server.stop()
+    return {"model": a.model, "max_tokens": a.max_tokens, "rows": rows}
+
+
+@cli.reports_user_errors
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m phi1_jax.bench.serve_speed", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--scenario", choices=["stalls", "decode", "clients"], default="stalls")
+    p.add_argument("--model", choices=["tiny", "phi1_small"], default="tiny")
+    p.add_argument("--max-len", type=int, default=512, help="the model's context (and the server's cache row)")
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--json", default=None, help="also write the figures here (JSON)")
+    a = p.parse_args(argv)
+    import jax
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_serve."))
+    try:
+        result = {"stalls": stalls, "decode": decode, "clients": clients}[a.scenario](a, folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    result = {"scenario": a.scenario, "args": vars(a), "machine": f"{platform.machine()}, {jax.default_backend()}",
+              "date": time.strftime("%Y-%m-%d"), **result}
+    if a.json:
+        files.write_text(a.json, json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
