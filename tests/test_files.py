@@ -1,7 +1,6 @@
 """phi1_jax.files: a file is whole or absent, a crash mid-write leaves no temporary file, appends are whole lines."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

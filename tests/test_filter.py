@@ -132,16 +132,16 @@ def test_model_embedder_mean_pools_a_phi1_jax_checkpoint(tmp_path, embedded):
 
 
 def test_bad_input(tmp_path, capsys):
-    assert edu.main(["train", f"--labels={tmp_path / 'none.jsonl'}", f"--out={tmp_path}"]) == 1
+    assert edu.main(["train", f"--labels={tmp_path / 'none.jsonl'}", f"--out={tmp_path}"]) == 2
     assert "labels file not found" in capsys.readouterr().err
     (tmp_path / "one.jsonl").write_text("".join(json.dumps({"text": "x", "grade": 5}) + "\n" for _ in range(20)))
-    assert edu.main(["train", f"--labels={tmp_path / 'one.jsonl'}", f"--out={tmp_path}"]) == 1
+    assert edu.main(["train", f"--labels={tmp_path / 'one.jsonl'}", f"--out={tmp_path}"]) == 2
     assert "each class needs at least 5" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "grade": 5}\n{"text": \n')
-    assert edu.main(["train", f"--labels={tmp_path / 'bad.jsonl'}", f"--out={tmp_path}"]) == 1
+    assert edu.main(["train", f"--labels={tmp_path / 'bad.jsonl'}", f"--out={tmp_path}"]) == 2
     assert "bad.jsonl:2: malformed JSON line" in capsys.readouterr().err
-    assert edu.main(["apply", f"--classifier={tmp_path}", f"--corpus={tmp_path}", f"--out={tmp_path / 'k.jsonl'}"]) == 1
+    assert edu.main(["apply", f"--classifier={tmp_path}", f"--corpus={tmp_path}", f"--out={tmp_path / 'k.jsonl'}"]) == 2
     assert "no classifier.json" in capsys.readouterr().err
     assert edu.main(["annotate", f"--corpus={tmp_path / 'missing'}", f"--out={tmp_path / 'o'}", "--model=m",
-                     "--base-url=http://127.0.0.1:9/v1"]) == 1
+                     "--base-url=http://127.0.0.1:9/v1"]) == 2
     assert "input not found" in capsys.readouterr().err

@@ -261,8 +261,8 @@ def test_lowers_to_mosaic_for_a_tpu_from_this_host(dtype, head_dim, rate):
 
 
 def test_tuner_returns_a_measured_candidate_that_agrees_with_the_reference():
-    """phi1_jax.kernels.tune's plumbing (interpreted here; its timings only mean something on a GPU)."""
-    from phi1_jax.kernels.tune import tune
+    """phi1_jax.bench.tune_attention's plumbing (interpreted here; its timings only mean something on a GPU)."""
+    from phi1_jax.bench.tune_attention import tune
 
     lines = []
     best = tune(1, 256, 2, 64, "bfloat16", iters=1, interpret=True, tiles=[(64, 64), (128, 64)],

@@ -138,24 +138,24 @@ def test_bad_input_gives_clear_errors_and_loses_nothing(tmp_path, capsys):
         assert generate.main(_args(server, tmp_path / "a", "exercises", 6)) == 0
         before = (tmp_path / "a" / "exercises.jsonl").read_bytes()
         # another run's folder: a different seed, or files this command did not make
-        assert generate.main(_args(server, tmp_path / "a", "exercises", 9, "--seed=1")) == 1
+        assert generate.main(_args(server, tmp_path / "a", "exercises", 9, "--seed=1")) == 2
         assert "holds records of another run (seed: folder has 0, this run 1)" in capsys.readouterr().err
         (tmp_path / "b").mkdir()
         (tmp_path / "b" / "mine.jsonl").write_text('{"x": 1}\n')
-        assert generate.main(_args(server, tmp_path / "b", "exercises", 3)) == 1
+        assert generate.main(_args(server, tmp_path / "b", "exercises", 3)) == 2
         assert "not a folder this command made" in capsys.readouterr().err
         assert (tmp_path / "b" / "mine.jsonl").read_text() == '{"x": 1}\n'
         # a malformed line inside the records is named, and nothing is touched
         bad = before.replace(b"\n", b"\n{oops\n", 1)
         (tmp_path / "a" / "exercises.jsonl").write_bytes(bad)
-        assert generate.main(_args(server, tmp_path / "a", "exercises", 9)) == 1
+        assert generate.main(_args(server, tmp_path / "a", "exercises", 9)) == 2
         assert "exercises.jsonl:2: malformed JSON line" in capsys.readouterr().err
         assert (tmp_path / "a" / "exercises.jsonl").read_bytes() == bad
         (tmp_path / "a" / "exercises.jsonl").write_bytes(before)
         # invalid model, a budget of zero, a budget that runs out (records so far kept)
-        assert generate.main(_args(server, tmp_path / "c", "exercises", 3, "--model=nope")) == 1
+        assert generate.main(_args(server, tmp_path / "c", "exercises", 3, "--model=nope")) == 2
         assert "has no model 'nope' (404)" in capsys.readouterr().err
-        assert generate.main(_args(server, tmp_path / "a", "exercises", 9, "--budget-usd=0", "--price-in=1")) == 1
+        assert generate.main(_args(server, tmp_path / "a", "exercises", 9, "--budget-usd=0", "--price-in=1")) == 2
         assert "positive budget" in capsys.readouterr().err
         assert generate.main(_args(server, tmp_path / "a", "exercises", 30, "--budget-usd=1", "--price-in=1",
                                    "--price-out=1")) == 3
@@ -164,11 +164,11 @@ def test_bad_input_gives_clear_errors_and_loses_nothing(tmp_path, capsys):
         after = (tmp_path / "a" / "exercises.jsonl").read_bytes()
         assert after.startswith(before) and 6 < len(_records(tmp_path / "a" / "exercises.jsonl")) < 30
     with FakeOpenAI(["401"] * 10, responder=respond) as server:
-        assert generate.main(_args(server, tmp_path / "d", "exercises", 3, "--api-key=wrong")) == 1
+        assert generate.main(_args(server, tmp_path / "d", "exercises", 3, "--api-key=wrong")) == 2
         assert "refused the API key (401)" in capsys.readouterr().err
     port = server.httpd.server_address[1]  # closed now: nothing listens there
     args = _args(server, tmp_path / "a", "exercises", 40, "--max-retries=1")
-    assert generate.main(args) == 1
+    assert generate.main(args) == 2
     assert f"cannot reach http://127.0.0.1:{port}/v1" in capsys.readouterr().err
     assert (tmp_path / "a" / "exercises.jsonl").read_bytes() == after
 
@@ -196,7 +196,7 @@ def test_generated_exercises_feed_the_shard_writer_with_their_prompts(tmp_path, 
 def test_batch_mode_names_the_error_when_nothing_comes_back(tmp_path, capsys):
     with FakeOpenAI(responder=respond, batch_script=["error"] * 50) as server:
         args = _args(server, tmp_path, "exercises", 3, "--batch", "--poll-interval=0.01")
-        assert generate.main(args) == 1
+        assert generate.main(args) == 2
     err = capsys.readouterr().err
     assert "without a single usable reply (first error: the model crashed)" in err
 

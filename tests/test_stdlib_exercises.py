@@ -1,6 +1,6 @@
 """phi1_jax.data_gen.stdlib_exercises: which functions become exercises, and the exact prompt/text split."""
 
-from phi1_jax.shards import Document
+from phi1_jax.shard_format import Document
 from phi1_jax.data_gen.stdlib_exercises import MAX_BODY_LINES, exercises, exercises_from_source
 
 SOURCE = '''\

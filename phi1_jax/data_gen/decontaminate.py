@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.reports_user_errors(exit_code=1)  # this tool's errors have always exited 1
+@cli.reports_user_errors
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     out = Path(a.out)

@@ -9,11 +9,11 @@ text field, or `hf://owner/name` for a Hugging Face dataset streamed through `da
 With --prompt-field, each record's text must start with that field's value (an exercise's signature and docstring);
 the number of prompt tokens is stored so the loader can restrict the loss to the solution.
 
-Output: a shard directory in the format of phi1_jax.shards (ArrayRecord shards, per-shard stats, run.json, and
+Output: a shard directory in the format of phi1_jax.shard_format (ArrayRecord shards, per-shard stats, run.json, and
 manifest.json written last). Writing is atomic and resumable: a killed run leaves no shard that looks complete, and a
 rerun skips the shards already finished and produces byte-identical shards.
 
-The format itself (records, manifest, writer, reader) lives in phi1_jax.shards; this module reads corpora into
+The format itself (records, manifest, writer, reader) lives in phi1_jax.shard_format; this module reads corpora into
 documents and is the command line. Its names are re-exported here for the tools that used them from this module.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 
 from phi1_jax import cli
 from phi1_jax.jsonl import read_jsonl
-from phi1_jax.shards import (  # noqa: F401  (re-exported: the format's names, for the tools that use this module)
+from phi1_jax.shard_format import (  # noqa: F401  (re-exported: the format's names, for the tools that use this module)
     FORMAT_VERSION, HEADER, MANIFEST, RUN_FILE, Document, ShardError, decode_record, encode_record, read_manifest,
     token_dtype, write_shards)
 

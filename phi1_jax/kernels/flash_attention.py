@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 import math
 import warnings
@@ -44,13 +45,17 @@ from jax.experimental.pallas import triton as pltriton
 MASK_VALUE = -0.7 * float(np.finfo(np.float32).max)  # finite: exp(MASK - m) underflows to 0 without NaNs
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
 PAD_SEGMENT = -1  # segment id of padding added by the wrapper; never equal to a real one
+# The candidates `python -m phi1_jax.bench.tune_attention` measures on a GPU (and phi1_jax.gpu_plan compiles for one):
+TUNE_TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]  # (block_q, block_k), forward; the backward's too
+TUNE_FWD_LAUNCH = list(itertools.product([4, 8], [2, 3, 4]))  # (num_warps, num_stages) of the forward kernel
+TUNE_BWD_LAUNCH = list(itertools.product([4, 8], [2, 3]))  # (num_warps_bwd, num_stages_bwd)
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """Tile sizes of the three kernels, and Triton's launch settings (warps per program, software-pipelining stages)
-    for the forward and the two backward kernels; the Triton settings are ignored elsewhere. `python -m phi1_jax.kernels.tune`
-    measures candidates on a GPU."""
+    for the forward and the two backward kernels; the Triton settings are ignored elsewhere. `python -m phi1_jax.bench.tune_attention`
+    measures the TUNE_* candidates on a GPU."""
 
     block_q: int = 64
     block_k: int = 64

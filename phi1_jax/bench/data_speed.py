@@ -1,24 +1,26 @@
 """Data benchmarks (a script, not a test): loader throughput, and shard writing against a `datasets.map` baseline.
 
-Command:  python -m phi1_jax.bench_data [--seq-len=2048] [--batch=8] [--batches=300] [--copies=4]
+Command:  python -m phi1_jax.bench.data_speed [--seq-len=2048] [--batch=8] [--batches=300] [--copies=4] [--json=PATH]
 Expect:   about a minute on 2 cores. Uses the embedded stdlib corpus (built and cached on first use).
 
 1. Loader: tokens/s out of `phi1_jax.data` (ArrayRecord shards -> shuffle -> decode -> pack -> mix -> batch) for one
    source and for a three-source mixture, in this one process (no Grain worker processes).
-2. Shard writing: tokens/s of `phi1_jax.shards.write_shards` (SentencePiece batch encoding on all cores + ArrayRecord
+2. Shard writing: tokens/s of `phi1_jax.shard_format.write_shards` (SentencePiece batch encoding on all cores + ArrayRecord
    writes) and of the common baseline, `datasets.Dataset.map(batched=True, num_proc=cores)` calling the same
    tokenizer (no files written by the baseline beyond datasets' own cache), on the same texts, in the same run.
+`--json=PATH` also writes the figures as one JSON object ({"machine", "loader", "writing"}).
 """
 
 import argparse
+import json
 import os
 import platform
 import sys
 import tempfile
 import time
 
-from phi1_jax import cli, data, embedded_corpus
-from phi1_jax.shards import Document, write_shards
+from phi1_jax import cli, data, embedded_corpus, files
+from phi1_jax.shard_format import Document, write_shards
 
 
 def bench_loader(corpus, tok, seq_len, batch, batches, n_sources):
@@ -66,22 +68,30 @@ def bench_writing(corpus, tok, copies):
 
 
 @cli.reports_user_errors
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--batches", type=int, default=300)
     p.add_argument("--copies", type=int, default=4, help="times the corpus is repeated for the writing benchmark")
-    args = p.parse_args()
+    p.add_argument("--json", default=None, help="also write the figures here, as one JSON object")
+    args = p.parse_args(argv)
     corpus = embedded_corpus.build()
     tok = corpus.tokenizer()
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
+    machine = dict(machine=platform.machine(), cores=os.cpu_count(), python=platform.python_version())
+    print(f"machine: {machine['machine']}, {machine['cores']} cores, Python {machine['python']}")
+    loader = []
     for n in (1, 3):
         tps = bench_loader(corpus, tok, args.seq_len, args.batch, args.batches, n)
+        loader.append(dict(sources=n, seq_len=args.seq_len, batch=args.batch, tokens_per_s=tps))
         print(f"loader, {n} source(s), seq {args.seq_len}, batch {args.batch}: {tps / 1e6:.2f}M tokens/s")
     ours, baseline, tokens = bench_writing(corpus, tok, args.copies)
     print(f"shard writing, {tokens:,} tokens: phi1_jax.data_gen.shards {ours / 1e6:.2f}M tokens/s, "
           f"datasets.map baseline {baseline / 1e6:.2f}M tokens/s, ratio {ours / baseline:.2f}x")
+    if args.json:
+        writing = dict(tokens=tokens, ours_tokens_per_s=ours, datasets_map_tokens_per_s=baseline, ratio=ours / baseline)
+        files.write_text(args.json, json.dumps(dict(machine=machine, loader=loader, writing=writing), indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":

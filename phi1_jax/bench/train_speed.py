@@ -1,20 +1,24 @@
 """Training throughput (tokens/s, MFU) for any config, side by side with Hugging Face's PyTorch PhiForCausalLM.
 
-Command:  python -m phi1_jax.bench_train --config=configs/tiny.py [--config.model.d_model=256 ...] [--steps=20]
-          [--peer=transformers|none]
+Command:  python -m phi1_jax.bench.train_speed --config=configs/tiny.py [--config.model.d_model=256 ...] [--steps=20]
+          [--peer=transformers|none] [--json=PATH]
 Expect:   a minute or two on CPU for a small shape.
 
 Both sides train the same shape on random token batches (batch `config.batch_size` x `config.seq_len`, no data
 pipeline, so the figure is compute only) with AdamW and the config's dropout: ours is the trainer's own jitted step
 (phi1_jax.train.build) on the configured mesh; the peer is `transformers.PhiForCausalLM` in fp32 with `torch.optim.AdamW`
 (eager attention), on all CPU threads. After warm-up steps, both are timed over the same number of steps. MFU uses the
-FLOP formula of docs/flops.md and the device's peak (null where none is known, e.g. CPUs).
+FLOP formula of docs/flops.md and the device's peak (null where none is known, e.g. CPUs). `--json=PATH` also writes
+the figures as one JSON object ({"machine", "shape", "phi1_jax": {tokens_per_s, mfu, loss}, "transformers"}); a run
+that runs out of device memory writes {"out_of_memory": true, "error": ...} there and exits 1.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+import sys
 import time
 
 import jax
@@ -22,7 +26,7 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from phi1_jax import cli, data
+from phi1_jax import cli, data, files
 from phi1_jax import flops as flops_lib
 from phi1_jax.step import build, init_params
 
@@ -30,6 +34,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", "configs/tiny.py", "experime
 _STEPS = flags.DEFINE_integer("steps", 20, "timed steps on each side")
 _WARMUP = flags.DEFINE_integer("warmup", 3, "untimed steps first (compilation, allocator warm-up)")
 _PEER = flags.DEFINE_enum("peer", "transformers", ["transformers", "none"], "what to run beside phi1_jax")
+_JSON = flags.DEFINE_string("json", None, "also write the figures here, as one JSON object")
 
 
 def random_batch(config, rng):
@@ -96,18 +101,40 @@ def main(argv):
     peak = flops_lib.peak_flops(device)
     flops = flops_lib.flops_per_token(config.model, config.seq_len)
     m = config.model
+    result = dict(machine=dict(machine=platform.machine(), cores=os.cpu_count(), jax=jax.__version__,
+                               devices=jax.device_count(), device_kind=device.device_kind),
+                  shape=dict(num_layers=m.num_layers, d_model=m.d_model, num_heads=m.num_heads, mlp_dim=m.mlp_dim,
+                             vocab_size=m.vocab_size, batch_size=config.batch_size, seq_len=config.seq_len,
+                             dtype=m.dtype, remat=m.remat, attention_impl=m.attention_impl),
+                  steps=_STEPS.value, warmup=_WARMUP.value)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores; jax {jax.__version__} on {jax.device_count()} x "
           f"{device.device_kind}")
     print(f"shape: {m.num_layers} layers, d_model {m.d_model}, {m.num_heads} heads, mlp {m.mlp_dim}, vocab "
           f"{m.vocab_size}; batch {config.batch_size} x seq {config.seq_len}; dtype {m.dtype}; remat {m.remat}")
-    ours, our_loss = bench_phi1_jax(config, _STEPS.value, _WARMUP.value)
+    try:
+        ours, our_loss = bench_phi1_jax(config, _STEPS.value, _WARMUP.value)
+    except Exception as e:  # noqa: BLE001  out of device memory is a finding (gpu_checks' ladder ends there)
+        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
+            raise
+        _write_json(dict(result, out_of_memory=True, error=str(e).splitlines()[0][:300]))
+        print(f"out of memory: {str(e).splitlines()[0][:300]}", file=sys.stderr)
+        sys.exit(1)
     mfu = flops_lib.mfu(ours, flops, peak, jax.device_count())
+    result["phi1_jax"] = dict(tokens_per_s=ours, mfu=mfu, loss=our_loss)
+    _write_json(result)
     mfu = f"{mfu:.1%}" if mfu is not None else "n/a (no known peak for this device)"
     print(f"phi1_jax:      {ours:12,.0f} tokens/s   MFU {mfu}   (loss {our_loss:.3f})")
     if _PEER.value == "transformers":
         theirs, their_loss = bench_transformers(config, _STEPS.value, _WARMUP.value)
+        result["transformers"] = dict(tokens_per_s=theirs, loss=their_loss, ratio=ours / theirs)
+        _write_json(result)
         print(f"transformers:  {theirs:12,.0f} tokens/s   (loss {their_loss:.3f})")
         print(f"ratio phi1_jax / transformers: {ours / theirs:.2f}x")
+
+
+def _write_json(result: dict) -> None:
+    if _JSON.value:
+        files.write_text(_JSON.value, json.dumps(result, indent=1) + "\n")
 
 
 if __name__ == "__main__":

