@@ -418,12 +418,11 @@ def main(argv=None) -> int:
     import argparse
     import itertools
 
-    from phi1_jax.kernels import tune
-    from phi1_jax.kernels.flash_attention import BlockSizes
+    from phi1_jax.kernels.flash_attention import TUNE_BWD_LAUNCH, TUNE_FWD_LAUNCH, TUNE_TILES, BlockSizes
 
     p = argparse.ArgumentParser(prog="python -m phi1_jax.gpu_plan", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tiles", help="compile the kernel's tune candidates (phi1_jax.kernels.tune) for a GPU; the ones "
+    t = sub.add_parser("tiles", help="compile the kernel's tune candidates (phi1_jax.kernels.flash_attention.TUNE_*) for a GPU; the ones "
                                      "the compiler refuses are dropped before any GPU minute is spent")
     t.add_argument("--target", default="h100_sxm", help=f"one of {', '.join(TARGETS)}")
     t.add_argument("--head-dim", type=int, default=64)
@@ -436,10 +435,10 @@ def main(argv=None) -> int:
         candidates = [base]
     else:  # tune's two sweeps: forward tiles x launch settings, then backward tiles x launch settings
         candidates = [dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=nw, num_stages=ns)
-                      for (bq, bk), (nw, ns) in itertools.product(tune.TILES, tune.FWD_LAUNCH)]
+                      for (bq, bk), (nw, ns) in itertools.product(TUNE_TILES, TUNE_FWD_LAUNCH)]
         candidates += [dataclasses.replace(base, block_q_dkv=bq, block_k_dkv=bk, block_q_dq=bq, block_k_dq=bk,
                                            num_warps_bwd=nw, num_stages_bwd=ns)
-                       for (bq, bk), (nw, ns) in itertools.product(tune.TILES, tune.BWD_LAUNCH)]
+                       for (bq, bk), (nw, ns) in itertools.product(TUNE_TILES, TUNE_BWD_LAUNCH)]
     rows, t0 = [], time.perf_counter()
     for blocks, error in check_tiles(target, candidates, head_dim=args.head_dim):
         rows.append({"blocks": dataclasses.asdict(blocks), "compiles": error is None, "error": error})

@@ -83,12 +83,6 @@ def find_tokenizer(directory: str | os.PathLike) -> Tokenizer | None:
     return None
 
 
-def load_model_and_tokenizer(source: str | os.PathLike, *, revision: str | None = None) -> tuple[Phi, Tokenizer | None]:
-    """(model, tokenizer or None): `open` for callers not yet moved to it (phi1_jax.serve); goes when they are."""
-    loaded = open(source, revision)
-    return loaded.model, loaded.tokenizer
-
-
 def _local_directory(source, revision) -> Path:
     if revision is not None and Path(source).exists():
         raise LoadError(f"{source}: a local path; a revision ({revision}) is for hub ids only")

@@ -12,10 +12,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).parents[1]
 LAYERS = ["phi1_jax.kernels", "phi1_jax", "phi1_jax.evals", "phi1_jax.data_gen", "phi1_jax.bench"]
-# Two modules of one name, each pair on its way out (remove a line when its pair is gone; the test says when):
-SHARED_NAMES_GOING = {
-    "generate": "phi1_jax/generate.py re-exports phi1_jax.decoding until the serving modules import it from there",
-}
 
 
 def _layer(module: str) -> int:
@@ -72,9 +68,7 @@ def test_every_module_has_a_name_of_its_own():
     stdlib = sorted(n for n in names if n in sys.stdlib_module_names)
     assert not stdlib, f"named like a standard-library module: {[names[n] for n in stdlib]}"
     shared = {n: paths for n, paths in names.items() if len(paths) > 1}
-    assert not set(shared) - set(SHARED_NAMES_GOING), f"modules that share a name: {shared}"
-    gone = sorted(set(SHARED_NAMES_GOING) - set(shared))
-    assert not gone, f"these names are no longer shared: remove them from SHARED_NAMES_GOING: {gone}"
+    assert not shared, f"modules that share a name: {shared}"
 
 
 def test_the_inspect_command_keeps_its_name():

