@@ -183,7 +183,9 @@ def _mbpp_samples() -> list[tuple[str, dict]]:
                 (f"{tid} wrong on base", {"task_id": tid, "solution": f"def {p['entry_point']}(*a):\n    return None\n"}),
                 (f"{tid} right on base, wrong on plus", {"task_id": tid, "solution": _wrong_off_base(p)})]
     out += [("Mbpp/2 a list, not a tuple", {"task_id": "Mbpp/2", "solution":
-             "def similar_elements(a, b):\n    return sorted(set(a) & set(b))\n"})]
+             "def similar_elements(a, b):\n    return sorted(set(a) & set(b))\n"}),
+            ("Mbpp/2 takes tuples only", {"task_id": "Mbpp/2", "solution": "def similar_elements(a, b):\n"
+             "    return tuple(sorted(set(a) & set(b))) if type(a) is tuple else a\n"})]
     return out
 
 
@@ -285,6 +287,7 @@ def test_mbpp_plus_verdicts_equal_evalplus(tmp_path):
     verdicts = _compare(named, rows, _evalplus("mbpp", data, samples, tmp_path))
     assert all(v == ("pass", "pass") for name, v in verdicts.items() if "canonical" in name)
     assert verdicts["Mbpp/2 a list, not a tuple"][0] == "fail"  # the inputs are tuples, and so is the expected output
+    assert verdicts["Mbpp/2 takes tuples only"] == ("pass", "pass")  # EvalPlus's MBPP+ inputs are turned into tuples
     assert all(v == ("pass", "fail") for name, v in verdicts.items() if "wrong on plus" in name)
 
 
