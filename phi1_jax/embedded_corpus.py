@@ -23,14 +23,13 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from phi1_jax import ngrams
+from phi1_jax.files import new_directory
 from phi1_jax.shard_format import Document, write_shards
 from phi1_jax.tokenizer import Tokenizer
 
@@ -119,9 +118,7 @@ def build(vocab_size: int = 2048, *, cache_dir: str | os.PathLike | None = None,
     done = root / "report.json"
     if done.exists():
         return EmbeddedCorpus(root, root / "tokenizer.model", root / "shards", json.loads(done.read_text()))
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=root.name + ".", dir=root.parent))
-    try:
+    with new_directory(root) as tmp:  # whole or absent; a build that finished first elsewhere is kept
         if progress:
             print(f"building the embedded corpus (stdlib of Python {sys.version.split()[0]}) in {root} ...", flush=True)
         docs, report = collect_documents()
@@ -130,12 +127,5 @@ def build(vocab_size: int = 2048, *, cache_dir: str | os.PathLike | None = None,
                                 docs_per_shard=docs_per_shard, progress=progress)
         report.update({"tokens": manifest["tokens"], "documents": manifest["documents"], "vocab_size": tok.vocab_size})
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        try:
-            os.rename(tmp, root)
-        except OSError:  # another process finished first; use its build
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # Rebuild the paths against the final location (the tokenizer fingerprint is content-based, so it is unchanged).
     return EmbeddedCorpus(root, root / "tokenizer.model", root / "shards", json.loads(done.read_text()))

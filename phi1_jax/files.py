@@ -16,6 +16,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -46,6 +48,25 @@ def write_text(path: str | os.PathLike, text: str, *, durable: bool = False) -> 
     with replacing(path, durable=durable) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+@contextlib.contextmanager
+def new_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """`with new_directory(path) as tmp: <fill tmp>`: on a clean exit the folder tmp becomes `path` in one rename, so
+    `path` exists only whole; on an error tmp is removed. If `path` appeared meanwhile (another process built the same
+    thing first), that one is kept and tmp is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        try:
+            os.rename(tmp, path)
+        except OSError:
+            if not path.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def write_jsonl(path: str | os.PathLike, records: Iterable, *, durable: bool = False) -> Path:

@@ -77,3 +77,17 @@ def test_appends_are_whole_lines_and_a_cut_last_line_is_dropped(tmp_path):
     one.write_text("no newline at all " * 10000)  # longer than one read-back block
     assert files.drop_cut_last_line(one) and one.read_text() == ""
     assert not files.drop_cut_last_line(tmp_path / "missing.jsonl") and not (tmp_path / "missing.jsonl").exists()
+
+
+def test_a_directory_appears_whole_or_not_at_all(tmp_path):
+    root = tmp_path / "cache" / "corpus"
+    with pytest.raises(RuntimeError, match="halfway"):
+        with files.new_directory(root) as tmp:
+            (tmp / "a.txt").write_text("a")
+            raise RuntimeError("the build fails halfway")
+    assert not root.exists() and _leftovers(root.parent, set()) == []
+    with files.new_directory(root) as tmp:
+        (tmp / "a.txt").write_text("first")
+    with files.new_directory(root) as tmp:  # another builder finished first: its folder is kept
+        (tmp / "a.txt").write_text("second")
+    assert (root / "a.txt").read_text() == "first" and _leftovers(root.parent, {"corpus"}) == []
