@@ -1,4 +1,5 @@
-"""phi1_jax.data_gen.decontaminate (13-gram, embedding, AST match rate, Table 3 report) and phi1_jax.data_gen.dedup on planted data."""
+"""phi1_jax.data_gen.decontaminate (13-gram, embedding, AST match rate, Table 3 report) and phi1_jax.data_gen.dedup on
+planted data; both run as Ray Data pipelines, here on the session's two-node test cluster (conftest.py `ray_cluster`)."""
 
 import ast
 import inspect
@@ -96,7 +97,7 @@ def test_ast_match_ignores_names_literals_comments_docstrings():
     assert ast_match.match_rate(vocab.encode(fa), vocab.encode(fc)) == pytest.approx(1 - 2 / len(fa))
 
 
-def test_report_finds_planted_copies_at_the_right_thresholds_and_spares_unrelated_code(tmp_path):
+def test_report_finds_planted_copies_at_the_right_thresholds_and_spares_unrelated_code(ray_cluster, tmp_path):
     tids = [t for t in sorted(PROBLEMS, key=lambda t: int(t.split("/")[1])) if _big_enough(t)][:60:4]
     renamed = {t: renamed_copy(t) for t in tids[:8]}
     flipped = {}
@@ -121,7 +122,9 @@ def test_report_finds_planted_copies_at_the_right_thresholds_and_spares_unrelate
     results.write_text("".join(json.dumps({"task_id": t, "status": "passed" if t in contaminated else "failed"}) + "\n"
                                for t in PROBLEMS))
     out = tmp_path / "clean"
-    assert dc.main([str(tmp_path / "train.jsonl"), f"--out={out}", f"--humaneval-results={results}"]) == 0
+    # in chunks of ~4 KB: many tasks over the two nodes' actors, whose parts the report merges
+    assert dc.main([str(tmp_path / "train.jsonl"), f"--out={out}", f"--humaneval-results={results}", "--chunk-kb=4",
+                    "--no-progress"]) == 0
     report = json.loads((out / "decontamination_report.json").read_text())
     rows = {r["tau"]: r for r in report["table3"]}
     for tau, row in rows.items():
@@ -145,7 +148,7 @@ def test_report_finds_planted_copies_at_the_right_thresholds_and_spares_unrelate
     assert "| HumanEval | 0.95 |" in md and "13-gram overlap: 1 items" in md
 
 
-def test_mbpp_references_when_present(tmp_path):
+def test_mbpp_references_when_present(ray_cluster, tmp_path):
     mbpp = Path(__file__).resolve().parents[2] / "shared" / "data" / "mbpp.jsonl"
     if not mbpp.exists():
         pytest.skip(f"MBPP data not found at {mbpp}")
@@ -157,7 +160,7 @@ def test_mbpp_references_when_present(tmp_path):
     assert {(r["benchmark"], r["similar"]) for r in rows if r["tau"] == 0.95} == {("HumanEval", 0), ("MBPP", 1)}
 
 
-def test_bad_input(tmp_path, capsys):
+def test_bad_input(ray_cluster, tmp_path, capsys):
     assert dc.main([str(tmp_path / "missing.jsonl"), f"--out={tmp_path / 'o'}"]) == 2
     assert "missing.jsonl: input not found" in capsys.readouterr().err
     (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n{"txt": "y"}\n')
@@ -169,7 +172,7 @@ def test_bad_input(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_dedup_removes_near_copies_across_inputs_and_reports_diversity(tmp_path):
+def test_dedup_removes_near_copies_across_inputs_and_reports_diversity(ray_cluster, tmp_path):
     rng = random.Random(0)
     base = [_function(rng, f"task_{i}", _prose(rng, 30)) for i in range(30)]
     a = [{"id": f"a{i}", "text": t} for i, t in enumerate(base[:20])]
@@ -188,3 +191,14 @@ def test_dedup_removes_near_copies_across_inputs_and_reports_diversity(tmp_path)
     assert report["diversity_after"]["openings"][0]["opening"].startswith("def task_")
     assert 0 < report["diversity_after"]["distinct_1"] < report["diversity_after"]["distinct_4"] <= 1
     assert dedup.main([str(tmp_path / "a.jsonl"), f"--out={tmp_path}"]) == 2  # would overwrite its input
+
+
+def test_records_are_whole_or_absent_and_a_failed_write_leaves_no_temp_file(tmp_path):
+    from phi1_jax.data_gen.records import write_records
+
+    path = tmp_path / "kept.jsonl"
+    write_records(path, [{"text": "old"}])
+    with pytest.raises(TypeError):  # a record that cannot be written, after one that can: the write fails midway
+        write_records(path, [{"text": "new"}, {"text": object()}])
+    assert path.read_text() == '{"text": "old"}\n'  # the last whole file, not half of the new one
+    assert [p.name for p in tmp_path.iterdir()] == ["kept.jsonl"]  # and no temporary file beside it

@@ -18,6 +18,7 @@ import openai
 from tqdm import tqdm
 
 from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, LLMError, RequestCache, reply_of
+from phi1_jax import files
 
 ENDPOINT = "/v1/chat/completions"
 MAX_REQUESTS, MAX_BYTES = 50_000, 190 * 2**20
@@ -32,9 +33,7 @@ class BatchRunner:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"batches": []}
 
     def _save(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2) + "\n")
-        tmp.replace(self.state_path)
+        files.write_text(self.state_path, json.dumps(self.state, indent=2) + "\n", durable=True)
 
     def _call(self, fn, *args, **kw):
         try:

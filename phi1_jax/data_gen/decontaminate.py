@@ -34,8 +34,9 @@ from pathlib import Path
 import numpy as np
 
 from phi1_jax.data_gen import ast_match
-from phi1_jax.data_gen.records import check_outputs, read_records, write_records
-from phi1_jax import cli
+from phi1_jax import cli, files
+from phi1_jax.data_gen import engine
+from phi1_jax.data_gen.records import RecordsError, check_outputs, write_records
 from phi1_jax.errors import UserError
 from phi1_jax.ngrams import NGRAM, ngrams, overlapping_ngrams, reference_ngrams, words  # noqa: F401 (re-exported)
 
@@ -144,18 +145,79 @@ def code_only(text: str) -> str:
     return "\n\n".join(parts)
 
 
-def nearest_l2(embedder, items: list[str], refs: list[Reference]) -> tuple[np.ndarray, np.ndarray]:
-    """For each item, the L2 distance from its code (`code_only`) to the nearest reference's, and that reference."""
-    from phi1_jax.data_gen.filter import embed_all
+def nearest_l2(items: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each item embedding, the L2 distance to the nearest reference embedding, and that reference."""
+    d = np.sqrt(np.maximum((items * items).sum(1)[:, None] - 2 * items @ refs.T + (refs * refs).sum(1)[None, :], 0.0))
+    return d.min(1), d.argmin(1)
 
-    r = embedder.embed([code_only(x.code) for x in refs])
-    dist, arg = [], []
-    for start in range(0, len(items), 1024):
-        e = embed_all(embedder, [code_only(t) for t in items[start:start + 1024]], "embedding", False)
-        d = np.sqrt(np.maximum((e * e).sum(1)[:, None] - 2 * e @ r.T + (r * r).sum(1)[None, :], 0.0))
-        dist.append(d.min(1))
-        arg.append(d.argmin(1))
-    return (np.concatenate(dist), np.concatenate(arg)) if dist else (np.zeros(0), np.zeros(0, int))
+
+# --- the three tests on Ray ------------------------------------------------------------------------------------------
+
+
+class ItemTests:
+    """Ray Data stage (an actor: the references and their embeddings are made once per actor, not per chunk): the
+    three tests for each record of a chunk of lines. Emits only the records something flagged, as
+    {doc, hits: JSON {ngram: [reference index], ast: [[reference index, rate]], l2: distance or None}}."""
+
+    def __init__(self, refs: list[Reference], text_field: str, min_tau: float, embedder: str, l2_threshold: float):
+        self.refs, self.text_field, self.min_tau, self.l2_threshold = refs, text_field, min_tau, l2_threshold
+        self.embedder = None
+        if embedder != "none":
+            from phi1_jax.data_gen.embed import make_embedder
+
+            self.embedder = make_embedder(embedder)
+            self.ref_emb = self.embedder.embed([code_only(x.code) for x in refs])
+
+    def __call__(self, batch: dict) -> dict:
+        from phi1_jax.data_gen import engine
+        from phi1_jax.data_gen.records import RecordsError
+
+        docs, texts = [], []
+        for chunk in [{k: batch[k][i] for k in batch} for i in range(len(batch["path"]))]:
+            for d, _, rec in engine.read_chunk(chunk, self.text_field, RecordsError):
+                docs.append(d)
+                texts.append(rec[self.text_field])
+        ngram = ngram_hits(texts, self.refs)
+        rates = ast_rates(texts, self.refs, self.min_tau)
+        dist = np.full(len(texts), np.inf)
+        if self.embedder is not None and texts:
+            dist, _ = nearest_l2(self.embedder.embed([code_only(t) for t in texts]), self.ref_emb)
+        by_item: dict[int, list] = collections.defaultdict(list)
+        for (i, j), v in rates.items():
+            by_item[i].append([j, v])
+        out_doc, out_hits = [], []
+        for i, d in enumerate(docs):
+            near = bool(dist[i] < self.l2_threshold)
+            if ngram[i] or by_item.get(i) or near:
+                out_doc.append(d)
+                out_hits.append(json.dumps({"ngram": sorted(ngram[i]), "ast": by_item.get(i, []),
+                                            "l2": float(dist[i]) if near else None}))
+        return {"doc": np.asarray(out_doc, np.int64), "hits": np.asarray(out_hits, dtype=object)}
+
+
+def flagged_items(paths: list[Path], refs: list[Reference], *, text_field: str, min_tau: float, embedder: str,
+                  l2_threshold: float, chunk_bytes: int, actors: int | None = None) -> dict[int, dict]:
+    """{doc number: its hits} for every record a test flagged, as a Ray Data pipeline (inside an `engine.session`):
+    chunks of lines -> ItemTests actors (the references broadcast once to each) -> the driver."""
+    import ray
+    import ray.data
+
+    from phi1_jax.data_gen import engine
+
+    chunks = engine.line_chunks(paths, chunk_bytes)
+    if not chunks:
+        return {}
+    n = actors or max(1, min(len(chunks), int(ray.cluster_resources().get("CPU", 1))))
+    ds = ray.data.from_items(chunks, override_num_blocks=len(chunks)).map_batches(
+        ItemTests, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=n),
+        fn_constructor_kwargs={"refs": refs, "text_field": text_field, "min_tau": min_tau, "embedder": embedder,
+                               "l2_threshold": l2_threshold})
+    out = {}
+    with engine.user_errors():
+        for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+            for d, h in zip(batch["doc"].tolist(), batch["hits"]):
+                out[d] = json.loads(h)
+    return out
 
 
 # --- the report ------------------------------------------------------------------------------------------------------
@@ -228,57 +290,71 @@ def build_parser() -> argparse.ArgumentParser:
 
 @cli.reports_user_errors
 def main(argv=None) -> int:
-    a = build_parser().parse_args(argv)
+    p = build_parser()
+    engine.add_flags(p)
+    a = p.parse_args(argv)
     out = Path(a.out)
     inputs = [Path(i) for i in a.inputs]
     try:
         taus = sorted({float(t) for t in a.taus.split(",")} | {a.tau}, reverse=True)
-        if not all(0 < t <= 1 for t in taus):
-            raise DecontaminationError(f"taus must be in (0, 1]: {taus}")
-        check_outputs(inputs, out)
-        records = [(i.name, rec) for i in inputs for rec in read_records(i, a.text_field)]
-        refs = humaneval_references() + (mbpp_references(a.mbpp) if a.mbpp else [])
-        pass_rate = _pass_rates(a.humaneval_results) if a.humaneval_results else None
-        texts = [rec[a.text_field] for _, rec in records]
-        ngram = ngram_hits(texts, refs)
-        rates = ast_rates(texts, refs, min(taus))
-        near: set[int] = set()
-        if a.embedder != "none":
-            from phi1_jax.data_gen.embed import make_embedder
+    except ValueError:
+        raise DecontaminationError(f"--taus={a.taus}: expected numbers separated by commas") from None
+    if not all(0 < t <= 1 for t in taus):
+        raise DecontaminationError(f"taus must be in (0, 1]: {taus}")
+    check_outputs(inputs, out)
+    if missing := [str(i) for i in inputs if not i.is_file()]:
+        raise RecordsError(f"{missing[0]}: input not found")
+    refs = humaneval_references() + (mbpp_references(a.mbpp) if a.mbpp else [])
+    pass_rate = _pass_rates(a.humaneval_results) if a.humaneval_results else None
+    if a.embedder != "none":
+        from phi1_jax.data_gen.embed import make_embedder
 
-            dist, _ = nearest_l2(make_embedder(a.embedder), texts, refs)
-            near = {int(i) for i in np.nonzero(dist < a.l2_threshold)[0]}
-    except (OSError, ValueError) as e:  # bad inputs (DecontaminationError, RecordsError, ...), a non-numeric --taus
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        make_embedder(a.embedder)  # a bad --embedder fails here, before Ray starts
+    with engine.session(a.ray_address, a.num_cpus, progress=not a.no_progress):
+        flagged = flagged_items(inputs, refs, text_field=a.text_field, min_tau=min(taus), embedder=a.embedder,
+                                l2_threshold=a.l2_threshold, chunk_bytes=a.chunk_kb << 10)
+    rates = {(i, j): v for i, h in flagged.items() for j, v in h["ast"]}
+    ngram = {i: set(h["ngram"]) for i, h in flagged.items() if h["ngram"]}
+    near = {i for i, h in flagged.items() if h["l2"] is not None}
     ast_hits: dict[int, dict[str, float]] = collections.defaultdict(dict)  # item -> {problem: rate >= tau}
     for (i, j), v in rates.items():
         if v >= a.tau:
             ast_hits[i][refs[j].id] = round(v, 4)
-    ast_removed = set(ast_hits)
-    ngram_items = {i for i, h in enumerate(ngram) if h}
-    removed = ast_removed | ngram_items | near
-    ids = [f"{name}#{rec.get('id', k)}" for k, (name, rec) in enumerate(records)]
-    closest = sorted(rates.items(), key=lambda kv: -kv[1])[:20]
+    removed = set(ast_hits) | set(ngram) | near
+    closest = sorted(rates.items(), key=lambda kv: (-kv[1], kv[0]))[:20]
+    named = removed | {i for (i, _), _ in closest}
+    ids: dict[int, str] = {}
+    n_items = 0
+
+    def survivors(path: Path):
+        nonlocal n_items
+        base = n_items
+        for chunk in engine.line_chunks([path]):
+            for k, _, rec in engine.read_chunk(chunk, a.text_field, RecordsError):
+                k += base
+                n_items += 1
+                if k in named:
+                    ids[k] = f"{path.name}#{rec.get('id', k)}"
+                if k not in removed:
+                    yield rec
+
+    for path in inputs:  # each input's survivors, streamed in order, whole or absent
+        write_records(out / path.name, survivors(path))
     report = {
-        "items": len(records), "tau": a.tau, "taus": taus, "embedder": a.embedder, "l2_threshold": a.l2_threshold,
-        "table3": table3(refs, len(records), rates, taus, ngram, near, pass_rate),
-        "ngram_items": len(ngram_items), "ngram_problems": len(set().union(*ngram)) if ngram else 0,
-        "embedding_items": len(near), "removed": len(removed), "kept": len(records) - len(removed),
+        "items": n_items, "tau": a.tau, "taus": taus, "embedder": a.embedder, "l2_threshold": a.l2_threshold,
+        "table3": table3(refs, n_items, rates, taus, None, near, pass_rate),
+        "ngram_items": len(ngram), "ngram_problems": len(set().union(*ngram.values())),
+        "embedding_items": len(near), "removed": len(removed), "kept": n_items - len(removed),
         "closest": [{"item": ids[i], "problem": refs[j].id, "rate": round(v, 4)} for (i, j), v in closest],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    for path in inputs:
-        write_records(out / path.name,
-                      [rec for k, (name, rec) in enumerate(records) if name == path.name and k not in removed])
-    with open(out / "removed.jsonl", "w", encoding="utf-8") as f:
+    with files.replacing(out / "removed.jsonl") as tmp, open(tmp, "w", encoding="utf-8") as f:
         for k in sorted(removed):
-            why = {"ngram": sorted(refs[j].id for j in ngram[k]),
+            why = {"ngram": sorted(refs[j].id for j in ngram.get(k, ())),
                    "ast": ast_hits.get(k, {}),
                    "embedding": k in near}
             f.write(json.dumps({"item": ids[k], **why}) + "\n")
-    (out / "decontamination_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "decontamination_report.md").write_text(report_markdown(report))
+    files.write_text(out / "decontamination_report.json", json.dumps(report, indent=2) + "\n")
+    files.write_text(out / "decontamination_report.md", report_markdown(report))
     print(report_markdown(report))
     return 0
 

@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, resolve_api_key
 from phi1_jax.data_gen.shards import Document, iter_documents
-from phi1_jax import cli
+from phi1_jax import cli, files
 from phi1_jax.errors import UserError
 from phi1_jax.jsonl import read_jsonl
 
@@ -238,8 +238,6 @@ def apply(args) -> int:
     embedder = make_embedder(meta["embedder"])
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
     seen = kept = 0
     batch: list = []
 
@@ -252,7 +250,8 @@ def apply(args) -> int:
                 kept += 1
         batch.clear()
 
-    with tmp.open("w", encoding="utf-8") as sink, tqdm(desc="scoring", unit="file", disable=args.no_progress) as bar:
+    with files.replacing(out) as tmp, tmp.open("w", encoding="utf-8") as sink, \
+            tqdm(desc="scoring", unit="file", disable=args.no_progress) as bar:
         for d in _documents(args.corpus, args):
             batch.append(d)
             seen += 1
@@ -261,7 +260,6 @@ def apply(args) -> int:
                 flush(sink)
         if batch:
             flush(sink)
-    tmp.replace(out)
     print(f"kept {kept} of {seen} files (P(educational) >= {threshold}) in {out}")
     return 0
 
@@ -318,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.reports_user_errors  # FilterError, LLMError, ...: exit 2, as below
+@cli.reports_user_errors(exit_code=1)  # FilterError, LLMError, ...: exit 1, as below
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -328,7 +326,7 @@ def main(argv=None) -> int:
         return 3
     except (OSError, ValueError) as e:  # unreadable files; scikit-learn's own checks (--test-fraction, --trees)
         print(f"error: {e}", file=sys.stderr)
-        return cli.USER_ERROR
+        return 1
 
 
 if __name__ == "__main__":

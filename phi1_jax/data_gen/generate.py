@@ -35,7 +35,7 @@ from tqdm import tqdm
 from phi1_jax.data_gen import prompts, validate
 from phi1_jax.data_gen.dedup import NearDuplicateIndex
 from phi1_jax.data_gen.llm import BudgetExceeded, Completion, LLMClient, LLMError, resolve_api_key
-from phi1_jax import cli
+from phi1_jax import cli, files
 from phi1_jax.errors import UserError
 
 RUN_FILE, CACHE_FILE, BATCH_FILE = "run.json", "cache.sqlite", "batches.json"
@@ -66,9 +66,7 @@ def check_folder(out: Path, identity: dict) -> None:
         raise GenerateError(f"{out} already holds {strays} but no {RUN_FILE}: not a folder this command made; "
                             "use an empty or new --out")
     out.mkdir(parents=True, exist_ok=True)
-    tmp = run_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps(identity, indent=2) + "\n")
-    tmp.replace(run_file)
+    files.write_text(run_file, json.dumps(identity, indent=2) + "\n")
 
 
 def load_records(path: Path) -> list[dict]:
@@ -271,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.reports_user_errors  # a run that cannot start or go on (GenerateError, LLMError): exit 2
+@cli.reports_user_errors(exit_code=1)  # a run that cannot start or go on (GenerateError, LLMError): exit 1
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.n < 1 or a.concurrency < 1:
@@ -313,7 +311,7 @@ def main(argv=None) -> int:
         return 3
     except OSError as e:  # --out, its files or the request cache cannot be read or written
         print(f"error: {e}", file=sys.stderr)
-        return cli.USER_ERROR
+        return 1
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to continue. {_summary(gen)}", file=sys.stderr)
         return 130

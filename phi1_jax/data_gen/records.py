@@ -1,17 +1,19 @@
 """The JSONL-in, JSONL-out conventions that phi1_jax.data_gen.dedup and phi1_jax.data_gen.decontaminate share.
 
-Each input file's surviving records go to OUT/<its file name>, written atomically (a temporary file, then a rename),
-so the inputs must have distinct names and no output may overwrite an input. Every record must hold a string field
-(`text` by default); a malformed line or a missing field is an error naming the file and line.
+Each input file's surviving records go to OUT/<its file name>, whole or absent (phi1_jax.files: a temporary file, then
+a rename), so the inputs must have distinct names and no output may overwrite an input. Every record must hold a string
+field (`text` by default); a malformed line or a missing field is an error naming the file and line (the readers are
+phi1_jax.data_gen.engine's: each Ray task reads its own chunk of lines).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
+from phi1_jax import files
 from phi1_jax.errors import UserError
-from phi1_jax.jsonl import read_jsonl
 
 
 class RecordsError(UserError, ValueError):
@@ -26,18 +28,8 @@ def check_outputs(inputs: list[Path], out: Path) -> None:
         raise RecordsError(f"--out={out} would overwrite the input(s) {clash}; choose another folder")
 
 
-def read_records(path: Path, text_field: str) -> list[dict]:
-    if not path.exists():
-        raise RecordsError(f"{path}: input not found")
-    records = []
-    for where, rec in read_jsonl(path, RecordsError):
-        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
-            raise RecordsError(f"{where}: record has no string field {text_field!r}")
-        records.append(rec)
-    return records
-
-
-def write_records(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-    tmp.replace(path)
+def write_records(path: Path, records: Iterable[dict]) -> None:
+    """`records` (any iterable: the tools stream theirs) as the JSONL file `path`, whole or absent."""
+    with files.replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as f:  # streamed: no second copy in memory
+        for r in records:
+            f.write(json.dumps(r) + "\n")

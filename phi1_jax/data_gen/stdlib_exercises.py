@@ -18,14 +18,13 @@ from __future__ import annotations
 import argparse
 import ast
 import json
-import os
 import sys
 import textwrap
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from phi1_jax.data_gen import ast_match
-from phi1_jax import cli
+from phi1_jax import cli, files
 
 MAX_BODY_LINES = 20
 
@@ -73,14 +72,11 @@ def main(argv=None) -> int:
 
     documents, report = embedded_corpus.collect_documents()
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     n = 0
-    with open(tmp, "w", encoding="utf-8") as f:
+    with files.replacing(out) as tmp, open(tmp, "w", encoding="utf-8") as f:  # a kill leaves no half-written file
         for record in exercises(documents, args.limit):
             f.write(json.dumps(record) + "\n")
             n += 1
-    os.replace(tmp, out)  # a killed run leaves no half-written file under the real name
     print(f"{n} exercises from {report['files_kept']} stdlib files -> {out}")
     return 0
 

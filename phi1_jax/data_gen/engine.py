@@ -1,0 +1,157 @@
+"""Ray for the data tools: where their corpus-wide steps run, from one machine to a cluster.
+
+Every corpus-wide step of `phi1_jax.data_gen` (dedup, decontaminate) is a Ray Data pipeline. By default the command
+starts an embedded local Ray itself (`ray.init(address="local")`: a new one on this machine's cores, never one that
+happens to be running; no dashboard, no usage statistics, its logs in a temporary folder removed afterwards);
+`--ray-address=auto` joins the cluster started on this machine with `ray start`, `--ray-address=HOST:PORT` or
+`ray://HOST:PORT` a remote one. Workers import phi1_jax, so each node needs the project installed (`pip install -e .`).
+
+Inputs are cut into chunks of whole lines (`line_chunks`) so that a worker reads its own part of a file: the driver
+holds offsets, not records, and a chunk a killed worker was reading is simply read again by the retry.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from phi1_jax.errors import UserError
+
+CHUNK_BYTES = 1 << 20  # ~1 MB of JSONL per task: big enough to amortise a task, small enough to retry cheaply
+
+
+class EngineError(UserError, RuntimeError):
+    """Ray could not be started or reached; the message names the address."""
+
+
+def add_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start a local one")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="cores of the local Ray this command starts (default: all of this machine's)")
+    p.add_argument("--chunk-kb", type=int, default=CHUNK_BYTES >> 10,
+                   help="input per task, in KB of JSONL (a killed worker's retry redoes one chunk)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+@contextlib.contextmanager
+def session(address: str | None = None, num_cpus: int | None = None, progress: bool = True) -> Iterator[None]:
+    """Ray for the length of a command: a new local Ray (address None) or a connection to `address`. Inside a session
+    that is already connected (a test, a notebook), it uses that one and leaves it running."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no prompt, no reporting
+    import ray
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = progress
+    ctx.print_on_execution_start = False
+    ctx.raise_original_map_exception = True  # a bad record's RecordsError reaches the driver as itself, not wrapped
+    if ray.is_initialized():
+        yield
+        return
+    logs = None
+    quiet = {"log_to_driver": False, "logging_level": "ERROR"}
+    try:
+        if address is None:
+            logs = tempfile.mkdtemp(prefix="phi1ray_")  # short: Ray's socket paths must fit in 107 bytes
+            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=logs,
+                     **quiet)
+        else:
+            ray.init(address=address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
+        if logs:
+            shutil.rmtree(logs, ignore_errors=True)
+        where = f"--ray-address={address}" if address else "a local Ray"
+        raise EngineError(f"{where}: cannot start or reach Ray ({type(e).__name__}: {e})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        if logs:
+            shutil.rmtree(logs, ignore_errors=True)
+
+
+def user_error_in(e: BaseException) -> UserError | None:
+    """The UserError a Ray task raised (Ray wraps it in RayTaskError / UserCodeException), if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        cause = getattr(e, "cause", None)  # RayTaskError: the task's own exception (Ray's copy is both, with a trace)
+        if isinstance(e, UserError) and not isinstance(cause, UserError):
+            return e
+        e = cause or e.__cause__ or e.__context__
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Re-raises a UserError from inside a Ray task as itself, so the command reports it as one `error:` line."""
+    try:
+        yield
+    except Exception as e:
+        if (inner := user_error_in(e)) is not None and inner is not e:
+            raise inner from None
+        raise
+
+
+def line_chunks(paths: list[Path], chunk_bytes: int = CHUNK_BYTES) -> list[dict]:
+    """Each input cut into runs of whole lines of about `chunk_bytes`: {input, path, start, end, first_line,
+    first_record, first_doc}. Records are the non-blank lines; `first_doc` numbers them across all inputs in order
+    (the order "keep the first" goes by), `first_record` within their input (the index a record without an id gets).
+    One streaming pass over the bytes; nothing is parsed here (workers do, with errors naming the line)."""
+    chunks, doc = [], 0
+    for k, path in enumerate(paths):
+        start = pos = 0
+        line = first_line = 0
+        record = first_record = 0
+        with open(path, "rb") as f:
+            for raw in f:
+                pos += len(raw)
+                line += 1
+                if raw.strip():
+                    record += 1
+                if pos - start >= chunk_bytes:
+                    chunks.append({"input": k, "path": str(path), "start": start, "end": pos, "first_line": first_line,
+                                   "first_record": first_record, "first_doc": doc + first_record})
+                    start, first_line, first_record = pos, line, record
+        if pos > start:
+            chunks.append({"input": k, "path": str(path), "start": start, "end": pos, "first_line": first_line,
+                           "first_record": first_record, "first_doc": doc + first_record})
+        doc += record
+    return chunks
+
+
+def read_chunk(chunk: dict, text_field: str, error: type[Exception]) -> Iterator[tuple[int, int, dict]]:
+    """(doc number, record index in its input, record) for each record of a chunk; a bad line raises `error` naming
+    the file and line, as `phi1_jax.jsonl.read_jsonl` does."""
+    import json
+
+    path = chunk["path"]
+    with open(path, "rb") as f:
+        f.seek(chunk["start"])
+        data = f.read(chunk["end"] - chunk["start"])
+    lines = data.split(b"\n")  # as a file iterates: on \n only
+    if lines and not lines[-1]:
+        lines.pop()
+    record = chunk["first_record"]
+    for lineno, raw in enumerate(lines, chunk["first_line"] + 1):
+        where = f"{path}:{lineno}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise error(f"{where}: not UTF-8 text (byte {e.start + 1} of the line)") from None
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise error(f"{where}: malformed JSON line ({e.msg} at column {e.colno})") from None
+        if not isinstance(rec, dict) or not isinstance(rec.get(text_field), str):
+            raise error(f"{where}: record has no string field {text_field!r}")
+        yield chunk["first_doc"] + record - chunk["first_record"], record, rec
+        record += 1

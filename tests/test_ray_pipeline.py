@@ -1,0 +1,132 @@
+"""The data pipeline on Ray (phi1_jax.data_gen.engine): dedup across a real two-node cluster equals a plain
+single-process implementation of the same rule, finds planted near-copies, and survives a worker killed mid-run.
+
+One cluster serves the whole session (the `ray_cluster` fixture in conftest.py: `ray start --head` plus a second
+`ray start --address=...` with its own resources, ended by process group afterwards, checked to leave no process).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from datasketch import MinHashLSH
+
+from phi1_jax.data_gen import dedup
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
+    """Random-word documents (pairwise Jaccard ~0) and near-copies of some of them: one word changed (Jaccard of
+    5-shingles ~0.95), a line appended, or re-cased (the exact-text band). Returns (records, {copy index: original})."""
+    rng = random.Random(seed)
+    vocab = [f"w{i}{rng.choice('abcdefgh')}" for i in range(5000)]
+    docs = [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n_docs)]
+    planted = {}
+    for k in range(n_copies):
+        src = rng.randrange(len(docs))
+        text = docs[src].split()
+        kind = k % 3
+        if kind == 0:
+            text[rng.randrange(len(text))] = rng.choice(vocab)
+            copy = " ".join(text)
+        elif kind == 1:
+            copy = docs[src] + "\nSee also the next section."
+        else:
+            copy = docs[src].upper()
+        at = rng.randrange(src + 1, len(docs) + 1)  # after its original, so the original is the one kept
+        docs.insert(at, copy)
+        planted = {(i + 1 if i >= at else i): (s + 1 if s >= at else s) for i, s in planted.items()}
+        planted[at] = src
+    return [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)], planted
+
+
+def reference_dedup(texts, threshold=0.8, num_perm=128) -> dict[int, int]:
+    """The rule, plainly, in one process with datasketch's own LSH index: candidates are records sharing an LSH band
+    (MinHashLSH.query) or the same normalised text; clusters are the connected components; each keeps its first."""
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    exact: dict[str, int] = {}
+    parent = list(range(len(texts)))
+
+    def find(x):
+        while parent[x] != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for d, t in enumerate(texts):
+        m = dedup.minhash(t, num_perm)
+        norm = " ".join(dedup._TOKEN.findall(t.lower()))
+        for other in list(lsh.query(m)) + ([exact[norm]] if norm in exact else []):
+            a, b = find(d), find(other)
+            parent[max(a, b)] = min(a, b)
+        lsh.insert(d, m)
+        exact.setdefault(norm, d)
+    return {d: find(d) for d in range(len(texts)) if find(d) != d}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    records, planted = planted_corpus(600, 120)
+    folder = tmp_path_factory.mktemp("corpus")
+    half = len(records) // 2
+    for name, part in (("a.jsonl", records[:half]), ("b.jsonl", records[half:])):
+        (folder / name).write_text("".join(json.dumps(r) + "\n" for r in part))
+    expected = reference_dedup([r["text"] for r in records])
+    return folder, records, planted, expected
+
+
+def _run(folder, out, address, **popen):
+    cmd = [sys.executable, "-m", "phi1_jax.data_gen.dedup", str(folder / "a.jsonl"), str(folder / "b.jsonl"),
+           f"--out={out}", f"--ray-address={address}", "--chunk-kb=8", "--no-progress"]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def _kept_and_removed(out, records):
+    index = {r["id"]: i for i, r in enumerate(records)}
+    kept = [index[json.loads(x)["id"]] for name in ("a.jsonl", "b.jsonl") for x in (out / name).read_text().splitlines()]
+    report = json.loads((out / "dedup_report.json").read_text())
+    removed = {index[r["id"]]: index[r["duplicate_of"].split("#")[1]] for r in report["removed"]}
+    return kept, removed
+
+
+def test_dedup_across_two_nodes_equals_the_single_process_reference(ray_cluster, corpus, tmp_path):
+    folder, records, planted, expected = corpus
+    import ray
+
+    assert sum(n["Alive"] for n in ray.nodes()) == 2 and ray.cluster_resources().get("node2") == 1
+    proc = _run(folder, tmp_path / "out", ray_cluster.address)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log
+    kept, removed = _kept_and_removed(tmp_path / "out", records)
+    assert removed == expected  # the same records removed, each as a duplicate of the same first record
+    assert kept == [i for i in range(len(records)) if i not in expected]  # the rest, in input order
+    found = sum(i in removed for i in planted)
+    others = len(set(removed) - set(planted))
+    assert found / len(planted) >= 0.95, (found, len(planted))
+    assert others < 0.01 * (len(records) - len(planted)), others
+
+
+def test_a_worker_killed_mid_dedup_costs_a_retry_not_the_run(ray_cluster, corpus, tmp_path):
+    folder, records, planted, expected = corpus
+    proc = _run(folder, tmp_path / "out", ray_cluster.address)
+    killed = None
+    end = time.time() + 300
+    while killed is None and proc.poll() is None and time.time() < end:
+        for pid, title in ray_cluster.worker_pids():
+            if "MapBatches(_signature_rows)" in title:  # a worker computing signatures, mid-task
+                os.kill(pid, signal.SIGKILL)
+                killed = title
+                break
+        time.sleep(0.05)
+    log, _ = proc.communicate(timeout=600)
+    assert killed, f"no signature task was caught running to kill: {log}"
+    assert proc.returncode == 0, log
+    kept, removed = _kept_and_removed(tmp_path / "out", records)
+    assert removed == expected and kept == [i for i in range(len(records)) if i not in expected]
+    assert not list((tmp_path / "out").glob(".*tmp*"))  # nothing half-written is left
