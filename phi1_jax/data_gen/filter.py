@@ -316,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.reports_user_errors(exit_code=1)  # FilterError, LLMError, ...: exit 1, as below
+@cli.reports_user_errors  # FilterError, LLMError, ...: exit 2, as below
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -326,7 +326,7 @@ def main(argv=None) -> int:
         return 3
     except (OSError, ValueError) as e:  # unreadable files; scikit-learn's own checks (--test-fraction, --trees)
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.USER_ERROR
 
 
 if __name__ == "__main__":

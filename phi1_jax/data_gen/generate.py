@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-@cli.reports_user_errors(exit_code=1)  # a run that cannot start or go on (GenerateError, LLMError): exit 1
+@cli.reports_user_errors  # a run that cannot start or go on (GenerateError, LLMError): exit 2
 def main(argv=None) -> int:
     a = build_parser().parse_args(argv)
     if a.n < 1 or a.concurrency < 1:
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
         return 3
     except OSError as e:  # --out, its files or the request cache cannot be read or written
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return cli.USER_ERROR
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to continue. {_summary(gen)}", file=sys.stderr)
         return 130
