@@ -361,20 +361,26 @@ def solution_of(task: PlusTask, sample: dict) -> str:
 def score(task: PlusTask, samples: list[dict], *, workers: int | None = None, mode: str | None = None,
           progress: bool = True) -> tuple[dict, list[dict]]:
     """(summary, per-sample verdicts): base and plus runs of every sample; base/pass@k and plus/pass@k."""
+    from tqdm import tqdm
+
     truth, truth_path = ground_truth(task)
-    programs, caps = [], []
-    for s in samples:
-        p = task.problems[s["task_id"]]
-        for which in ("base", "plus"):
-            programs.append(check_program(task, p, solution_of(task, s), which, truth[s["task_id"]]))
-            caps.append(sample_cap(time_limits(truth[s["task_id"]][f"{which}_time"])))
     # The sandbox's wall clock is a net behind each program's own cap; EvalPlus runs cpu_count // 2 samples at once
     # (so per-input limits are not eaten by contention), and so do we unless told otherwise.
-    net = max(caps) + 3.0
+    net = max(sample_cap(time_limits(t[f"{w}_time"])) for t in truth.values() for w in ("base", "plus")) + 3.0
     limits = Limits(timeout_s=net, cpu_s=cpu_limit_for(net), memory_mb=MEMORY_MB)
     sandbox = Sandbox(limits, workers=workers or max(1, (os.cpu_count() or 1) // 2), mode=mode)
+    # Programs carry their inputs and expected outputs (HumanEval+'s run to megabytes), so they are made a chunk of
+    # samples at a time rather than all at once.
+    chunk = 64 * sandbox.workers
+    results = []
     t0 = time.perf_counter()
-    results = sandbox.run_many(programs, progress=progress, desc=f"scoring {task.name}")
+    with tqdm(total=len(samples), desc=f"scoring {task.name}", disable=not progress, unit="sample") as bar:
+        for start in range(0, len(samples), chunk):
+            programs = [check_program(task, task.problems[s["task_id"]], solution_of(task, s), which,
+                                      truth[s["task_id"]])
+                        for s in samples[start:start + chunk] for which in ("base", "plus")]
+            results += sandbox.run_many(programs)
+            bar.update(len(programs) // 2)
     seconds = time.perf_counter() - t0
     base_ok, plus_ok, per_sample, index = defaultdict(list), defaultdict(list), [], defaultdict(int)
     for i, s in enumerate(samples):
