@@ -23,7 +23,7 @@ import json
 import os
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -89,8 +89,10 @@ def _write_shard(path: Path, records: list[bytes]) -> None:
 
 
 def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *, source_name: str,
-                 input_desc: str, docs_per_shard: int = 10_000, num_threads: int = -1, progress: bool = True) -> dict:
-    """Tokenizes `documents` into `out_dir`; returns the manifest. Resumes a run that was interrupted."""
+                 input_desc: str, docs_per_shard: int = 10_000, num_threads: int = -1, progress: bool = True,
+                 on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Tokenizes `documents` into `out_dir`; returns the manifest. Resumes a run that was interrupted.
+    `on_shard(stats)`, if given, is called after each new shard is written."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
@@ -132,9 +134,8 @@ def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
             new_tokens += stats["tokens"]
             _write_json_atomic(stats_path, stats)  # stats first: a shard file that exists always has its stats
             _write_shard(shard_path, records)
-            # Test hook: lets a test SIGKILL the writer between shards deterministically.
-            if os.environ.get("PHI1_JAX_SHARDS_TEST_SLEEP"):
-                time.sleep(float(os.environ["PHI1_JAX_SHARDS_TEST_SLEEP"]))
+            if on_shard is not None:
+                on_shard(stats)
         shards.append(stats)
         bar.update(len(batch))
         bar.set_postfix(tokens=sum(s["tokens"] for s in shards))

@@ -1,7 +1,6 @@
 """Tokenizer (SentencePiece and tokenizer.json), the shard writer, and the embedded corpus."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -113,8 +112,9 @@ def test_killed_writer_reruns_to_the_same_shards(tmp_path, embedded):
     assert clean.returncode == 0, clean.stderr
 
     out = tmp_path / "killed"
-    proc = subprocess.Popen(cmd + [f"--out={out}"], env={**os.environ, "PHI1_JAX_SHARDS_TEST_SLEEP": "0.5"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    slow = [sys.executable, "-m", "tests.slow_shards", "0.5", *cmd[3:]]  # 0.5 s after each shard: killed between two
+    proc = subprocess.Popen(slow + [f"--out={out}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parents[1])
     deadline = time.time() + 60
     while len(list(out.glob("shard-*.arrayrecord"))) < 3 and time.time() < deadline:
         time.sleep(0.05)
