@@ -255,6 +255,10 @@ def test_humaneval_plus_verdicts_equal_evalplus_on_every_kind_of_sample(humaneva
         "timeout", "pass")
     assert verdicts["HumanEval/13 slow: over the per-input limit"] == ("fail", "fail")
     assert verdicts["HumanEval/12 opens a file (EvalPlus disables open)"] == ("fail", "fail")
+    reasons = {name: (r["base_reason"], r["plus_reason"]) for (name, _), r in zip(named, rows)}
+    assert "over the run's cap" in reasons[
+        "HumanEval/0 slow at top level: over the base cap (4 s), inside the plus cap (27 s)"][0]
+    assert reasons["HumanEval/13 slow: over the per-input limit"][0].startswith("input 1 of 3: TimeoutException")
 
     summary = json.loads(out.read_text())
     base_ok = {}

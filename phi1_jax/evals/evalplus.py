@@ -261,7 +261,7 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
 
     def _cap():
         time.sleep(cap)
-        os._exit(0)  # no verdict: EvalPlus's "unknown" status, reported as timeout
+        os._exit(124)  # no verdict: EvalPlus's "unknown" status, reported as timeout (`reason`)
 
     threading.Thread(target=_cap, daemon=True).start()
 
@@ -284,11 +284,12 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
         return sum([coeff * math.pow(x, i) for i, coeff in enumerate(xs)])
 
     builtins.open = None  # EvalPlus's guard disables open too
-    exec_globals = {}
+    exec_globals, where = {}, "loading the solution"
     try:
         exec(solution, exec_globals)
         fn = exec_globals[entry_point]
         for i, inp in enumerate(inputs):
+            where = "input %%d of %%d" %% (i + 1, len(inputs))
             signal.setitimer(signal.ITIMER_REAL, time_limits[i])
             signal.signal(signal.SIGALRM, handler)
             try:
@@ -316,11 +317,14 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
                 np.testing.assert_allclose(out, exp, atol=atol)
             else:
                 assert exact_match
-        ok = True
-    except BaseException:
-        ok = False
-    if not ok:
-        raise AssertionError(%r)
+        why = None
+    except BaseException as e:
+        try:
+            why = "%%s: %%s: %%s" %% (where, type(e).__name__, str(e)[:200])
+        except BaseException:
+            why = where
+    if why is not None:
+        raise AssertionError(%r + ": " + why)
 
 _evalplus_check(*pickle.loads(base64.b64decode(%r)))
 '''
@@ -346,9 +350,20 @@ def status(result: Result) -> str:
     """EvalPlus's status of one run: pass, fail (the check failed), or timeout (the cap, or no verdict at all)."""
     if result.passed:
         return "pass"
-    if result.status == "failed" and result.reason == f"AssertionError: {FAIL_MARK}":
+    if result.status == "failed" and result.reason.startswith(f"AssertionError: {FAIL_MARK}: "):
         return "fail"
     return "timeout"
+
+
+def reason(result: Result) -> str:
+    """Why a run did not pass, in EvalPlus's terms."""
+    if result.passed:
+        return ""
+    if result.reason.startswith(f"AssertionError: {FAIL_MARK}: "):
+        return result.reason[len(f"AssertionError: {FAIL_MARK}: "):]
+    if result.reason.startswith("the process ended (exit code 124)"):
+        return "over the run's cap (min(60 s, the sum of its per-input limits) + 2 s)"
+    return result.reason
 
 
 def solution_of(task: PlusTask, sample: dict) -> str:
@@ -391,8 +406,7 @@ def score(task: PlusTask, samples: list[dict], *, workers: int | None = None, mo
         base_ok[s["task_id"]].append(b == "pass")
         plus_ok[s["task_id"]].append(b == "pass" and p == "pass")
         per_sample.append({"task_id": s["task_id"], "completion_id": cid, "base_status": b, "plus_status": p,
-                           "base_reason": "" if b == "pass" else base.reason,
-                           "plus_reason": "" if p == "pass" else plus.reason,
+                           "base_reason": reason(base), "plus_reason": reason(plus),
                            "seconds": round(base.seconds + plus.seconds, 3)})
     ks = (1, 5, 10, 100)
     summary = {
