@@ -56,6 +56,8 @@ def count_compiles(stats: dict) -> None:
     warm-up the engine's count must not move, and /health shows it."""
     import jax
 
+    stats.setdefault("compiles", 0)
+
     def listen(event: str, duration: float, **_):
         if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
             stats["compiles"] = stats.get("compiles", 0) + 1
