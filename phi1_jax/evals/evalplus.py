@@ -222,7 +222,7 @@ def _measure(name: str, data: str, out: str) -> None:
         for which in ("base", "plus"):
             oracle[which], oracle[f"{which}_time"] = _run_canonical(p, getattr(p, f"{which}_input"), not_none)
         truth[tid] = oracle
-    tmp = Path(out + ".tmp")
+    tmp = Path(f"{out}.{os.getpid()}.tmp")  # two runs measuring at once each write their own, then replace
     tmp.write_bytes(pickle.dumps(truth, protocol=4))
     os.replace(tmp, out)
 
