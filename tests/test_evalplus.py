@@ -65,8 +65,8 @@ def _humaneval_plus() -> list[dict]:
         rec("HumanEval/0", [[[1.0, 2.0, 3.0], 0.5], [[1.0, 2.8, 3.0, 4.0, 5.0, 2.0], 0.3]],
             [[floats(rng.randint(0, 12)), round(rng.uniform(0, 3), 2)] for _ in range(25)]),
         rec("HumanEval/2", [[3.5], [1.33], [123.456]], [[rng.uniform(0, 1000)] for _ in range(25)], atol=1e-6),
-        rec("HumanEval/4", [[[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0, 4.0]]], [[floats(rng.randint(1, 20))] for _ in range(25)],
-            atol=1e-6),
+        rec("HumanEval/4", [[[1.0, 2.0, 3.0]], [[1.0, 2.0, 3.0, 4.0]]],
+            [[floats(rng.randint(1, 20))] for _ in range(25)], atol=1e-6),
         rec("HumanEval/12", [[[]], [["x", "y", "z"]], [["x", "yyy", "zzzz", "www", "kkkk", "abc"]]],
             [[["".join(rng.choice("abc") for _ in range(rng.randint(0, 6))) for _ in range(rng.randint(1, 6))]]
              for _ in range(25)]),
@@ -107,7 +107,7 @@ def _write_jsonl(path: Path, records) -> Path:
     return path
 
 
-# --- the samples: every kind, each named -------------------------------------------------------------------------------
+# --- the samples: every kind, each named ------------------------------------------------------------------------
 
 
 def _wrong_off_base(p: dict) -> str:
@@ -139,37 +139,46 @@ def _humaneval_samples(problems: list[dict]) -> list[tuple[str, dict]]:
         if tid in ("HumanEval/2", "HumanEval/12"):
             out.append((f"{tid} raises", {"task_id": tid, "completion": "    raise ValueError('no')\n"}))
         if tid in ("HumanEval/0", "HumanEval/13"):
-            out.append((f"{tid} prints and exits inside (os._exit)",
-                        {"task_id": tid, "solution": _calls_first(p, "    print('bye')\n    import os\n    os._exit(0)\n")}))
+            exits = _calls_first(p, "    print('bye')\n    import os\n    os._exit(0)\n")
+            out.append((f"{tid} prints and exits inside (os._exit)", {"task_id": tid, "solution": exits}))
     he = {p["task_id"]: p for p in problems}
-    p2, p4, p13, p12, p0 = he["HumanEval/2"], he["HumanEval/4"], he["HumanEval/13"], he["HumanEval/12"], he["HumanEval/0"]
+
+    def completion(tid, text):
+        return {"task_id": tid, "completion": text}
+
+    def solution(tid, text):
+        return {"task_id": tid, "solution": text}
+
+    def whole(tid):
+        return he[tid]["prompt"] + he[tid]["canonical_solution"]
+
+    newton = ("    x = 0.0\n    for _ in range(200):\n"
+              "        d = sum(i * c * x ** (i - 1) for i, c in enumerate(xs) if i)\n"
+              "        x = x - poly(xs, x) / d if d else x + 1.0\n    return x\n")
     out += [
-        ("HumanEval/2 within atol", {"task_id": "HumanEval/2", "completion": "    return number % 1.0 + 1e-9\n"}),
-        ("HumanEval/2 outside atol", {"task_id": "HumanEval/2", "completion": "    return number % 1.0 + 1e-3\n"}),
+        ("HumanEval/2 within atol", completion("HumanEval/2", "    return number % 1.0 + 1e-9\n")),
+        ("HumanEval/2 outside atol", completion("HumanEval/2", "    return number % 1.0 + 1e-3\n")),
         ("HumanEval/4 within atol (another summation)",
-         {"task_id": "HumanEval/4", "completion": "    import statistics\n    m = statistics.fmean(numbers)\n"
-                                                  "    return statistics.fmean(abs(x - m) for x in numbers)\n"}),
-        ("HumanEval/32 other root finder", {"task_id": "HumanEval/32", "completion":
-            "    x = 0.0\n    for _ in range(200):\n        d = sum(i * c * x ** (i - 1) for i, c in enumerate(xs) if i)\n"
-            "        x = x - poly(xs, x) / d if d else x + 1.0\n    return x\n"}),
-        ("HumanEval/13 slow: over the per-input limit", {"task_id": "HumanEval/13",
-                                                        "solution": _calls_first(p13, "    import time\n    time.sleep(1.6)\n")}),
-        ("HumanEval/13 slow: well inside the limit", {"task_id": "HumanEval/13",
-                                                     "solution": _calls_first(p13, "    import time\n    time.sleep(0.05)\n")}),
-        ("HumanEval/12 endless loop", {"task_id": "HumanEval/12", "completion": "    while True:\n        pass\n"}),
+         completion("HumanEval/4", "    import statistics\n    m = statistics.fmean(numbers)\n"
+                                   "    return statistics.fmean(abs(x - m) for x in numbers)\n")),
+        ("HumanEval/32 other root finder", completion("HumanEval/32", newton)),
+        ("HumanEval/13 slow: over the per-input limit",
+         solution("HumanEval/13", _calls_first(he["HumanEval/13"], "    import time\n    time.sleep(1.6)\n"))),
+        ("HumanEval/13 slow: well inside the limit",
+         solution("HumanEval/13", _calls_first(he["HumanEval/13"], "    import time\n    time.sleep(0.05)\n"))),
+        ("HumanEval/12 endless loop", completion("HumanEval/12", "    while True:\n        pass\n")),
         ("HumanEval/0 slow at top level: over the base cap (4 s), inside the plus cap (27 s)",
-         {"task_id": "HumanEval/0", "solution": "import time\ntime.sleep(5)\n" + p0["prompt"] + p0["canonical_solution"]}),
-        ("HumanEval/2 sys.exit at top level", {"task_id": "HumanEval/2",
-                                               "solution": "import sys\nsys.exit(0)\n" + p2["prompt"] + p2["canonical_solution"]}),
-        ("HumanEval/2 exit() inside", {"task_id": "HumanEval/2", "completion": "    exit(0)\n"}),
-        ("HumanEval/4 segfault", {"task_id": "HumanEval/4", "completion": "    import ctypes\n    return ctypes.string_at(0)\n"}),
-        ("HumanEval/4 recursion", {"task_id": "HumanEval/4", "completion":
-            f"    return {p4['entry_point']}(numbers)\n"}),
+         solution("HumanEval/0", "import time\ntime.sleep(5)\n" + whole("HumanEval/0"))),
+        ("HumanEval/2 sys.exit at top level",
+         solution("HumanEval/2", "import sys\nsys.exit(0)\n" + whole("HumanEval/2"))),
+        ("HumanEval/2 exit() inside", completion("HumanEval/2", "    exit(0)\n")),
+        ("HumanEval/4 segfault", completion("HumanEval/4", "    import ctypes\n    return ctypes.string_at(0)\n")),
+        ("HumanEval/4 recursion", completion("HumanEval/4", "    return mean_absolute_deviation(numbers)\n")),
         ("HumanEval/12 opens a file (EvalPlus disables open)",
-         {"task_id": "HumanEval/12", "solution": _calls_first(p12, "    open('f.txt', 'w').close()\n")}),
-        ("HumanEval/12 reads stdin", {"task_id": "HumanEval/12", "solution": _calls_first(p12, "    input()\n")}),
-        ("HumanEval/13 no such function", {"task_id": "HumanEval/13", "solution": "def gcd(a, b):\n    return 1\n"}),
-        ("HumanEval/13 syntax error", {"task_id": "HumanEval/13", "completion": "    return (a\n"}),
+         solution("HumanEval/12", _calls_first(he["HumanEval/12"], "    open('f.txt', 'w').close()\n"))),
+        ("HumanEval/12 reads stdin", solution("HumanEval/12", _calls_first(he["HumanEval/12"], "    input()\n"))),
+        ("HumanEval/13 no such function", solution("HumanEval/13", "def gcd(a, b):\n    return 1\n")),
+        ("HumanEval/13 syntax error", completion("HumanEval/13", "    return (a\n")),
     ]
     return out
 
@@ -180,7 +189,7 @@ def _mbpp_samples() -> list[tuple[str, dict]]:
         tid = p["task_id"]
         out += [(f"{tid} canonical", {"task_id": tid, "solution": p["canonical_solution"]}),
                 (f"{tid} canonical (completion)", {"task_id": tid, "completion": p["canonical_solution"]}),
-                (f"{tid} wrong on base", {"task_id": tid, "solution": f"def {p['entry_point']}(*a):\n    return None\n"}),
+                (f"{tid} wrong on base", {"task_id": tid, "solution": f"def {p['entry_point']}(*a):\n    return 0\n"}),
                 (f"{tid} right on base, wrong on plus", {"task_id": tid, "solution": _wrong_off_base(p)})]
     out += [("Mbpp/2 a list, not a tuple", {"task_id": "Mbpp/2", "solution":
              "def similar_elements(a, b):\n    return sorted(set(a) & set(b))\n"}),
@@ -189,7 +198,7 @@ def _mbpp_samples() -> list[tuple[str, dict]]:
     return out
 
 
-# --- running both ------------------------------------------------------------------------------------------------------
+# --- running both -----------------------------------------------------------------------------------------------
 
 
 def _ours(task, data, out, cache, *extra):
