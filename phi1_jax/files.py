@@ -23,14 +23,18 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike, *, durable: bool = False) -> Iterator[Path]:
+def replacing(path: str | os.PathLike, *, durable: bool = False, concurrent: bool = False) -> Iterator[Path]:
     """`with replacing(path) as tmp: <write tmp>`: on a clean exit tmp replaces `path`; on an error it is removed.
 
     durable: fsync the file and its folder too, for files a crash must not roll back (metrics rows a resumed run
-    trusts); results that are simply remade on a rerun skip the cost."""
+    trusts); results that are simply remade on a rerun skip the cost.
+    concurrent: processes may write `path` at the same time (each writes a temp name of its own, with its process
+    id; the last rename wins). Without it the temp name is fixed, so one a SIGKILL left is replaced by the next
+    write."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}" if concurrent else
+                         f".{path.stem}.tmp{path.suffix}")
     try:
         yield tmp
         if durable:

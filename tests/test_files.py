@@ -1,6 +1,7 @@
 """phi1_jax.files: a file is whole or absent, a crash mid-write leaves no temporary file, appends are whole lines."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -91,3 +92,15 @@ def test_a_directory_appears_whole_or_not_at_all(tmp_path):
     with files.new_directory(root) as tmp:  # another builder finished first: its folder is kept
         (tmp / "a.txt").write_text("second")
     assert (root / "a.txt").read_text() == "first" and _leftovers(root.parent, {"corpus"}) == []
+
+
+def test_concurrent_writers_each_use_a_temp_name_of_their_own(tmp_path):
+    path = tmp_path / "truth.pkl"
+    with files.replacing(path, concurrent=True) as mine:  # another process's temp name has its own pid
+        assert mine.name == f".truth.{os.getpid()}.tmp.pkl"
+        mine.write_bytes(b"mine")
+    assert path.read_bytes() == b"mine" and _leftovers(tmp_path, {"truth.pkl"}) == []
+    with files.replacing(path) as fixed:
+        assert fixed.name == ".truth.tmp.pkl"
+        fixed.write_bytes(b"fixed")
+    assert path.read_bytes() == b"fixed"
