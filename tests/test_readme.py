@@ -65,6 +65,8 @@ SKIPPED = {
                                                                               "(the ... are placeholders)",
     r"^PHI1_WORKDIR=\S+ jupyter notebook ": "starts a server for a browser; the nbconvert line runs the same notebook",
     r"^python -m phi1_jax.evals --task=mbpp ": "needs mbpp.jsonl and a phi-1 Hugging Face directory (placeholders)",
+    r"^python -m phi1_jax.evals --task=humaneval_plus --data=PATH/": "needs EvalPlus's release file (placeholder path); "
+                                                                     "tests/test_evalplus.py runs it on a written one",
     r"^python -m phi1_jax\.convert (import|export) ": "needs a phi-1 Hugging Face directory (placeholder paths)",
     r"^python -m phi1_jax.data_gen\.generate ": "needs an LLM server (--base-url, --model=NAME)",
     r"^python -m phi1_jax\.serve --checkpoint=workdirs/tiny ": "a server that runs until stopped; tests/test_serve.py "
