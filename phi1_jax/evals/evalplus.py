@@ -366,7 +366,7 @@ def _needs_preload(task: PlusTask, problem: PlusProblem, solution: str, expected
     """Whether the run needs what EvalPlus's harness process holds when it forks a sample (numpy above all): when the
     solution imports beyond the standard library (the sandbox's own test, on its text), or the comparison may call
     numpy (an atol, or a float output, which sets one), or the data holds numpy objects. Otherwise the run skips
-    importing numpy (~0.4 s a program) with the same verdict."""
+    importing numpy (the bulk of a short program's time) with the same verdict."""
     from phi1_jax.evals import sandbox_server
 
     return (sandbox_server._needs_preload(solution.encode("utf-8", "surrogatepass"))
