@@ -236,14 +236,27 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     assert [json.loads(x)["task_id"] for x in first] == ["HumanEval/0", "HumanEval/1"]
     # tiny's context is 128 tokens, 120 after the 8 to generate: both prompts (151 and 184 tokens) keep their ends
     assert json.loads(out.read_text())["prompts_truncated"] == 2
-    r = _evals(*common, "--limit=3")  # a rerun continues: the two samples are kept, one is added
+    head = json.loads((tmp_path / "r.samples.meta.json").read_text())  # what made them, beside the plain JSONL
+    assert head["path"] == str(ckpt.resolve()) and head["limit"] == 2 and head["max_new_tokens"] == 8
+    summary = json.loads(out.read_text())
+    assert summary["generated_by"] == head and summary["step"] == head["step"]
+    # A rerun with another setting is refused, naming it, and nothing already written changes.
+    r = _evals(*common, "--limit=3")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "limit 2 -> 3" in r.stderr, r.stderr
+    assert (tmp_path / "r.samples.jsonl").read_text().splitlines() == first
+    assert json.loads((tmp_path / "r.samples.meta.json").read_text()) == head
+    r = _evals(*common, "--limit=3", "--overwrite")  # starts afresh: 3 samples, the first two made again alike
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (tmp_path / "r.samples.jsonl").read_text().splitlines()
-    assert lines[:2] == first and len(lines) == 3
+    assert len(lines) == 3
     summary = json.loads(out.read_text())
     assert summary["n_samples"] == 3 and 0.0 <= summary["pass@1"] <= 1.0 and summary["checkpoint"] == str(ckpt)
+    assert summary["generated_by"]["limit"] == 3
     r = _evals(*common, "--n-samples=2")
     assert r.returncode == 2 and "--temperature=0 is greedy" in r.stderr
+    # Scoring the samples file alone picks up the header beside it.
+    r = _evals("--task=humaneval", f"--samples={tmp_path / 'r.samples.jsonl'}", f"--out={tmp_path / 'again.json'}")
+    assert r.returncode == 0 and json.loads((tmp_path / "again.json").read_text())["generated_by"]["limit"] == 3
 
     # The default --max-new-tokens (384) is more than tiny's context allows: capped at half of it, one note; the
     # --out folder is made.
@@ -251,6 +264,10 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     r = _evals("--task=humaneval", f"--checkpoint={ckpt}", f"--out={nested}", "--limit=1")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "generating at most 64 new tokens" in r.stderr and json.loads(nested.read_text())["max_new_tokens"] == 64
+    assert "the default of 384 new tokens" in r.stderr and "--max-new-tokens=384" not in r.stderr  # never passed
+    r = _evals("--task=humaneval", f"--checkpoint={ckpt}", f"--out={tmp_path / 'm.json'}", "--limit=1",
+               "--max-new-tokens=100")
+    assert r.returncode == 0 and "--max-new-tokens=100 is more than half" in r.stderr, r.stderr[-2000:]
 
     # Sampling, killed while writing the second sample of a batch: the rerun drops the cut line and makes exactly the
     # sample the uninterrupted run made (same batch, same seed), not a new one.
@@ -311,3 +328,36 @@ def test_fork_server_starts_every_program_clean_and_stops_with_the_run():
     assert "before its tests finished" in results[5].reason
     children = subprocess.run(["ps", "-o", "comm=", "--ppid", str(os.getpid())], capture_output=True, text=True)
     assert [c for c in children.stdout.split() if c != "ps"] == []  # the servers stopped with the run
+
+
+@pytest.mark.parametrize("field", ["path", "revision", "step", "model_format", "task", "data", "prompt_format", "limit",
+                                   "n_samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed"])
+def test_each_changed_setting_refuses_to_resume_and_the_same_ones_resume(field, tmp_path):
+    """A samples file is resumed only under the header it was made with: any compared field changed is one error
+    naming it (the file and its header untouched); --overwrite starts afresh; the same header resumes."""
+    from phi1_jax.evals import generation
+    from phi1_jax.evals.__main__ import _resumable
+    from phi1_jax.evals.scoring import EvalError
+
+    task = tasks.load("humaneval", None)
+    head = generation.header(source="ckpt", path=tmp_path, revision=None, step=7, model_format="phi1_jax", task=task,
+                             data=None, limit=2, settings=generation.Settings(max_new_tokens=8, batch_size=2))
+    assert set(generation.COMPARED) == set(head) - {"source"} and field in generation.COMPARED
+    samples = tmp_path / "r.samples.jsonl"
+    meta = generation.meta_path(samples)
+    assert meta.name == "r.samples.meta.json"
+    _resumable(samples, head, overwrite=False)  # first run: the header is written, then the samples
+    _write(samples, [{"task_id": "HumanEval/0", "completion": "  return 1\n"}])
+    _resumable(samples, {**head, "source": "./ckpt"}, overwrite=False)  # same settings, named otherwise: resumes
+    changed = {**head, field: "something else"}
+    with pytest.raises(EvalError, match=f"{field} .* -> \"something else\"") as e:
+        _resumable(samples, changed, overwrite=False)
+    assert "--overwrite" in str(e.value) and samples.read_text().count("\n") == 1
+    assert json.loads(meta.read_text()) == {**head, "source": "./ckpt"}  # the resumed run's own naming
+    _resumable(samples, changed, overwrite=True)
+    assert not samples.exists() and json.loads(meta.read_text()) == changed
+    # Samples with no header beside them (another tool's, an older run's) cannot be told apart: refused too.
+    _write(samples, [{"task_id": "HumanEval/0", "completion": "  return 1\n"}])
+    meta.unlink()
+    with pytest.raises(EvalError, match="samples.meta.json"):
+        _resumable(samples, head, overwrite=False)

