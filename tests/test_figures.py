@@ -184,7 +184,7 @@ def _decontamination_report(tmp_path: Path, passed: set[str], name: str) -> Path
     return out / "decontamination_report.json"
 
 
-def test_table3_from_a_real_decontamination_report(tmp_path):
+def test_table3_from_a_real_decontamination_report(ray_cluster, tmp_path):  # decontaminate runs on Ray
     phi = _decontamination_report(tmp_path, {"HumanEval/12", "HumanEval/0", "HumanEval/1"}, "phi")
     pruned = _decontamination_report(tmp_path, {"HumanEval/0"}, "pruned")
     out = tmp_path / "table3.md"

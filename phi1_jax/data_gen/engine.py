@@ -56,11 +56,22 @@ def session(address: str | None = None, num_cpus: int | None = None, progress: b
         return
     logs = None
     quiet = {"log_to_driver": False, "logging_level": "ERROR"}
+    # A raylet waits for its node's dashboard agent (a Python process) before registering, 15 s by default, and
+    # ray.init gives the raylet 30 s (fixed): a busy machine misses both, so the first is longer and a local start
+    # that timed out is tried again.
+    os.environ.setdefault("RAY_agent_register_timeout_ms", "120000")
     try:
         if address is None:
             logs = tempfile.mkdtemp(prefix="phi1ray_")  # short: Ray's socket paths must fit in 107 bytes
-            ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False, _temp_dir=logs,
-                     **quiet)
+            for attempt in range(3):
+                try:
+                    ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
+                             _temp_dir=logs, **quiet)
+                    break
+                except Exception as e:  # Ray raises a bare Exception for a node that timed out during startup
+                    ray.shutdown()
+                    if "timed out during startup" not in str(e) or attempt == 2:
+                        raise RuntimeError(str(e)) from None
         else:
             ray.init(address=address, **quiet)
     except (ConnectionError, ValueError, RuntimeError, TimeoutError) as e:
