@@ -5,6 +5,7 @@
     pi.param_table(run.model)                      # path, shape, dtype, RMS of every parameter
     pi.compare(pi.load(d, step=500).model, run.model)   # relative change of each parameter
     pi.top_next_tokens(run, "def fibonacci(n):")   # the model's next-token distribution
+    print(pi.format_next_tokens(pi.top_next_tokens(run, "def f(x):\n")))  # whitespace tokens told apart
     pi.greedy_continue(run, "import os\n", 40)     # greedy text continuation on the KV cache
 
 Command:  python -m phi1_jax.inspect WORKDIR|HF_DIR|ORG/NAME [--step=S] [--revision=R] [--prompt=TEXT] [--tokens=N]
@@ -98,6 +99,28 @@ def top_next_tokens(run: Run, text: str, k: int = 5) -> list[tuple[str, float]]:
     probs = np.asarray(jax.nn.softmax(logits))
     best = np.argsort(-probs)[:k]
     return [(tok.decode([int(i)]), float(probs[i])) for i in best]
+
+
+def shown(token: str) -> str:
+    """A token as it can be told apart from any other: Python's repr (newlines and tabs escaped, the quotes showing
+    where spaces end), and for a whitespace-only token what it holds, in words ('   ' -> "'   ' (3 spaces)")."""
+    text = repr(token)
+    if token and token.isspace():
+        names = {" ": ("space", "spaces"), "\n": ("newline", "newlines"), "\t": ("tab", "tabs")}
+        runs = []
+        for ch in token:
+            if runs and runs[-1][0] == ch:
+                runs[-1][1] += 1
+            else:
+                runs.append([ch, 1])
+        words = [f"{n} {names[ch][n > 1]}" if ch in names else f"{n} x {ch!r}" for ch, n in runs]
+        text += f" ({', '.join(words)})"
+    return text
+
+
+def format_next_tokens(pairs: list[tuple[str, float]]) -> str:
+    """top_next_tokens' list as lines of probability and token (`shown`): whitespace tokens stay distinct."""
+    return "\n".join(f"{p:8.4f}  {shown(t)}" for t, p in pairs)
 
 
 def greedy_continue(run: Run, text: str, max_new_tokens: int = 40) -> str:

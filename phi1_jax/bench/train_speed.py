@@ -94,8 +94,23 @@ def bench_transformers(config, steps, warmup):
     return config.batch_size * config.seq_len * steps / (time.perf_counter() - t0), float(loss.detach())
 
 
+def _quiet_library_logs():
+    """As the trainer does: library INFO lines (JAX's backend probing, ...) are off unless --verbosity/-v was given,
+    so the output is the figures alone."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    if flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("orbax", "jax", "grain", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv):
     del argv
+    _quiet_library_logs()
     config = _CONFIG.value
     device = jax.devices()[0]
     peak = flops_lib.peak_flops(device)
