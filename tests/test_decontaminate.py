@@ -202,3 +202,18 @@ def test_records_are_whole_or_absent_and_a_failed_write_leaves_no_temp_file(tmp_
         write_records(path, [{"text": "new"}, {"text": object()}])
     assert path.read_text() == '{"text": "old"}\n'  # the last whole file, not half of the new one
     assert [p.name for p in tmp_path.iterdir()] == ["kept.jsonl"]  # and no temporary file beside it
+
+
+def test_report_markdown_leaves_cells_with_no_pass_rate_empty_not_none():
+    """Table 3's pass@1 columns: a group no sample was scored in (or MBPP, which has none) is an empty-looking cell,
+    never Python's `None` (#30)."""
+    from phi1_jax.data_gen.decontaminate import report_markdown
+
+    rows = [{"benchmark": "HumanEval", "tau": 0.95, "similar": 0, "non_similar": 164, "items_removed": 0,
+             "pass_similar": None, "pass_non_similar": 0.25},
+            {"benchmark": "MBPP", "tau": 0.95, "similar": 1, "non_similar": 499, "items_removed": 2}]
+    report = {"items": 10, "table3": rows, "ngram_items": 0, "ngram_problems": 0, "embedder": "none",
+              "embedding_items": 0, "l2_threshold": 0.35, "tau": 0.95, "removed": 2, "kept": 8, "closest": []}
+    text = report_markdown(report)
+    assert "None" not in text
+    assert "| HumanEval | 0.95 | 0 | 164 | 0 | — | 0.25 |" in text and "| MBPP | 0.95 | 1 | 499 | 2 | — | — |" in text

@@ -249,7 +249,8 @@ def report_markdown(report: dict) -> str:
              head + (" pass@1 similar | pass@1 non-similar |" if has_pass else ""),
              "|---|---|---|---|---|" + ("---|---|" if has_pass else "")]
     for r in report["table3"]:
-        extra = f" {r.get('pass_similar')} | {r.get('pass_non_similar')} |" if has_pass else ""
+        cells = [r.get("pass_similar"), r.get("pass_non_similar")]  # None: no sample scored in that group (or MBPP)
+        extra = "".join(f" {'—' if v is None else v} |" for v in cells) if has_pass else ""
         lines.append(f"| {r['benchmark']} | {r['tau']} | {r['similar']} | {r['non_similar']} | "
                      f"{r['items_removed']} |{extra}")
     lines += ["", f"13-gram overlap: {report['ngram_items']} items share a 13-gram with "
