@@ -361,3 +361,12 @@ def test_each_changed_setting_refuses_to_resume_and_the_same_ones_resume(field, 
     meta.unlink()
     with pytest.raises(EvalError, match="samples.meta.json"):
         _resumable(samples, head, overwrite=False)
+
+
+def test_a_file_given_as_the_checkpoint_is_named_as_a_file(tmp_path):
+    """Not 'checkpoint directory not found': the path exists, and the error says it is a file (#30)."""
+    afile = _write(tmp_path / "model.jsonl", [{"x": 1}])
+    r = _evals("--task=humaneval", f"--checkpoint={afile}", f"--out={tmp_path / 'r.json'}", "--limit=1")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"error: --checkpoint: {afile}: is a file, not a model checkpoint or trainer workdir (a directory)"], r.stderr
+    assert not (tmp_path / "r.samples.jsonl").exists() and not (tmp_path / "r.samples.meta.json").exists()

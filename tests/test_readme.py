@@ -13,9 +13,13 @@ commands), the notebook headless (nbconvert) and the lookup of its workdir, eval
 rescoring of its samples, finetuning at tiny scale, the dry run, and the "Using the model" snippet.
 
 One liberty, for CI time (command 1 takes about 4 minutes on 2 cores): the train command runs with
-`--config.steps=600` appended (checkpoints at 500 and 600), and so does its rerun, the Training section's line; the
-rerun resumes from step 600 and finds the run finished, as rerunning the README's command on a finished workdir does.
-Everything before the appended flag is the README's text, unchanged. The set-up command is run only when its stamp
+`--config.steps=1000` appended (checkpoints at 500 and 1000), and so does its rerun, the Training section's line; the
+rerun resumes from step 1000 and finds the run finished, as rerunning the README's command on a finished workdir does.
+Everything before the appended flag is the README's text, unchanged. What the shorter run cannot show is checked
+against the state the full command 1 leaves, computed from configs/tiny.py (steps, checkpoint_every,
+keep_checkpoints): every `--step=N` the README names is a checkpoint both runs keep. Command 1's Python 3.12 line is
+checked to be command 1 with the other environment, and its trainer run for a few steps (tests/ in the 3.12 lane run
+the same trainer at length). The set-up command is run only when its stamp
 is current (then it must be the no-op the README promises); run stale in a copy, it would point the editable install
 at the copy.
 """
@@ -35,11 +39,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-STEPS_RUN, FIRST_CHECKPOINT = 600, 500  # --config.steps appended to command 1; tiny.py checkpoints every 500
+STEPS_RUN, FIRST_CHECKPOINT = 1000, 500  # --config.steps appended to command 1; tiny.py checkpoints every 500
 
 # name -> pattern of the README command(s) it runs (re.search on the command without its comment).
 STEPS = {
     "setup_and_train_tiny": r"^bash scripts/setup\.sh && \.venv/bin/python -m phi1_jax\.train --config=configs/tiny\.py",
+    "setup_and_train_tiny_py312": r"^PYTHON=python3\.12 bash scripts/setup\.sh && \.venv-3\.12/bin/python -m phi1_jax\.train ",
     "resume_tiny": r"^python -m phi1_jax\.train --config=configs/tiny\.py --workdir=workdirs/tiny$",
     "inspect_newest": r"^python -m phi1_jax\.inspect workdirs/tiny$",
     "inspect_step": r"^python -m phi1_jax\.inspect workdirs/tiny --step=",
@@ -178,10 +183,23 @@ def sh(clone: Path, cmd: str, timeout: float = 900, **env_overrides) -> subproce
     return r
 
 
-def _setup_is_current() -> bool:
-    stamp = REPO / ".venv" / ".phi1_jax_installed"
+def _setup_is_current(venv: str = ".venv", lock: str = "requirements/lock-py311.txt") -> bool:
+    stamp = REPO / venv / ".phi1_jax_installed"
     return stamp.exists() and all(stamp.stat().st_mtime >= (REPO / f).stat().st_mtime
-                                  for f in ("pyproject.toml", "scripts/setup.sh", "requirements/lock-py311.txt"))
+                                  for f in ("pyproject.toml", "scripts/setup.sh", lock))
+
+
+def full_run_checkpoints() -> list[int]:
+    """The checkpoint steps command 1 (configs/tiny.py run to its end) leaves: every checkpoint_every steps and the
+    last, the newest keep_checkpoints of them."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tiny_config", REPO / "configs" / "tiny.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    saved = sorted(set(range(c.checkpoint_every, c.steps + 1, c.checkpoint_every)) | {c.steps})
+    return saved[-c.keep_checkpoints:]
 
 
 @pytest.fixture(scope="module")
@@ -214,6 +232,40 @@ def test_every_readme_command_is_run_or_skipped():
     assert not problems and all(len(v) == 1 for v in found.values()), problems
 
 
+def test_every_step_the_readme_names_is_kept_by_command_1():
+    """`--step=N` in a README command names a checkpoint the full command 1 leaves (not only this test's shorter
+    run): after 2000 steps of tiny.py, keeping 3, that is 1000, 1500 and 2000."""
+    kept = full_run_checkpoints()
+    assert kept == [1000, 1500, 2000]  # tiny.py today; the check below follows the config if it changes
+    named = [int(n) for cmd in readme_commands() for n in re.findall(r"--step=(\d+)", cmd)]
+    assert named, "the README names a checkpoint step (the inspect command)"
+    assert all(n in kept for n in named), f"README names steps {named}; command 1 leaves {kept}"
+
+
+def test_setup_and_train_tiny_on_python_312(clone):
+    """Command 1's 3.12 line is command 1 with PYTHON=python3.12 and .venv-3.12; its set-up is the no-op the README
+    promises when current, and its trainer starts and trains (a few steps: the 3.12 lane's tests run it at length)."""
+    cmd = command("setup_and_train_tiny_py312")
+    setup, train = cmd.split(" && ", 1)
+    setup_311, train_311 = command("setup_and_train_tiny").split(" && ", 1)
+    assert setup == f"PYTHON=python3.12 {setup_311}"
+    assert train == train_311.replace(".venv/bin/python", ".venv-3.12/bin/python", 1)
+    if not (REPO / ".venv-3.12" / "bin" / "python").exists():
+        pytest.skip("no .venv-3.12 here (PYTHON=python3.12 bash scripts/setup.sh makes it)")
+    link = clone / ".venv-3.12"
+    if not link.exists():
+        link.symlink_to(REPO / ".venv-3.12")
+    if _setup_is_current(".venv-3.12", "requirements/lock-py312.txt"):
+        t0 = time.perf_counter()
+        r = sh(clone, setup)
+        assert time.perf_counter() - t0 < 30 and not r.stdout, "a second set-up run should be a no-op"
+    # absl takes a repeated flag's last value: the README's command, in a workdir of its own, for 3 steps
+    r = sh(clone, f"{train} --workdir=workdirs/tiny-py312 --config.steps=3")
+    assert "done at step 3" in r.stdout and (clone / "workdirs" / "tiny-py312" / "checkpoints" / "3").exists()
+    assert "Python 3.12" in subprocess.run([str(link / "bin" / "python"), "--version"], capture_output=True,
+                                           text=True).stdout
+
+
 def test_train_tiny_then_resume(tiny):
     workdir, first, second = tiny
     assert f"done at step {STEPS_RUN}" in first and "resumed" not in first
@@ -231,6 +283,7 @@ def test_inspect(tiny):
     cmd = command("inspect_step")
     step = int(re.search(r"--step=(\d+)", cmd).group(1))
     assert step in (FIRST_CHECKPOINT, STEPS_RUN), "the README's --step must be a checkpoint this test's run saves"
+    assert step in full_run_checkpoints(), "... and one the full command 1 keeps"
     other = sh(clone, cmd).stdout
     assert f"step {step}" in other and "def add(a, b):" in other
 
@@ -244,6 +297,21 @@ def test_notebook_headless(tiny):
     text = html.read_text()
     assert f"checkpoints at steps [{FIRST_CHECKPOINT}, {STEPS_RUN}]; loaded step {STEPS_RUN}" in text
     assert "layers/0/attn/q_proj/kernel" in text and "relative_change" in text and "image/png" in text
+    assert re.search(r"\d\.\d{4}  (&#39;|&quot;|'|\")", text), "the next-token list, one shown token a line"
+
+
+def test_the_notebooks_next_token_list_tells_whitespace_tokens_apart():
+    """The notebook prints inspect_model.format_next_tokens: each token repr-escaped (no raw newline or tab), a
+    whitespace-only one described in words, so '    ', '   ', '\\n' and '\\t' never look alike."""
+    from phi1_jax.inspect_model import format_next_tokens
+
+    assert "format_next_tokens(" in (REPO / "notebooks" / "inspect_checkpoint.ipynb").read_text()
+    tokens = ["    ", "   ", "\n", "\n    ", "\t", " ", "def", " x"]
+    lines = format_next_tokens([(t, 0.5 / (i + 1)) for i, t in enumerate(tokens)]).split("\n")
+    assert len(lines) == len(tokens) and len({line.split("  ", 1)[1] for line in lines}) == len(tokens)
+    assert "\t" not in "".join(lines)
+    assert lines[0].endswith("'    ' (4 spaces)") and lines[3].endswith("'\\n    ' (1 newline, 4 spaces)")
+    assert lines[4].endswith("'\\t' (1 tab)") and lines[6].endswith("'def'")
 
 
 def _notebook_first_cell() -> str:
