@@ -192,6 +192,15 @@ def main(argv=None) -> int:
             use_compile_cache(cache)
         except OSError as e:
             return _fail(f"--compile-cache={cache}: {e}")
+    try:  # a port in use is refused before the model loads and before "serving ... on" is printed (#30)
+        import socket
+
+        with socket.create_server((a.host, a.port)):
+            pass
+    except OSError as e:
+        why = os.strerror(e.errno) if e.errno else str(e)
+        return _fail(f"--port={a.port}: cannot listen on {a.host}:{a.port} ({why}); stop what holds it, "
+                     "or pick another --port")
     loaded = _load(a.checkpoint, a.revision)
     if loaded.tokenizer is None:
         return _fail(f"--checkpoint={a.checkpoint}: no tokenizer.model or tokenizer.json beside the model")
