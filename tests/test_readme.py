@@ -266,6 +266,25 @@ def test_setup_and_train_tiny_on_python_312(clone):
                                            text=True).stdout
 
 
+def test_setup_leaves_no_environment_behind_when_it_fails(tmp_path):
+    """A bad PYTHON= is one error line before anything is made; a first install that fails (here: no index, so no
+    build backend) removes the environment it created (#30)."""
+    script = REPO / "scripts" / "setup.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "LOCK", "EXTRAS")}
+    r = subprocess.run(["bash", str(script)], env={**env, "PYTHON": "python9.99", "VENV": str(tmp_path / "bad")},
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        "error: PYTHON=python9.99: no such interpreter (give a command or a path)"] and not (tmp_path / "bad").exists()
+    lock = tmp_path / "lock.txt"
+    lock.write_text("numpy==0.0.1\n")
+    venv = tmp_path / "failed"
+    r = subprocess.run(["bash", str(script)], env={**env, "PYTHON": sys.executable, "VENV": str(venv),
+                                                   "LOCK": str(lock), "PIP_NO_INDEX": "1"},
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 1 and f"error: the install failed; removed {venv}" in r.stderr, r.stderr[-2000:]
+    assert not venv.exists()
+
+
 def test_train_tiny_then_resume(tiny):
     workdir, first, second = tiny
     assert f"done at step {STEPS_RUN}" in first and "resumed" not in first
