@@ -27,6 +27,7 @@ def get_config():
     c.model.max_seq_len = 128
     c.model.dtype = "float32"
     c.model.remat = "none"
+    c.model.attention_impl = "xla"  # on a CPU the kernel runs as its interpreter: slower, and tests pick it by name
     c.seq_len = 128
     c.batch_size = 8
     c.grad_accum_steps = 1

@@ -31,7 +31,7 @@ SEQ, BATCH = 16, 8
 # configs/tiny.py's model shape, without dropout (so one batch and k microbatches see the same function).
 TINY_MODEL = {f"model.{k}": tiny.get_config().model[k] for k in (
     "vocab_size", "num_layers", "d_model", "num_heads", "head_dim", "mlp_dim", "rotary_dim", "max_seq_len", "dtype",
-    "remat")} | {"model.resid_dropout": 0.0, "model.attn_dropout": 0.0, "model.embed_dropout": 0.0}
+    "remat", "attention_impl")} | {"model.resid_dropout": 0.0, "model.attn_dropout": 0.0, "model.embed_dropout": 0.0}
 
 
 def _override(c, fields):
