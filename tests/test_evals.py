@@ -370,3 +370,42 @@ def test_a_file_given_as_the_checkpoint_is_named_as_a_file(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
         f"error: --checkpoint: {afile}: is a file, not a model checkpoint or trainer workdir (a directory)"], r.stderr
     assert not (tmp_path / "r.samples.jsonl").exists() and not (tmp_path / "r.samples.meta.json").exists()
+
+
+def test_a_run_killed_mid_generation_resumes_to_the_samples_of_an_unkilled_one(tmp_path, embedded):
+    """SIGKILLed once its first batches are on disk (a real kill, not a cut file): the rerun with the same settings
+    keeps them and makes the rest, and the whole file equals an uninterrupted run's, line for line."""
+    import signal
+
+    from configs import tiny
+    from phi1_jax import checkpoint
+
+    cfg = PhiConfig.from_dict(tiny.get_config().model)
+    ckpt = tmp_path / "ckpt"
+    checkpoint.save_model(ckpt, Phi(cfg, rngs=nnx.Rngs(1)))
+    shutil.copyfile(embedded.tokenizer_path, ckpt / "tokenizer.model")
+    settings = ["--task=humaneval", f"--checkpoint={ckpt}", "--max-new-tokens=24", "--batch-size=2", "--limit=6",
+                "--n-samples=2", "--temperature=1.0", "--top-p=0.9", "--seed=5"]
+    whole = tmp_path / "whole.json"
+    assert _evals(*settings, f"--out={whole}").returncode == 0
+    expected = (tmp_path / "whole.samples.jsonl").read_text().splitlines()
+    assert len(expected) == 12 and len(set(expected)) > 6
+
+    out = tmp_path / "killed.json"
+    samples = tmp_path / "killed.samples.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "phi1_jax.evals", "--no-progress", *settings, f"--out={out}"],
+                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline:
+        if samples.exists() and samples.read_text().count("\n") >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    kept = samples.read_text().splitlines()
+    assert proc.returncode == -signal.SIGKILL and 2 <= len(kept) < 12 and not out.exists()  # killed mid-run
+    assert kept == expected[:len(kept)]
+    r = _evals(*settings, f"--out={out}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert samples.read_text().splitlines() == expected
+    assert json.loads(out.read_text())["generated_by"] == {**json.loads(whole.read_text())["generated_by"]}
