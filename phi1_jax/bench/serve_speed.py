@@ -1,6 +1,7 @@
 """Benchmark phi1_jax.serve: stalls under changing traffic, decode speed beside `generate`, clients side by side.
 
     python -m phi1_jax.bench.serve_speed --scenario=stalls  [--json=PATH]   # issue #28's latency check, tiny model, 512 ctx
+    python -m phi1_jax.bench.serve_speed --scenario=engine_rounds  # the stalls mix on the engine alone, no HTTP
     python -m phi1_jax.bench.serve_speed --scenario=decode --model=phi1_small  # engine decode vs generate, 16 rows
     python -m phi1_jax.bench.serve_speed --scenario=clients     # 1, 16, 64 clients: req/s, tok/s, p50/p99, TTFT
 
@@ -12,6 +13,8 @@ stalls: `python -m phi1_jax.serve` started cold (an empty compilation cache of i
   greedy requests with prompt lengths drawn from 4..300 tokens and max_tokens from 1..100 (a new mix each round). The
   bar: the slowest round at most 3x the median, the median at most 4x the single request. Then a restart on the now
   warm cache, timed until ready.
+engine_rounds: the same single request and 5 rounds, submitted to the engine in this process (every program compiled
+  first, as the server does): the device and engine share of the stalls figures, without HTTP, JSON or a client.
 decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
   (16 rows, compiled first), each timed warm, greedy, --max-tokens new tokens: decode tokens/s side by side.
 clients: C clients (1, 16, 64) each send --rounds streamed greedy requests one after another (after one warm-up
@@ -136,7 +139,6 @@ def stalls(a, folder: Path) -> dict:
     ckpt = folder / "model"
     _, tok = _checkpoint(a.model, a.max_len, ckpt)
     base = tok.encode(PROMPT * 20)
-    rng = np.random.default_rng(0)
     cache = folder / "compile_cache"
     server = _serve(ckpt, _free_port(), cache, f"--slots={a.slots}")
     try:
@@ -144,9 +146,8 @@ def stalls(a, folder: Path) -> dict:
         longest = {"prompt": base[:300], "max_tokens": 100}
         single = min(asyncio.run(_requests(server.url, str(ckpt), [longest]))[0]["latency_s"] for _ in range(3))
         rounds = []
-        for _ in range(a.rounds):
-            specs = [{"prompt": base[:int(rng.integers(4, 301))], "max_tokens": int(rng.integers(1, 101))}
-                     for _ in range(16)]
+        for mix in _mixes(a.rounds):
+            specs = [{"prompt": base[:n], "max_tokens": m} for n, m in mix]
             t0 = time.perf_counter()
             asyncio.run(_requests(server.url, str(ckpt), specs))
             rounds.append(time.perf_counter() - t0)
@@ -159,6 +160,43 @@ def stalls(a, folder: Path) -> dict:
            "rounds_s": [round(r, 3) for r in rounds], "slowest_over_median": round(max(rounds) / median, 2),
            "median_over_single": round(median / single, 2)}
     out["met"] = out["slowest_over_median"] <= 3 and out["median_over_single"] <= 4
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _mixes(rounds: int) -> list[list[tuple[int, int]]]:
+    """The stalls scenario's rounds: 16 (prompt tokens, max_tokens) pairs each, drawn from 4..300 and 1..100."""
+    rng = np.random.default_rng(0)
+    return [[(int(rng.integers(4, 301)), int(rng.integers(1, 101))) for _ in range(16)] for _ in range(rounds)]
+
+
+def engine_rounds(a, folder: Path) -> dict:
+    import threading
+
+    from phi1_jax.serving.batching import Engine, Job
+
+    model, tok = _checkpoint(a.model, a.max_len, folder / "model")
+    base = tok.encode(PROMPT * 20)
+    engine = Engine(model, tok, slots=a.slots, max_len=a.max_len)
+    engine.start()
+    engine.ready.wait()
+
+    def run(specs) -> float:
+        done = [threading.Event() for _ in specs]
+        t0 = time.perf_counter()
+        for (n, m), d in zip(specs, done):
+            engine.submit(Job(prompt=base[:n], max_tokens=m, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                              emit=lambda ev, d=d: ev[0] != "text" and d.set()))
+        for d in done:
+            d.wait()
+        return time.perf_counter() - t0
+
+    single = min(run([(300, 100)]) for _ in range(3))
+    rounds = [run(specs) for specs in _mixes(a.rounds)]
+    engine.stop()
+    median = statistics.median(rounds)
+    out = {"single_longest_s": round(single, 3), "rounds_s": [round(r, 3) for r in rounds],
+           "slowest_over_median": round(max(rounds) / median, 2), "median_over_single": round(median / single, 2)}
     print(json.dumps(out), flush=True)
     return out
 
@@ -179,7 +217,8 @@ def decode(a, folder: Path) -> dict:
     gen_s = time.perf_counter() - t0
 
     engine = Engine(model, tok, slots=16, max_len=a.max_len)
-    needed = {("admit", 16, 64)}  # only what this run uses (phi-1-small's programs take minutes each to compile here)
+    # only what this run uses (phi-1-small's programs take minutes each to compile here)
+    needed = {("admit", g, 64) for g in engine.group_sizes}
     for w in engine.windows:
         if w <= max(128, 2 * (64 + n)):
             needed |= {("decode", 16, w), ("compact", w)}
@@ -241,7 +280,7 @@ def clients(a, folder: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.bench.serve_speed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--scenario", choices=["stalls", "decode", "clients"], default="stalls")
+    p.add_argument("--scenario", choices=["stalls", "engine_rounds", "decode", "clients"], default="stalls")
     p.add_argument("--model", choices=["tiny", "phi1_small"], default="tiny")
     p.add_argument("--max-len", type=int, default=512, help="the model's context (and the server's cache row)")
     p.add_argument("--slots", type=int, default=16)
@@ -254,7 +293,8 @@ def main(argv=None) -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_serve."))
     try:
-        result = {"stalls": stalls, "decode": decode, "clients": clients}[a.scenario](a, folder)
+        result = {"stalls": stalls, "engine_rounds": engine_rounds, "decode": decode,
+                  "clients": clients}[a.scenario](a, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     result = {"scenario": a.scenario, "args": vars(a), "machine": f"{platform.machine()}, {jax.default_backend()}",

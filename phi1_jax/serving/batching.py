@@ -17,10 +17,10 @@ every row's filled slots to end at the longest row's length, and `t` comes down 
 Shapes. Everything the engine runs on the device is one of a fixed, documented set, compiled ahead of time by `warm_up`
 before the server answers (`shapes()` lists it; the executables are kept in `self.compiled`, and the engine calls
 nothing else, so traffic can never trigger a compile):
-  admit  (group G, prompt bucket P): G in 1, 4, 16, ... up to --slots, P in 64 x powers of two up to --max-len;
+  admit  (group G, prompt bucket P): G in 1, 4 (MAX_GROUP), P in 64 x powers of two up to --max-len;
   decode (rows R, window W): R in 1, 4, 16, ... up to --slots, W in 128 x powers of two up to --max-len;
   compact (window W).
-(--slots=16 --max-len=2048: 18 + 15 + 5 = 38 programs; --max-len=128: 6 + 3 + 1 = 10.)
+(--slots=16 --max-len=2048: 12 + 15 + 5 = 32 programs; --max-len=512: 8 + 9 + 3 = 20; --max-len=128: 4 + 3 + 1 = 8.)
 A group larger than a compiled G is admitted in several; a prompt goes to the smallest P that holds it; a chunk runs
 on the smallest R that covers the busy slots and the smallest W that covers `t` plus the chunk.
 
@@ -54,6 +54,9 @@ from phi1_jax.tokenizer import Tokenizer
 MIN_WINDOW = 128  # smallest cache window a chunk attends over
 MIN_PROMPT = 64  # smallest prefill length bucket (generate pads to multiples of 64 too)
 TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (OpenAI's chat limit)
+# Prompts prefilled in one admit program at most. Measured on the 2-core CPU (tiny model, 256-token bucket): one
+# 16-prompt admit took 0.10-0.18 s where two 4-prompt admits took 0.014 s each, so larger groups are admitted in 4s.
+MAX_GROUP = 4
 
 
 @dataclasses.dataclass(eq=False)
@@ -223,7 +226,7 @@ class Engine:
         self.graphdef, self.state = nnx.split(for_decoding(model))
         # Rows and groups in powers of 4: decoding 4 rows costs about what 1 does (the weights are read once per step
         # either way), and each size less is one compile less for every window and prompt length.
-        self.group_sizes = buckets(1, self.slots, 4)
+        self.group_sizes = buckets(1, min(self.slots, MAX_GROUP), 4)
         self.prompt_sizes = buckets(MIN_PROMPT, self.max_len)
         self.row_sizes = buckets(1, self.slots, 4)
         self.windows = buckets(MIN_WINDOW, self.max_len)
@@ -387,10 +390,13 @@ class Engine:
             free = [s for s in range(self.slots) if s not in self.active]
             p = min(_fit(self.prompt_sizes, len(j.prompt)) for j in self.waiting)
             group = [j for j in self.waiting if _fit(self.prompt_sizes, len(j.prompt)) == p]
-            group = group[:min(len(free), self.group_sizes[-1])]
+            n = min(len(group), len(free), self.group_sizes[-1])
+            g = _fit(self.group_sizes, n)
+            if g > 2 * n:  # more than half the rows would be padding: admit the largest full group now, the rest next
+                g = n = max(s for s in self.group_sizes if s <= n)
+            group = group[:n]
             for job in group:
                 self.waiting.remove(job)
-            g = _fit(self.group_sizes, len(group))
             self.t = max(self.t, p)
             ids, seg, pos = (np.zeros((g, p), np.int32) for _ in range(3))
             slots = np.full(g, self.slots, np.int32)  # padding rows go nowhere
