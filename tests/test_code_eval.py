@@ -115,13 +115,23 @@ def test_completions_and_verdicts_equal_python_m_evals_on_the_checkpoint(run, tm
     assert json.loads(out.read_text())["generated_by"] == head
     assert json.loads((evals_dir / f"step_{STEPS}.json").read_text())["generated_by"] == head
     # Another checkpoint step of the same workdir, into the same --out: refused, naming the step.
-    older = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit() and int(p.name) < STEPS)
-    if older:
-        r = subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--no-progress", "--task=humaneval",
-                            f"--checkpoint={workdir}", f"--step={older[-1]}", f"--limit={PROBLEMS}",
-                            f"--max-new-tokens={NEW_TOKENS}", f"--batch-size={BATCH}", f"--out={out}"],
-                           capture_output=True, text=True, cwd=ROOT, env=_env())
-        assert r.returncode == 2 and f"step {STEPS} -> {older[-1]}" in _one_line(r.stderr, "error:")
+    # Another checkpoint step of the same workdir, into the same --out: refused, naming the step and nothing else. (The
+    # run keeps only its last checkpoint: a copy of the workdir gains a step 3, a copy of step 5's files.)
+    copy = tmp_path / "workdir"
+    shutil.copytree(workdir, copy, ignore=shutil.ignore_patterns("code_eval", "tensorboard"))
+    shutil.copytree(copy / "checkpoints" / str(STEPS), copy / "checkpoints" / "3")
+
+    def evals(*extra):
+        return subprocess.run([sys.executable, "-m", "phi1_jax.evals", "--no-progress", "--task=humaneval",
+                               f"--checkpoint={copy}", f"--limit={PROBLEMS}", f"--max-new-tokens={NEW_TOKENS}",
+                               f"--batch-size={BATCH}", f"--out={tmp_path / 'copy.json'}", *extra],
+                              capture_output=True, text=True, cwd=ROOT, env=_env())
+
+    assert evals().returncode == 0  # the newest, step 5
+    r = evals("--step=3")
+    line = _one_line(r.stderr, "error:")
+    assert r.returncode == 2 and f"(step {STEPS} -> 3;" not in line and f"(step {STEPS} -> 3)" in line, line
+    assert json.loads((tmp_path / "copy.json").read_text())["generated_by"]["step"] == STEPS  # the summary stands
 
 
 # --- (b) kill and resume -------------------------------------------------------------------------------------------
