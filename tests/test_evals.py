@@ -245,6 +245,12 @@ def test_generate_from_a_checkpoint_writes_samples_as_it_goes_and_resumes(tmp_pa
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "limit 2 -> 3" in r.stderr, r.stderr
     assert (tmp_path / "r.samples.jsonl").read_text().splitlines() == first
     assert json.loads((tmp_path / "r.samples.meta.json").read_text()) == head
+    other = shutil.copytree(ckpt, tmp_path / "other_ckpt")  # the issue's case: another model, the same --out
+    r = _evals(*[f"--checkpoint={other}" if a.startswith("--checkpoint=") else a for a in common], "--limit=2",
+               "--temperature=0.5")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f'path "{ckpt.resolve()}" -> "{other.resolve()}"' in r.stderr and "temperature 0.0 -> 0.5" in r.stderr
+    assert (tmp_path / "r.samples.jsonl").read_text().splitlines() == first
     r = _evals(*common, "--limit=3", "--overwrite")  # starts afresh: 3 samples, the first two made again alike
     assert r.returncode == 0, r.stderr[-2000:]
     lines = (tmp_path / "r.samples.jsonl").read_text().splitlines()
