@@ -1,4 +1,4 @@
-"""Every command in docs/*.md's ```bash blocks is accounted for, as tests/test_readme.py does for the README: run as
+"""Every command in docs/*.md's ```bash blocks (and unlabeled ``` blocks, which hold commands too) is accounted for, as tests/test_readme.py does for the README: run as
 written by a named test (RUN_BY: the test that runs it), or skipped with the reason (SKIPPED: placeholders, GPUs, an
 LLM server, the 1.3B model). A command matched by neither, or by several, fails here, so a new docs command arrives
 with its check; a RUN_BY test that is renamed or removed fails here too.
@@ -33,6 +33,11 @@ RUN_BY = {
 
 SKIPPED = {
     r"^gpu\.md: bash scripts/gpu_wheels\.sh$": "downloads CUDA wheels for a GPU host",
+    r"^gpu\.md: \.venv-gpu-plan/bin/python -m phi1_jax\.(train|gpu_plan) ": "phi-1 compiled for a GPU: minutes a "
+        "compile, in the opt-in gpu-plan environment; tests/test_gpu_target.py runs the same for tiny",
+    r"^evals\.md: python -m phi1_jax\.evals --task=(humaneval|mbpp)_plus --data=(HumanEval|Mbpp)Plus\.jsonl\.gz ":
+        "needs EvalPlus's release file (not in its PyPI package); tests/test_evalplus.py runs both forms (--samples, "
+        "--checkpoint) on written EvalPlus-format files",
     r"^reproduce\.md: python -m phi1_jax\.data_gen\.(shards|filter|dedup|decontaminate) ": "the paper's data pipeline "
         "on placeholders (STACK, TOK, URL, NAME, MBPP); tests/test_filter.py, test_ray_pipeline.py, "
         "test_decontaminate.py and test_readme.py's finetuning flow run each tool on real small files",
@@ -49,13 +54,30 @@ SKIPPED = {
 }
 
 
+def _blocks(text: str, langs) -> list[list[str]]:
+    """The lines of each fenced block whose language is one of `langs` (fences paired in order)."""
+    blocks, current, lang = [], None, None
+    for line in text.splitlines():
+        if line.startswith("```"):
+            if current is None:
+                current, lang = [], line[3:].strip()
+            else:
+                if lang in langs:
+                    blocks.append(current)
+                current = None
+        elif current is not None:
+            current.append(line)
+    return blocks
+
+
 def docs_commands() -> list[str]:
-    """'FILE: command' for every command of docs/*.md's bash blocks (continuations joined, comments dropped)."""
+    """'FILE: command' for every command of docs/*.md's bash and unlabeled blocks (continuations joined, comments
+    dropped)."""
     commands = []
     for path in sorted(DOCS.glob("*.md")):
-        for block in re.findall(r"^```(?:bash|sh)\n(.*?)^```", path.read_text(), re.S | re.M):
+        for block in _blocks(path.read_text(), ("bash", "sh", "")):
             pending = ""
-            for line in block.splitlines():
+            for line in block:
                 line = strip_comment(line)
                 if line.endswith("\\"):
                     pending += line[:-1].rstrip() + " "
