@@ -95,21 +95,22 @@ DATATROVE = textwrap.dedent('''
     from datatrove.pipeline.readers import JsonlReader
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
-    src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    # sha1, as datasketch (ours) uses: datatrove's default xxhash call fails with xxhash >= 3.6 (it passes str)
-    cfg = MinhashConfig(n_grams=5, num_buckets=9, hashes_per_bucket=13, hash_config=HashConfig(hash_fc="sha1"))
-    tasks = workers
-    s1 = LocalPipelineExecutor([JsonlReader(src), MinhashDedupSignature(f"{work}/sigs", config=cfg)],
-                               tasks=tasks, workers=workers, logging_dir=f"{work}/log1")
-    s2 = LocalPipelineExecutor([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
-                               tasks=cfg.num_buckets, workers=workers, logging_dir=f"{work}/log2", depends=s1)
-    s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)],
-                               tasks=1, logging_dir=f"{work}/log3", depends=s2)
-    s4 = LocalPipelineExecutor([JsonlReader(src), MinhashDedupFilter(f"{work}/remove",
-                                exclusion_writer=JsonlWriter(f"{work}/removed", compression=None)),
-                                JsonlWriter(f"{work}/kept", compression=None)],
-                               tasks=tasks, workers=workers, logging_dir=f"{work}/log4", depends=s3)
-    s4.run()
+
+    if __name__ == "__main__":  # datatrove's workers start by importing this file
+        src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
+        # sha1, as datasketch (ours) uses: datatrove's default xxhash call fails with xxhash >= 3.6 (it passes str)
+        cfg = MinhashConfig(n_grams=5, num_buckets=9, hashes_per_bucket=13, hash_config=HashConfig(hash_fc="sha1"))
+        s1 = LocalPipelineExecutor([JsonlReader(src), MinhashDedupSignature(f"{work}/sigs", config=cfg)],
+                                   tasks=workers, workers=workers, logging_dir=f"{work}/log1")
+        s2 = LocalPipelineExecutor([MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=cfg)],
+                                   tasks=cfg.num_buckets, workers=workers, logging_dir=f"{work}/log2", depends=s1)
+        s3 = LocalPipelineExecutor([MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=cfg)],
+                                   tasks=1, logging_dir=f"{work}/log3", depends=s2)
+        s4 = LocalPipelineExecutor([JsonlReader(src), MinhashDedupFilter(f"{work}/remove",
+                                    exclusion_writer=JsonlWriter(f"{work}/removed", compression=None)),
+                                    JsonlWriter(f"{work}/kept", compression=None)],
+                                   tasks=workers, workers=workers, logging_dir=f"{work}/log4", depends=s3)
+        s4.run()
 ''')
 
 

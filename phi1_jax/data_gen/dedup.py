@@ -99,12 +99,21 @@ class Diversity:
         if w:
             self.openings[" ".join(w[:self.opening_words])] += 1
 
+    def subtract(self, other: Diversity) -> None:
+        """Takes `other`'s texts out again (the dedup command counts every record once, then takes out the removed
+        ones, instead of counting the kept ones a second time)."""
+        self.records -= other.records
+        for n, grams in self.grams.items():
+            grams.subtract(other.grams[n])
+        self.openings.subtract(other.openings)
+
     def report(self, top: int = 10) -> dict:
         out: dict = {"records": self.records}
         for n, grams in self.grams.items():
-            total = sum(grams.values())
-            out[f"distinct_{n}"] = round(len(grams) / total, 4) if total else 0.0
-        out["openings"] = [{"opening": o, "count": c} for o, c in self.openings.most_common(top)]
+            counts = [c for c in grams.values() if c > 0]
+            total = sum(counts)
+            out[f"distinct_{n}"] = round(len(counts) / total, 4) if total else 0.0
+        out["openings"] = [{"opening": o, "count": c} for o, c in self.openings.most_common() if c > 0][:top]
         return out
 
 
@@ -149,7 +158,8 @@ def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: i
             band += range(len(keys))
             bucket += keys
             doc += [d] * len(keys)
-    return {"band": np.asarray(band, np.int16), "bucket": np.asarray(bucket, np.int64), "doc": np.asarray(doc, np.int64)}
+    return {"band": np.asarray(band, np.int16), "bucket": np.asarray(bucket, np.int64),
+            "doc": np.asarray(doc, np.int64)}
 
 
 def _bucket_edges(group: dict) -> dict:
@@ -190,6 +200,7 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
     """{removed doc number: the doc it duplicates} over the inputs in order, as a Ray Data pipeline (inside an
     `engine.session`): signatures per chunk -> group by (band, bucket) -> edges -> connected components."""
     import numpy as np
+    import ray
     import ray.data
 
     b, r = bands(threshold, num_perm)
@@ -199,7 +210,9 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     sigs = ds.map_batches(_signature_rows, batch_size=1, fn_kwargs={"text_field": text_field, "b": b, "r": r,
                                                                      "num_perm": num_perm})
-    edges = sigs.groupby(["band", "bucket"]).map_groups(_bucket_edges, batch_format="numpy")
+    # a few shuffle partitions per core: the rows are small, and each partition is a task with its own start-up
+    parts = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+    edges = sigs.groupby(["band", "bucket"], num_partitions=parts).map_groups(_bucket_edges, batch_format="numpy")
     got = {"doc": [], "first": []}
     with engine.user_errors():
         for batch in edges.iter_batches(batch_format="numpy", batch_size=None):
@@ -247,31 +260,33 @@ def main(argv=None) -> int:
                               chunk_bytes=a.chunk_kb << 10)
     t1 = time.perf_counter()
     # Writing: one streaming pass per input in the driver (outputs are in input order, whole or absent).
-    before, after = Diversity(), Diversity()
+    seen, removed_texts = Diversity(), Diversity()
     keys: dict[int, str] = {}  # doc -> "input#id", for the records others duplicate
     firsts = set(dup.values())
     removed = []
 
     def survivors(path: Path):
-        base = before.records
+        base = seen.records
         for chunk in engine.line_chunks([path]):
             for d, i, rec in engine.read_chunk(chunk, a.text_field, RecordsError):
                 d += base
-                before.add(rec[a.text_field])
+                seen.add(rec[a.text_field])
                 if d in firsts:
                     keys[d] = f"{path.name}#{rec.get('id', i)}"
                 if d in dup:
                     removed.append({"input": path.name, "id": rec.get("id", i), "duplicate_of": keys[dup[d]]})
+                    removed_texts.add(rec[a.text_field])
                 else:
-                    after.add(rec[a.text_field])
                     yield rec
 
     for path in inputs:  # each input's survivors, streamed in order, whole or absent
         write_records(out / path.name, survivors(path))
-    n_in, n_kept = before.records, after.records
+    diversity_before = seen.report()
+    seen.subtract(removed_texts)
+    n_in, n_kept = diversity_before["records"], seen.records
     report = {"threshold": a.threshold, "num_perm": a.num_perm, "records_in": n_in, "records_kept": n_kept,
               "unique_fraction": n_kept / n_in if n_in else 1.0, "removed": removed,
-              "diversity_before": before.report(), "diversity_after": after.report(),
+              "diversity_before": diversity_before, "diversity_after": seen.report(),
               "seconds": {"dedup": round(t1 - t0, 3), "write_and_report": round(time.perf_counter() - t1, 3)}}
     files.write_text(out / "dedup_report.json", json.dumps(report, indent=2) + "\n")
     files.write_text(out / "dedup_report.md", report_markdown(report))
