@@ -5,7 +5,8 @@
 #   2. Python 3.12 (.venv-3.12, the newest JAX the project allows): every test that needs no torch (the parity tests
 #      skip there, saying so). tests/test_readme.py runs the README's commands with .venv, as the README writes them.
 #   3. .venv-gpu-plan (Python 3.12 plus JAX's CUDA plugin, the gpu-plan extra): tests/test_gpu_target.py, the tiny
-#      config compiled for an H100 on this CPU (they skip in lane 2). About 3 minutes to install from scratch, 2 to run.
+#      config compiled for an H100 on this CPU (they skip in lane 2). 3-4 minutes to install (from scratch 160 s,
+#      from the pip cache 225 s on a busier machine: it is unpacking ~4 GB), 2-5 minutes to run.
 # Each lane's set-up is scripts/setup.sh, installing the committed lock of its Python, a no-op when nothing changed.
 # Extra arguments go to every pytest run.
 #
