@@ -16,7 +16,8 @@ stalls: `python -m phi1_jax.serve` started cold (an empty compilation cache of i
 engine_rounds: the same single request and 5 rounds, submitted to the engine in this process (every program compiled
   first, as the server does): the device and engine share of the stalls figures, without HTTP, JSON or a client.
 decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
-  (16 rows, compiled first), each timed warm, greedy, --max-tokens new tokens: decode tokens/s side by side.
+  (16 rows, compiled first), each warm, greedy, --max-tokens new tokens: decode tokens/s side by side, prefill left
+  out (generate: a run of --max-tokens less a run of 1; the engine: its chunks timed after the prompts are admitted).
 clients: C clients (1, 16, 64) each send --rounds streamed greedy requests one after another (after one warm-up
   round): requests/s, tokens/s, p50/p99 latency, time to first token.
 """
@@ -204,6 +205,8 @@ def engine_rounds(a, folder: Path) -> dict:
 def decode(a, folder: Path) -> dict:
     import threading
 
+    import jax
+
     from phi1_jax.decoding import for_decoding, generate
     from phi1_jax.serving.batching import Engine, Job
 
@@ -211,10 +214,16 @@ def decode(a, folder: Path) -> dict:
     prompts = [tok.encode(PROMPT * 4)[i:i + 16] for i in range(16)]
     n = a.max_tokens
     fast = for_decoding(model)
-    generate(fast, prompts, max_new_tokens=n)  # compiles
-    t0 = time.perf_counter()
-    gen_tokens = sum(len(o) for o in generate(fast, prompts, max_new_tokens=n))
-    gen_s = time.perf_counter() - t0
+
+    def timed_generate(new: int) -> tuple[float, int]:
+        generate(fast, prompts, max_new_tokens=new)  # compiles
+        t0 = time.perf_counter()
+        tokens = sum(len(o) for o in generate(fast, prompts, max_new_tokens=new))
+        return time.perf_counter() - t0, tokens
+
+    # generate's decode alone: a run of n tokens less a run of 1 (the same prefill and one step)
+    (one_s, one_tokens), (all_s, all_tokens) = timed_generate(1), timed_generate(n)
+    gen_s, gen_tokens = all_s - one_s, all_tokens - one_tokens
 
     engine = Engine(model, tok, slots=16, max_len=a.max_len)
     # only what this run uses (phi-1-small's programs take minutes each to compile here)
@@ -225,21 +234,24 @@ def decode(a, folder: Path) -> dict:
     for shape in sorted(needed):
         engine.compile(shape)
 
-    def run() -> tuple[float, int]:
+    def run() -> tuple[float, int, float]:
+        """(decode seconds, tokens, admit seconds): the 16 prompts admitted first, then the chunks timed alone."""
         done = [threading.Event() for _ in prompts]
         jobs = [Job(prompt=p, max_tokens=n, temperature=0.0, top_p=1.0, seed=0, stop=(),
                     emit=lambda ev, d=d: ev[0] != "text" and d.set()) for p, d in zip(prompts, done)]
         engine.waiting += jobs
         t0 = time.perf_counter()
+        engine._admit()
+        jax.block_until_ready(engine.logits)
+        t1 = time.perf_counter()
         while not all(d.is_set() for d in done):
-            engine._admit()
-            if engine.active:
-                engine._chunk()
-        return time.perf_counter() - t0, sum(len(j.tokens) for j in jobs)
+            engine._chunk()
+        return time.perf_counter() - t1, sum(len(j.tokens) for j in jobs), t1 - t0
 
     run()  # warm
-    eng_s, eng_tokens = run()
+    eng_s, eng_tokens, admit_s = run()
     out = {"model": a.model, "rows": 16, "new_tokens": n, "generate_tok_per_s": round(gen_tokens / gen_s, 1),
+           "generate_prefill_and_one_step_s": round(one_s, 2), "engine_admit_s": round(admit_s, 2),
            "engine_tok_per_s": round(eng_tokens / eng_s, 1),
            "generate_over_engine": round((gen_tokens / gen_s) / (eng_tokens / eng_s), 2)}
     print(json.dumps(out), flush=True)
