@@ -367,6 +367,9 @@ def test_each_changed_setting_refuses_to_resume_and_the_same_ones_resume(field, 
     meta.unlink()
     with pytest.raises(EvalError, match="samples.meta.json"):
         _resumable(samples, head, overwrite=False)
+    meta.write_text("[1, 2]\n")  # JSON, but not a header
+    with pytest.raises(EvalError, match="not a samples header"):
+        _resumable(samples, head, overwrite=False)
 
 
 def test_a_file_given_as_the_checkpoint_is_named_as_a_file(tmp_path):

@@ -376,6 +376,12 @@ def test_eval_on_the_tiny_checkpoint(tiny):
     sh(clone, rescore)
     again = json.loads((clone / re.search(r"--out=(\S+)", rescore).group(1)).read_text())
     assert again["n_samples"] == 164 and again["pass@1"] == summary["pass@1"]
+    # Both summaries name what made the samples: the workdir's newest checkpoint and the settings (the header beside
+    # the samples file, which rescoring picks up).
+    head = summary["generated_by"]
+    assert head["path"] == str((clone / "workdirs" / "tiny").resolve()) and head["step"] == summary["step"] == STEPS_RUN
+    assert head["temperature"] == 0.0 and head["n_samples"] == 1 and head["max_new_tokens"] == 64
+    assert again["generated_by"] == head and again["step"] == STEPS_RUN
 
 
 def test_finetune_at_tiny_scale(tiny):

@@ -114,6 +114,8 @@ def _resumable(samples_path: Path, head: dict, overwrite: bool) -> None:
             old = json.loads(meta.read_text())
         except (OSError, ValueError) as e:
             raise EvalError(f"{meta}: unreadable ({e}); --overwrite to make the samples afresh") from None
+        if not isinstance(old, dict):
+            raise EvalError(f"{meta}: not a samples header (a JSON object); --overwrite to make the samples afresh")
         diff = generation.differences(old, head)
         if diff:
             raise EvalError(f"{samples_path} was made with other settings ({'; '.join(diff)}); rerun with the same "
