@@ -1,7 +1,8 @@
-"""Every command in docs/*.md's ```bash blocks (and unlabeled ``` blocks, which hold commands too) is accounted for, as tests/test_readme.py does for the README: run as
-written by a named test (RUN_BY: the test that runs it), or skipped with the reason (SKIPPED: placeholders, GPUs, an
-LLM server, the 1.3B model). A command matched by neither, or by several, fails here, so a new docs command arrives
-with its check; a RUN_BY test that is renamed or removed fails here too.
+"""Every command in docs/*.md's ```bash blocks (and unlabeled ``` blocks, which hold commands too) is accounted
+for, as tests/test_readme.py does for the README: run by a named test (RUN_BY: the test that runs it, as written or
+on a free port / written data), or skipped with the reason (SKIPPED: placeholders, GPUs, an LLM server, the 1.3B
+model). A command matched by neither, or by several, fails here, so a new docs command arrives with its check; a
+RUN_BY test that is renamed or removed fails here too. Inline commands in the prose are not read.
 
 What is checked beyond that: docs/serve.md's data_gen.generate example names a model whose context holds its
 prompts (not the tiny model's 128 tokens).
@@ -26,7 +27,8 @@ RUN_BY = {
         "tests/test_serve.py::test_no_compilation_under_mixed_traffic",  # the tiny server, on a free port
     r"^serve\.md: lm_eval --model local-completions ":
         "tests/test_serve.py::test_lm_evaluation_harness_runs_both_kinds_of_task_against_the_server",
-    r"^data\.md: ray start --(head|address)": "tests/test_ray_pipeline.py::test_dedup_across_two_nodes_equals_the_single_process_reference",
+    r"^data\.md: ray start --(head|address)":
+        "tests/test_ray_pipeline.py::test_dedup_across_two_nodes_equals_the_single_process_reference",
     r"^data\.md: python -m phi1_jax\.data_gen\.dedup a\.jsonl b\.jsonl --out=dedup/ --ray-address=auto$":
         "tests/test_ray_pipeline.py::test_dedup_across_two_nodes_equals_the_single_process_reference",
 }
@@ -49,8 +51,8 @@ SKIPPED = {
         "a trained 1.3B run or the hub's phi-1 (tests/test_readme.py runs the same command on the tiny checkpoint)",
     r"^reproduce\.md: python -m phi1_jax\.figures (fig2_1|table3) ": "inputs are the runs and reports above; "
                                                                      "tests/test_figures.py draws both from real rows",
-    r"^reproduce\.md: bash scripts/fig2_1_demo\.sh$": "two tiny runs with evals, ~6 minutes (tests/test_readme.py skips "
-                                                      "the README's copy for the same reason)",
+    r"^reproduce\.md: bash scripts/fig2_1_demo\.sh$": "two tiny runs with evals, ~6 minutes (tests/test_readme.py "
+                                                      "skips the README's copy for the same reason)",
 }
 
 

@@ -44,7 +44,8 @@ STEPS_RUN, FIRST_CHECKPOINT = 1000, 500  # --config.steps appended to command 1;
 # name -> pattern of the README command(s) it runs (re.search on the command without its comment).
 STEPS = {
     "setup_and_train_tiny": r"^bash scripts/setup\.sh && \.venv/bin/python -m phi1_jax\.train --config=configs/tiny\.py",
-    "setup_and_train_tiny_py312": r"^PYTHON=python3\.12 bash scripts/setup\.sh && \.venv-3\.12/bin/python -m phi1_jax\.train ",
+    "setup_and_train_tiny_py312": r"^PYTHON=python3\.12 bash scripts/setup\.sh && \.venv-3\.12/bin/python -m "
+                                  r"phi1_jax\.train ",
     "resume_tiny": r"^python -m phi1_jax\.train --config=configs/tiny\.py --workdir=workdirs/tiny$",
     "inspect_newest": r"^python -m phi1_jax\.inspect workdirs/tiny$",
     "inspect_step": r"^python -m phi1_jax\.inspect workdirs/tiny --step=",

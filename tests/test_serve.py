@@ -468,10 +468,11 @@ def test_command_line_errors_are_one_line(tmp_path):
     with socket.create_server(("127.0.0.1", 0)) as held:
         port = held.getsockname()[1]
         r = subprocess.run([sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={tmp_path / 'nope'}",
-                            "--host=127.0.0.1", f"--port={port}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            "--host=127.0.0.1", f"--port={port}"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=120)
     assert r.returncode == 2 and r.stderr.strip().splitlines() == [
-        f"error: --port={port}: cannot listen on 127.0.0.1:{port} (Address already in use); stop what holds it, or pick "
-        "another --port"], r.stderr
+        f"error: --port={port}: cannot listen on 127.0.0.1:{port} (Address already in use); stop what holds it, or "
+        "pick another --port"], r.stderr
 
 
 def test_no_compilation_under_mixed_traffic(tiny_server):

@@ -124,8 +124,8 @@ def _resumable(samples_path: Path, head: dict, overwrite: bool) -> None:
 
 
 def generate_samples(task: tasks.Task, args, samples_path: Path, progress: bool = True) -> tuple[list[dict], int, dict]:
-    """Samples of --checkpoint appended to samples_path as they come (phi1_jax/evals/generation.py makes them: the in-training
-    evaluator makes the same ones), and their header (written beside them); a rerun with the same header continues
+    """Samples of --checkpoint appended to samples_path as they come (phi1_jax/evals/generation.py makes them: the
+    in-training evaluator makes the same ones), and their header (written beside them); a rerun with the same header continues
     where the last one stopped, one with another is refused (`_resumable`)."""
     from tqdm import tqdm
 
