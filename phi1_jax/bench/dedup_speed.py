@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from phi1_jax import cli
+
 
 def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
     """Random-word documents (pairwise Jaccard ~0) and near-copies of some of them: one word changed (Jaccard of
@@ -114,6 +116,7 @@ DATATROVE = textwrap.dedent('''
 ''')
 
 
+@cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.bench.dedup_speed", description=__doc__.split("\n\n")[0])
     p.add_argument("--docs", type=int, default=30000)
