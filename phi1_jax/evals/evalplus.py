@@ -46,6 +46,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from phi1_jax import files
 from phi1_jax.evals import passk, tasks
 from phi1_jax.evals.execution import Limits, Result, Sandbox, cpu_limit_for
 
@@ -223,9 +224,8 @@ def _measure(name: str, data: str, out: str) -> None:
         for which in ("base", "plus"):
             oracle[which], oracle[f"{which}_time"] = _run_canonical(p, getattr(p, f"{which}_input"), not_none)
         truth[tid] = oracle
-    tmp = Path(f"{out}.{os.getpid()}.tmp")  # two runs measuring at once each write their own, then replace
-    tmp.write_bytes(pickle.dumps(truth, protocol=4))
-    os.replace(tmp, out)
+    with files.replacing(out, concurrent=True) as tmp:  # two runs measuring at once: each its own temp, then replace
+        tmp.write_bytes(pickle.dumps(truth, protocol=4))
 
 
 def ground_truth(task: PlusTask) -> tuple[dict, Path]:
