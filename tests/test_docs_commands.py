@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from tests.test_readme import strip_comment
+from tests.test_readme import block_commands
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -78,16 +78,7 @@ def docs_commands() -> list[str]:
     commands = []
     for path in sorted(DOCS.glob("*.md")):
         for block in _blocks(path.read_text(), ("bash", "sh", "")):
-            pending = ""
-            for line in block:
-                line = strip_comment(line)
-                if line.endswith("\\"):
-                    pending += line[:-1].rstrip() + " "
-                    continue
-                command = (pending + line.strip()).strip()
-                pending = ""
-                if command:
-                    commands.append(path.name + ": " + re.sub(r"\s+", " ", command))
+            commands += [path.name + ": " + command for command in block_commands(block)]
     return commands
 
 

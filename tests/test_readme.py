@@ -116,18 +116,21 @@ def readme_blocks(lang: str) -> list[str]:
 
 def readme_commands() -> list[str]:
     """Every command of the README's bash blocks: continuation lines joined, comments dropped."""
-    commands = []
-    for block in readme_blocks("bash"):
+    return [c for block in readme_blocks("bash") for c in block_commands(block.splitlines())]
+
+
+def block_commands(lines: list[str]) -> list[str]:
+    """The commands of one shell block's lines: continuation lines joined, comments dropped, spaces collapsed."""
+    commands, pending = [], ""
+    for line in lines:
+        line = strip_comment(line)
+        if line.endswith("\\"):
+            pending += line[:-1].rstrip() + " "
+            continue
+        command = (pending + line.strip()).strip()
         pending = ""
-        for line in block.splitlines():
-            line = strip_comment(line)
-            if line.endswith("\\"):
-                pending += line[:-1].rstrip() + " "
-                continue
-            command = (pending + line.strip()).strip()
-            pending = ""
-            if command:
-                commands.append(re.sub(r"\s+", " ", command))
+        if command:
+            commands.append(re.sub(r"\s+", " ", command))
     return commands
 
 
