@@ -51,7 +51,7 @@ def exercises_from_source(text: str, where: str = "") -> Iterator[dict]:
 
 
 def exercises(documents: Iterable, limit: int | None = None) -> Iterator[dict]:
-    """Exercises from phi1_jax.shards Documents (their `text` and `where`), at most `limit` of them."""
+    """Exercises from phi1_jax.shard_format Documents (their `text` and `where`), at most `limit` of them."""
     count = 0
     for doc in documents:
         for record in exercises_from_source(doc.text, doc.where):
