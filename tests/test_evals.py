@@ -317,7 +317,14 @@ def test_a_fresh_interpreter_leaves_no_survivor_either():
 
 @pytest.mark.skipif(os.geteuid() != 0 or not all(shutil.which(t) for t in ("unshare", "setpriv", "mount", "prlimit")),
                     reason="the fork servers run in the namespaces sandbox, which needs root and util-linux")
+def _children() -> set[tuple[str, str]]:
+    """(pid, command) of this process's children, but the `ps` that lists them."""
+    out = subprocess.run(["ps", "-o", "pid=,comm=", "--ppid", str(os.getpid())], capture_output=True, text=True).stdout
+    return {tuple(line.split(None, 1)) for line in out.splitlines() if line.split()[1:] != ["ps"]}
+
+
 def test_fork_server_starts_every_program_clean_and_stops_with_the_run():
+    before = _children()  # what the session already runs (the Ray test cluster's nodes, started by the suite's fixture)
     sandbox = Sandbox(Limits(timeout_s=5), workers=1)  # one slot: the programs below share its server, in order
     assert sandbox.fork_server
     leave_traces = ("import posix, time\nopen('left.txt', 'w').write('x')\n"
@@ -332,8 +339,7 @@ def test_fork_server_starts_every_program_clean_and_stops_with_the_run():
     assert [r.status for r in results] == ["passed", "passed", "failed", "failed", "passed", "failed"], results
     assert results[2].reason == "SystemExit: 3" and "ZeroDivisionError" in results[3].reason
     assert "before its tests finished" in results[5].reason
-    children = subprocess.run(["ps", "-o", "comm=", "--ppid", str(os.getpid())], capture_output=True, text=True)
-    assert [c for c in children.stdout.split() if c != "ps"] == []  # the servers stopped with the run
+    assert _children() - before == set()  # the servers stopped with the run
 
 
 @pytest.mark.parametrize("field", ["path", "revision", "step", "model_format", "task", "data", "prompt_format", "limit",
