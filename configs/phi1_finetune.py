@@ -10,7 +10,9 @@ Everything else is configs/phi1.py; the finetuning stage changes batch, schedule
 
 import ml_collections
 
-from configs import phi1
+from phi1_jax.config_files import sibling
+
+phi1 = sibling(__file__, "phi1")
 
 
 def get_config():

@@ -7,7 +7,9 @@ Params:    356,794,368.
 Everything else is configs/phi1.py; only the shape changes.
 """
 
-from configs import phi1
+from phi1_jax.config_files import sibling
+
+phi1 = sibling(__file__, "phi1")
 
 
 def get_config():

@@ -12,7 +12,9 @@ Everything else is configs/phi1.py, scaled down to run in seconds.
 
 import ml_collections
 
-from configs import phi1
+from phi1_jax.config_files import sibling
+
+phi1 = sibling(__file__, "phi1")
 
 
 def get_config():

@@ -21,7 +21,9 @@ Expect:    the script about 6 minutes on a 2-core CPU (each run ~2.5 minutes; it
 
 import ml_collections
 
-from configs import tiny
+from phi1_jax.config_files import sibling
+
+tiny = sibling(__file__, "tiny")
 
 REGIMES = ("stdlib", "exercises")
 

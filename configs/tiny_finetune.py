@@ -16,7 +16,9 @@ Expect:    well under a minute of training on a 2-core CPU; the training loss (s
 
 import ml_collections
 
-from configs import tiny
+from phi1_jax.config_files import sibling
+
+tiny = sibling(__file__, "tiny")
 
 
 def get_config():

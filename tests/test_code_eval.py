@@ -182,6 +182,8 @@ def _section(**changes):
 
 @pytest.mark.parametrize("changes, message", [
     (dict(task="humanevil"), "config.code_eval.task='humanevil': unknown task; choose humaneval or mbpp"),
+    (dict(task="humaneval_plus"), "choose humaneval or mbpp (EvalPlus's tasks score a checkpoint after training: "
+                                  "python -m phi1_jax.evals --task=humaneval_plus"),
     (dict(n_samples=4), "config.code_eval.n_samples=4 with config.code_eval.temperature=0 (greedy)"),
     (dict(max_new_tokens=65), "config.code_eval.max_new_tokens=65 is more than half the model's context (128"),
     (dict(max_new_tokens=0), "config.code_eval.max_new_tokens=0: must be at least 1"),

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -424,3 +425,12 @@ def test_a_run_killed_mid_generation_resumes_to_the_samples_of_an_unkilled_one(t
     assert r.returncode == 0, r.stderr[-2000:]
     assert samples.read_text().splitlines() == expected
     assert json.loads(out.read_text())["generated_by"] == {**json.loads(whole.read_text())["generated_by"]}
+
+
+@pytest.mark.parametrize("name, message", [
+    ("humanevil", "unknown task 'humanevil'; choose humaneval or mbpp (or humaneval_plus, mbpp_plus"),
+    ("mbpp_plus", "task 'mbpp_plus' (EvalPlus) runs from `python -m phi1_jax.evals --task=mbpp_plus --data=FILE`"),
+])
+def test_tasks_load_names_every_task_it_does_not_run(name, message):
+    with pytest.raises(tasks.TaskError, match=re.escape(message)):
+        tasks.load(name)

@@ -43,9 +43,22 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
 
 def test_no_top_level_package_beside_phi1_jax_shadows_an_installed_one():
     """The repository root holds no importable package but phi1_jax and configs (a folder of config files, loaded by
-    path; its name is kept because the configs import each other by it)."""
+    path; `from configs import tiny` is how tests and notebooks started at the root reach them)."""
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} | {p.stem for p in ROOT.glob("*.py")}
     assert packages <= {"phi1_jax", "configs", "tests"}, f"top-level packages beside phi1_jax: {sorted(packages)}"
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_finetune", "tiny_fig2_1", "phi1_small", "phi1_finetune"])
+def test_a_config_that_builds_on_another_loads_by_path_from_any_directory(tmp_path, name):
+    """`--config=/abs/path/configs/tiny.py` from outside the repository: ml_collections loads the file by path, so a
+    config that starts from another must find it beside itself (phi1_jax.config_files.sibling), not as `configs`."""
+    code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('cfg', sys.argv[1]); "
+            "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m); c = m.get_config(); "
+            "print(c.model.vocab_size, c.batch_size)")
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs" / f"{name}.py")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.split()) == 2
 
 
 @pytest.mark.skipif(importlib.util.find_spec("transformers") is None,

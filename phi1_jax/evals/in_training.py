@@ -49,7 +49,9 @@ def _field(name: str, value) -> str:
 def check_section(section, max_seq_len: int | None = None) -> generation.Settings:
     """The section's sampling settings, or a CodeEvalError naming the first field that cannot work."""
     if section.task not in TASKS:
-        raise CodeEvalError(f"{_field('task', section.task)}: unknown task; choose {' or '.join(TASKS)}")
+        plus = (" (EvalPlus's tasks score a checkpoint after training: python -m phi1_jax.evals "
+                f"--task={section.task} --data=FILE --checkpoint=WORKDIR)") if section.task.endswith("_plus") else ""
+        raise CodeEvalError(f"{_field('task', section.task)}: unknown task; choose {' or '.join(TASKS)}{plus}")
     for name in ("n_samples", "max_new_tokens", "batch_size"):
         if getattr(section, name) < 1:
             raise CodeEvalError(f"{_field(name, getattr(section, name))}: must be at least 1")

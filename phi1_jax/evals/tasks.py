@@ -108,7 +108,11 @@ def load(name: str, data: str | None = None) -> Task:
         return humaneval()
     if name == "mbpp":
         return mbpp(data)
-    raise TaskError(f"unknown task {name!r}; choose humaneval or mbpp")
+    if name in ("humaneval_plus", "mbpp_plus"):
+        raise TaskError(f"task {name!r} (EvalPlus) runs from `python -m phi1_jax.evals --task={name} --data=FILE`, "
+                        "not here; choose humaneval or mbpp")
+    raise TaskError(f"unknown task {name!r}; choose humaneval or mbpp (or humaneval_plus, mbpp_plus from "
+                    "`python -m phi1_jax.evals`)")
 
 
 def truncate_at_stop(text: str, stop: list[str]) -> str:
