@@ -106,6 +106,20 @@ def test_dedup_across_two_nodes_equals_the_single_process_reference(ray_cluster,
     kept, removed = _kept_and_removed(tmp_path / "out", records)
     assert removed == expected  # the same records removed, each as a duplicate of the same first record
     assert kept == [i for i in range(len(records)) if i not in expected]  # the rest, in input order
+    # the survivors as the single-process tool wrote them (each kept record as json.dumps, in input order), and the
+    # diversity report, merged from per-chunk partial counts, equal to one Diversity pass over all and over the kept
+    half = len(records) // 2
+    assert (tmp_path / "out" / "a.jsonl").read_text() + (tmp_path / "out" / "b.jsonl").read_text() == "".join(
+        json.dumps(records[i]) + "\n" for i in kept)
+    assert (tmp_path / "out" / "a.jsonl").read_text().count("\n") == sum(i < half for i in kept)
+    report = json.loads((tmp_path / "out" / "dedup_report.json").read_text())
+    everything, survivors = dedup.Diversity(), dedup.Diversity()
+    for i, r in enumerate(records):
+        everything.add(r["text"])
+        if i not in expected:
+            survivors.add(r["text"])
+    assert report["diversity_before"] == everything.report()
+    assert report["diversity_after"] == survivors.report()
     found = sum(i in removed for i in planted)
     others = len(set(removed) - set(planted))
     assert found / len(planted) >= 0.95, (found, len(planted))
@@ -130,3 +144,45 @@ def test_a_worker_killed_mid_dedup_costs_a_retry_not_the_run(ray_cluster, corpus
     kept, removed = _kept_and_removed(tmp_path / "out", records)
     assert removed == expected and kept == [i for i in range(len(records)) if i not in expected]
     assert not list((tmp_path / "out").glob(".*tmp*"))  # nothing half-written is left
+
+
+def test_signatures_are_datasketchs_minhash_bit_for_bit(monkeypatch):
+    """The vectorised MinHash (many records per numpy step) gives each record datasketch's own hash values, also
+    for texts shorter than a shingle, empty ones, non-ASCII ones, and records cut across numpy steps."""
+    import numpy as np
+
+    records, _ = planted_corpus(40, 10)
+    texts = [r["text"] for r in records] + ["", "   ", "a", "one two three four", "one two three four five",
+                                            "Ünïcode 的 words, and: punctuation!! " * 3, "x\ny\tz " * 30]
+    monkeypatch.setattr(dedup, "_SHINGLES_PER_STEP", 300)  # several steps, records never split between them
+    for num_perm in (128, 64):
+        sig, norms = dedup.signatures(texts, num_perm)
+        assert sig.dtype == np.uint32
+        assert (sig == np.stack([dedup.minhash(t, num_perm).hashvalues for t in texts])).all()
+    b, r = dedup.bands(0.8, 128)
+    hv = dedup.minhash(texts[0]).hashvalues
+    assert dedup.bucket_keys(texts[0], b, r)[:b] == [dedup._h64(hv[i * r:(i + 1) * r].tobytes()) for i in range(b)]
+
+
+def test_chunk_gram_counts_merge_to_the_exact_distinct_counts():
+    """The diversity report's per-chunk partial counts (hashed n-grams cut into partitions), merged, give the distinct
+    n-gram counts of one exact pass, for all records and for the kept ones."""
+    import numpy as np
+
+    texts = ["the cat sat on the mat", "the cat sat on the hat", "", "a", "a b", "the cat sat on the mat again",
+             "Dogs: dogs, DOGS and more dogs"]
+    kept = [True, False, True, True, False, True, True]
+    words = [dedup._WORD.findall(t.lower()) for t in texts]
+    for chunks in ([range(7)], [range(3), range(3, 7)], [[0], [1], [2, 3, 4], [5, 6]]):
+        per_chunk = [dedup.gram_hashes([words[i] for i in c], [kept[i] for i in c], parts=4) for c in chunks]
+        for n in (1, 2, 3, 4):
+            exact_all = {tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)}
+            exact_kept = {tuple(w[i:i + n]) for w, k in zip(words, kept) if k for i in range(len(w) - n + 1)}
+            got_all = got_kept = 0
+            for p in range(4):
+                h = np.concatenate([g[n - 1]["hashes"][p] for g in per_chunk])
+                k = np.concatenate([g[n - 1]["kept"][p] for g in per_chunk])
+                got_all += len(np.unique(h))
+                got_kept += len(np.unique(h[k]))
+            assert (got_all, got_kept) == (len(exact_all), len(exact_kept)), (chunks, n)
+            assert sum(g[n - 1]["total_all"] for g in per_chunk) == sum(max(0, len(w) - n + 1) for w in words)

@@ -5,15 +5,20 @@ the planted copies and other documents removed.
     python -m phi1_jax.bench.dedup_speed --docs=30000 --copies=3000 --workers=1,2 \\
         [--datatrove-python=/path/to/venv/bin/python] [--json=dedup_speed.json]
 
-datatrove is not a dependency: give `--datatrove-python`, a Python with `pip install datatrove` (it runs there, as a
-subprocess). Both use 5-shingles and 9 bands x 13 rows (datatrove: num_buckets=9, hashes_per_bucket=13), so they
-find the same kind of pairs; their tokenisers and hash functions differ.
+It ends with a one-screen summary: a row per run (with the load average before and after it) and the two ratios the
+issue sets bars for (ours at 2 workers over 1 worker, >= 1.6x; ours over datatrove, >= 1x).
+
+datatrove is not a dependency: give `--datatrove-python`, a Python with datatrove (it runs there, as a subprocess):
+`python3.12 -m venv /tmp/dt-venv && /tmp/dt-venv/bin/pip install "datatrove[processing]"`. Both use 5-shingles and
+9 bands x 13 rows (datatrove: num_buckets=9, hashes_per_bucket=13), so they find the same kind of pairs; their
+tokenisers and hash functions differ.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import subprocess
 import sys
@@ -119,7 +124,7 @@ DATATROVE = textwrap.dedent('''
 @cli.reports_user_errors
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.bench.dedup_speed", description=__doc__.split("\n\n")[0])
-    p.add_argument("--docs", type=int, default=30000)
+    p.add_argument("--docs", type=int, default=30000, help="records in all, planted copies included")
     p.add_argument("--copies", type=int, default=3000)
     p.add_argument("--workers", default="1,2")
     p.add_argument("--datatrove-python", default=None)
@@ -127,23 +132,80 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="dedup_speed."))
-    records, planted = planted_corpus(a.docs, a.copies)
+    records, planted = planted_corpus(a.docs - a.copies, a.copies)
     src = work / "corpus"
     src.mkdir()
     (src / "corpus.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     n, others = len(records), len(records) - len(planted)
     rows = []
-    for w in [int(x) for x in a.workers.split(",")]:
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    for w in [int(x) for x in a.workers.split(",")]:  # interleaved: each worker count runs both tools back to back
         if "ours" in a.tools:
-            rows.append(_ours(src, work, w, n, planted))
+            rows.append(_with_load(_ours, src, work, w, n, planted))
             print(rows[-1], flush=True)
         if a.datatrove_python and "datatrove" in a.tools:
-            rows.append(_datatrove(a.datatrove_python, src, work, w, n, planted))
+            rows.append(_with_load(_datatrove, a.datatrove_python, src, work, w, n, planted))
             print(rows[-1], flush=True)
-    result = {"docs": n, "planted": len(planted), "others": others, "rows": rows}
+    result = {"docs": n, "planted": len(planted), "others": others, "started": started, "cores": os.cpu_count(),
+              "rows": rows, "ratios": _ratios(rows)}
+    print(summary(result, argv if argv is not None else sys.argv[1:]))
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0
+
+
+def _with_load(fn, *args) -> dict:
+    before = os.getloadavg()[0]
+    row = fn(*args)
+    return {**row, "load_before": round(before, 1), "load_after": round(os.getloadavg()[0], 1)}
+
+
+def _ratios(rows: list[dict]) -> dict:
+    """The issue's two bars: ours at 2 workers over ours at 1 (>= 1.6), and ours over datatrove at each worker
+    count (>= 1), as throughput ratios (docs/s)."""
+    by = {(r["tool"].split()[0], r["workers"]): r["docs_per_s"] for r in rows}
+    out = {}
+    ws = sorted({w for _, w in by})
+    if ("phi1_jax", 1) in by and ("phi1_jax", 2) in by:
+        out["ours_2_over_1"] = round(by["phi1_jax", 2] / by["phi1_jax", 1], 2)
+    if ("datatrove", 1) in by and ("datatrove", 2) in by:
+        out["datatrove_2_over_1"] = round(by["datatrove", 2] / by["datatrove", 1], 2)
+    for w in ws:
+        if ("phi1_jax", w) in by and ("datatrove", w) in by:
+            out[f"ours_over_datatrove_at_{w}"] = round(by["phi1_jax", w] / by["datatrove", w], 2)
+    return out
+
+
+def summary(result: dict, argv: list[str]) -> str:
+    """One screen: the command, the machine and load, a row per run, the two ratios against the issue's bars."""
+    lines = ["", f"dedup side by side: {result['docs']} records ({result['planted']} planted near-copies), "
+             f"{result['cores']} cores, started {result['started']}",
+             "command: python -m phi1_jax.bench.dedup_speed " + " ".join(argv), "",
+             f"{'tool':<12}{'workers':>8}{'wall s':>9}{'docs/s':>9}{'peak MB':>9}{'recall':>8}{'others':>8}"
+             f"{'load avg':>13}"]
+    for r in result["rows"]:
+        lines.append(f"{r['tool'].split()[0]:<12}{r['workers']:>8}{r['seconds']:>9.1f}{r['docs_per_s']:>9.1f}"
+                     f"{r.get('peak_mb', 0):>9}{r['recall']:>8.4f}{r['others_removed']:>8}"
+                     f"{r['load_before']:>7.1f}->{r['load_after']:<4.1f}")
+    for r in result["rows"]:
+        if "pipeline_seconds" in r:
+            lines.append(f"  phi1_jax at {r['workers']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in
+                                                                      r["pipeline_seconds"].items()))
+    ra = result["ratios"]
+    lines.append("")
+    if "ours_2_over_1" in ra:
+        v = ra["ours_2_over_1"]
+        lines.append(f"ours, 2 workers over 1:     {v:.2f}x  (bar >= 1.6: {'MET' if v >= 1.6 else 'not met'})")
+    if "datatrove_2_over_1" in ra:
+        lines.append(f"datatrove, 2 workers over 1: {ra['datatrove_2_over_1']:.2f}x")
+    for k, v in ra.items():
+        if k.startswith("ours_over_datatrove_at_"):
+            w = k.rsplit("_", 1)[1]
+            met = "MET" if v >= 1 else "not met"
+            lines.append(f"ours over datatrove at {w} worker(s): {v:.2f}x  (bar >= 1: {met})")
+    lines.append("(load average above ~0.5 per core means other jobs shared the cores: the ratios are then not the "
+                 "tools' own)")
+    return "\n".join(lines)
 
 
 def _ours(src, work, w, n, planted):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import collections
 import hashlib
+import importlib
 import json
 import re
 import time
@@ -26,7 +27,7 @@ from datasketch import MinHash, MinHashLSH
 
 from phi1_jax import cli, files
 from phi1_jax.data_gen import engine
-from phi1_jax.data_gen.records import RecordsError, check_outputs, write_records
+from phi1_jax.data_gen.records import RecordsError, check_outputs
 
 _TOKEN = re.compile(r"\w+|[^\w\s]")
 _WORD = re.compile(r"\w+")
@@ -140,39 +141,111 @@ def _h64(data: bytes) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little", signed=True)
 
 
+_SHINGLES_PER_STEP = 1 << 15  # shingles x permutations per numpy step: 16 MB of uint32 at 128 permutations
+
+
+_PERMUTATIONS: dict = {}
+
+
+def _permutations(num_perm: int):
+    import numpy as np
+
+    if num_perm not in _PERMUTATIONS:
+        a, b = MinHash(num_perm=num_perm, seed=1).permutations  # datasketch's own (affine32: uint32 a, b)
+        _PERMUTATIONS[num_perm] = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
+    return _PERMUTATIONS[num_perm]
+
+
+def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
+    """`minhash(text).hashvalues` for every text at once, bit for bit (tests/test_ray_pipeline.py checks it): the same
+    shingles, datasketch's sha1-32 of each, its MurmurHash3 pre-mix and affine32 permutations, but one numpy step
+    over the shingles of many records instead of a MinHash object per record. Returns (the signatures, a
+    [records, num_perm] uint32 array; each record's normalised text as bytes, the exact-text band's key)."""
+    import numpy as np
+    from datasketch.minhash import _fmix
+
+    digests, counts, norms = [], [], []
+    sha1 = hashlib.sha1
+    for text in texts:
+        toks = _TOKEN.findall(text.lower())
+        norm = " ".join(toks).encode()
+        norms.append(norm)
+        if len(toks) < n:  # one shingle, the whole text (as `shingles`)
+            digests.append(sha1(norm).digest()[:4])
+            counts.append(1)
+            continue
+        # tokens hold no spaces (and UTF-8 puts no 0x20 inside a character), so the spaces of `norm` are exactly
+        # its separators, and shingle i is the bytes from token i's start to token i+n-1's end
+        sp = np.flatnonzero(np.frombuffer(norm, np.uint8) == 32)
+        starts = [0, *(sp + 1).tolist()]
+        ends = [*sp.tolist(), len(norm)]
+        k = len(toks) - n + 1
+        digests += [sha1(norm[s:e]).digest()[:4] for s, e in zip(starts[:k], ends[n - 1:])]
+        counts.append(k)
+    a, b = _permutations(num_perm)
+    hv = _fmix(np.frombuffer(b"".join(digests), "<u4").astype(np.uint32), 32)
+    offs = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(counts, out=offs[1:])
+    sig = np.empty((len(texts), num_perm), np.uint32)
+    d0 = 0
+    while d0 < len(texts):  # whole records per step, about _SHINGLES_PER_STEP shingles each
+        d1 = max(d0 + 1, int(np.searchsorted(offs, offs[d0] + _SHINGLES_PER_STEP, side="right")) - 1)
+        phv = hv[offs[d0]:offs[d1], None] * a + b  # uint32: the wraparound is datasketch's modulo 2^32
+        sig[d0:d1] = np.minimum.reduceat(phv, offs[d0:d1] - offs[d0], axis=0)
+        d0 = d1
+    return sig, norms
+
+
 def bucket_keys(text: str, b: int, r: int, num_perm: int = 128) -> list[int]:
     """The record's b band buckets then its exact-text bucket (b + 1 signed 64-bit keys; key k belongs to band k)."""
-    hv = minhash(text, num_perm).hashvalues
-    keys = [_h64(hv[i * r:(i + 1) * r].tobytes()) for i in range(b)]
-    return keys + [_h64(" ".join(_TOKEN.findall(text.lower())).encode())]
+    return _bucket_keys(*signatures([text], num_perm), b, r)[0]
 
 
-def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: int) -> dict:
-    """Ray stage 1 (one chunk of lines per call): a row (band, bucket, doc) per record and band."""
+def _bucket_keys(sig, norms, b: int, r: int) -> list[list[int]]:
+    return [[_h64(s[i * r:(i + 1) * r].tobytes()) for i in range(b)] + [_h64(norm)] for s, norm in zip(sig, norms)]
+
+
+def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: int, parts: int) -> dict:
+    """Ray stage 1 (one chunk of lines per call): a row (part, band, bucket, doc) per record and band; `part`, a hash
+    of (band, bucket) below `parts`, is what the shuffle groups by."""
     import numpy as np
 
     band, bucket, doc = [], [], []
     for chunk in _rows(batch):
-        for d, _, rec in engine.read_chunk(chunk, text_field, RecordsError):
-            keys = bucket_keys(rec[text_field], b, r, num_perm)
-            band += range(len(keys))
-            bucket += keys
-            doc += [d] * len(keys)
-    return {"band": np.asarray(band, np.int16), "bucket": np.asarray(bucket, np.int64),
-            "doc": np.asarray(doc, np.int64)}
+        recs = list(engine.read_chunk(chunk, text_field, RecordsError))
+        if not recs:
+            continue
+        keys = _bucket_keys(*signatures([rec[text_field] for _, _, rec in recs], num_perm), b, r)
+        for (d, _, _), k in zip(recs, keys):
+            band += range(len(k))
+            bucket += k
+            doc += [d] * len(k)
+    band, bucket = np.asarray(band, np.int16), np.asarray(bucket, np.int64)
+    return {"part": ((bucket.view(np.uint64) ^ band.astype(np.uint64)) % np.uint64(parts)).astype(np.int32),
+            "band": band, "bucket": bucket, "doc": np.asarray(doc, np.int64)}
 
 
 def _bucket_edges(group: dict) -> dict:
-    """Ray stage 2 (one bucket of one band per call): an edge from every member to the bucket's first record."""
+    """Ray stage 2 (all the rows of one shuffle partition per call, so every bucket whole): an edge from every member
+    of a bucket to its first record, for all buckets at once (one sort)."""
     import numpy as np
 
-    docs = np.unique(group["doc"])
-    return {"doc": docs[1:], "first": np.full(len(docs) - 1, docs[0] if len(docs) else 0, np.int64)}
+    band, bucket, doc = group["band"], group["bucket"], group["doc"]
+    order = np.lexsort((doc, bucket, band))
+    band, bucket, doc = band[order], bucket[order], doc[order]
+    new = np.ones(len(doc), bool)  # the first row of each (band, bucket): its smallest doc
+    new[1:] = (band[1:] != band[:-1]) | (bucket[1:] != bucket[:-1])
+    first = doc[np.flatnonzero(new)[np.cumsum(new) - 1]]
+    member = ~new & (doc != first)  # a record repeated in one bucket (it cannot be) is no edge
+    return {"doc": doc[member], "first": first[member]}
 
 
 def _rows(batch: dict):
+    """A batch's rows as plain Python values (Ray Data hands numpy scalars; an id made from a record number must be
+    an int)."""
     keys = list(batch)
-    return [{k: batch[k][i] for k in keys} for i in range(len(batch[keys[0]]))] if keys else []
+    return [{k: getattr(v, "item", lambda v=v: v)() for k in keys for v in (batch[k][i],)}
+            for i in range(len(batch[keys[0]]))] if keys else []
 
 
 def duplicate_of(edges_doc, edges_first) -> dict[int, int]:
@@ -195,24 +268,38 @@ def duplicate_of(edges_doc, edges_first) -> dict[int, int]:
     return {d: find(d) for d in parent if find(d) != d}
 
 
-def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128, text_field: str = "text",
-                    chunk_bytes: int = engine.CHUNK_BYTES) -> dict[int, int]:
-    """{removed doc number: the doc it duplicates} over the inputs in order, as a Ray Data pipeline (inside an
-    `engine.session`): signatures per chunk -> group by (band, bucket) -> edges -> connected components."""
-    import numpy as np
+def _partitions() -> int:
+    """Shuffle partitions (and the shuffle's settings): two per core of the cluster (each is a task with its own
+    start-up; Ray Data's default of 200 costs more in start-ups than the rows do)."""
     import ray
     import ray.data
 
+    # the shuffled rows are hashes and record numbers, which zstd (Ray Data's default for shuffle shards) cannot
+    # shrink: compressing them is CPU spent for nothing
+    ray.data.DataContext.get_current().shuffle_compression = "none"
+    return 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
+
+
+def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128, text_field: str = "text",
+                    chunk_bytes: int = engine.CHUNK_BYTES, chunks: list[dict] | None = None) -> dict[int, int]:
+    """{removed doc number: the doc it duplicates} over the inputs in order, as a Ray Data pipeline (inside an
+    `engine.session`): signatures per chunk -> group by (band, bucket) -> edges -> connected components."""
+    import numpy as np
+    import ray.data
+
     b, r = bands(threshold, num_perm)
-    chunks = engine.line_chunks(paths, chunk_bytes)
+    if chunks is None:
+        chunks = engine.line_chunks(paths, chunk_bytes)
     if not chunks:
         return {}
+    parts = _partitions()
+    this = importlib.import_module(__spec__.name if __spec__ else __name__)  # not __main__: workers import by name
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
-    sigs = ds.map_batches(_signature_rows, batch_size=1, fn_kwargs={"text_field": text_field, "b": b, "r": r,
-                                                                     "num_perm": num_perm})
-    # a few shuffle partitions per core: the rows are small, and each partition is a task with its own start-up
-    parts = 2 * max(1, int(ray.cluster_resources().get("CPU", 1)))
-    edges = sigs.groupby(["band", "bucket"], num_partitions=parts).map_groups(_bucket_edges, batch_format="numpy")
+    sigs = ds.map_batches(this._signature_rows, batch_size=1, fn_kwargs={"text_field": text_field, "b": b, "r": r,
+                                                                     "num_perm": num_perm, "parts": parts})
+    # grouped by partition, not by bucket: one call per partition sorts its rows once, where a call per bucket (one
+    # per record and band) spent its time in Python
+    edges = sigs.groupby("part", num_partitions=parts).map_groups(this._bucket_edges, batch_format="numpy")
     got = {"doc": [], "first": []}
     with engine.user_errors():
         for batch in edges.iter_batches(batch_format="numpy", batch_size=None):
@@ -221,6 +308,192 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
     if not got["doc"]:
         return {}
     return duplicate_of(np.concatenate(got["doc"]), np.concatenate(got["first"]))
+
+
+# --- writing, in the workers: survivors per chunk, the diversity report as per-chunk partial counts ------------------
+#
+# Each chunk's task writes its survivors as one part file (whole or absent; a retried task writes it again) and
+# counts its records' word n-grams, as 64-bit hashes (word hashes chained; a collision among the ~10^7 distinct
+# n-grams of a 30k-record corpus has a chance of ~10^-5): per n, the distinct hashes of the chunk with a flag saying
+# whether a kept record has it, cut by hash range into the shuffle's partitions. Grouped by partition, each call
+# counts its distinct hashes across all chunks; the driver adds the partitions' counts and merges the chunks'
+# openings and removed lists in chunk order, then concatenates each input's part files into `OUT/<input name>`.
+
+_GRAM_MIX = 0x9E3779B97F4A7C15
+
+
+def _fmix64(x):
+    import numpy as np
+
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
+
+
+def gram_hashes(word_lists: list[list[str]], kept: list[bool], parts: int) -> list[dict]:
+    """Per n = 1..4: {"total_all", "total_kept", "hashes": [the distinct n-gram hashes of partition p, p < parts],
+    "kept": [for each, whether a kept record has it]}."""
+    import numpy as np
+
+    vocab: dict[str, int] = {}
+    ids = [vocab.setdefault(w, len(vocab)) for ws in word_lists for w in ws]
+    wh = np.frombuffer(b"".join(hashlib.blake2b(w.encode(), digest_size=8).digest() for w in vocab), np.uint64)
+    hw = wh[np.asarray(ids, np.int64)] if ids else np.zeros(0, np.uint64)
+    lens = np.asarray([len(ws) for ws in word_lists], np.int64)
+    ends = np.repeat(np.cumsum(lens), lens)
+    left = ends - np.arange(len(hw))  # words from each position to the end of its record
+    kept_pos = np.repeat(np.asarray(kept, bool), lens)
+    out, g = [], hw
+    for n in (1, 2, 3, 4):
+        if n > 1:
+            g = _fmix64(g[:-1] * np.uint64(_GRAM_MIX) + hw[n - 1:])
+        valid = left[:len(g)] >= n
+        h = g[valid]
+        u, inv = np.unique(h, return_inverse=True)
+        k = np.zeros(len(u), bool)
+        k[inv[kept_pos[:len(g)][valid]]] = True
+        cut = np.searchsorted(u, (np.arange(1, parts, dtype=np.uint64) * (np.uint64(2**64 - 1) // np.uint64(parts))))
+        out.append({"total_all": int(valid.sum()), "total_kept": int((valid & kept_pos[:len(g)]).sum()),
+                    "hashes": np.split(u, cut), "kept": np.split(k, cut)})
+    return out
+
+
+def _write_chunk(batch: dict, *, text_field: str, dup_ref, scratch: str, parts: int, opening_words: int = 5) -> dict:
+    """Ray stage 3 (one chunk per call): its survivors to `scratch/<chunk>.jsonl` (whole or absent), and one row per
+    shuffle partition: the chunk's distinct n-gram hashes in that partition; the chunk's own counts ride on row 0."""
+    import pickle
+
+    import numpy as np
+    import ray
+
+    dup, firsts = ray.get(dup_ref)
+    rows = {"part": [], "chunk": [], "grams": [], "meta": []}
+    for chunk in _rows(batch):
+        recs = list(engine.read_chunk(chunk, text_field, RecordsError))
+        name = Path(chunk["path"]).name
+        removed, keys, words = [], {}, []
+        openings, removed_openings = collections.Counter(), collections.Counter()
+        with files.replacing(Path(scratch) / f"{int(chunk['index']):08d}.jsonl", concurrent=True) as tmp, \
+                open(tmp, "w", encoding="utf-8") as f:
+            for d, i, rec in recs:
+                w = _WORD.findall(rec[text_field].lower())
+                words.append(w)
+                opening = " ".join(w[:opening_words]) if w else None
+                if opening is not None:
+                    openings[opening] += 1
+                if d in firsts:
+                    keys[d] = f"{name}#{rec.get('id', i)}"
+                if d in dup:
+                    removed.append({"input": name, "id": rec.get("id", i), "duplicate_of": dup[d]})
+                    if opening is not None:
+                        removed_openings[opening] += 1
+                else:
+                    f.write(json.dumps(rec) + "\n")
+        kept = [d not in dup for d, _, _ in recs]
+        grams = gram_hashes(words, kept, parts)
+        meta = {"chunk": int(chunk["index"]), "records": len(recs), "kept": sum(kept), "removed": removed,
+                "keys": keys, "openings": openings, "removed_openings": removed_openings,
+                "totals": [(g["total_all"], g["total_kept"]) for g in grams]}
+        for p in range(parts):
+            rows["part"].append(p)
+            rows["chunk"].append(int(chunk["index"]))
+            rows["grams"].append(pickle.dumps([(g["hashes"][p], g["kept"][p]) for g in grams], protocol=5))
+            rows["meta"].append(pickle.dumps(meta, protocol=5) if p == 0 else b"")
+    return {"part": np.asarray(rows["part"], np.int32), "chunk": np.asarray(rows["chunk"], np.int64),
+            "grams": np.asarray(rows["grams"], dtype=object), "meta": np.asarray(rows["meta"], dtype=object)}
+
+
+def _count_partition(group: dict) -> dict:
+    """Ray stage 4 (one partition of the n-gram hashes, from every chunk): distinct n-grams of all records and of the
+    kept ones, per n; partition 0 also passes the chunks' own counts on."""
+    import pickle
+
+    import numpy as np
+
+    per_n = [([], []) for _ in range(4)]
+    for blob in group["grams"]:
+        for n, (h, k) in enumerate(pickle.loads(blob)):
+            per_n[n][0].append(h)
+            per_n[n][1].append(k)
+    counts = []
+    for hs, ks in per_n:
+        h, k = np.concatenate(hs), np.concatenate(ks)
+        counts.append((len(np.unique(h)), len(np.unique(h[k]))))
+    metas = [m for m in group["meta"] if len(m)]
+    return {"counts": np.asarray([pickle.dumps(counts)], dtype=object),
+            "metas": np.asarray([pickle.dumps(metas)], dtype=object)}
+
+
+def _diversity_report(records: int, distinct: list[tuple[int, int]], openings: collections.Counter,
+                      top: int = 10) -> dict:
+    """`Diversity.report` from merged counts: distinct[n-1] = (distinct n-grams, all n-grams)."""
+    out: dict = {"records": records}
+    for n, (d, total) in enumerate(distinct, 1):
+        out[f"distinct_{n}"] = round(d / total, 4) if total else 0.0
+    out["openings"] = [{"opening": o, "count": c} for o, c in openings.most_common() if c > 0][:top]
+    return out
+
+
+def write_and_report(inputs: list[Path], out: Path, chunks: list[dict], dup: dict[int, int], *,
+                     text_field: str) -> tuple[list[dict], dict, dict]:
+    """Ray stages 3-4 (inside an `engine.session`): each input's survivors to `OUT/<input name>` (whole or absent),
+    and (removed records, diversity before, diversity after)."""
+    import pickle
+    import shutil
+    import tempfile
+
+    import ray
+    import ray.data
+
+    parts = _partitions()
+    out.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".dedup-parts.", suffix=".tmp", dir=out))  # beside OUT: workers see it
+    try:
+        # the duplicates go to the workers once, through the object store (a small dict: one entry per duplicate)
+        dup_ref = ray.put((dup, set(dup.values())))
+        metas, distinct = [], [[0, 0] for _ in range(4)]
+        if chunks:
+            ds = ray.data.from_items([{**c, "index": i} for i, c in enumerate(chunks)],
+                                     override_num_blocks=len(chunks))
+            this = importlib.import_module(__spec__.name if __spec__ else __name__)
+            rows = ds.map_batches(this._write_chunk, batch_size=1, fn_kwargs={
+                "text_field": text_field, "dup_ref": dup_ref, "scratch": str(scratch), "parts": parts})
+            counted = rows.groupby("part", num_partitions=parts).map_groups(this._count_partition, batch_format="numpy")
+            with engine.user_errors():
+                for batch in counted.iter_batches(batch_format="numpy", batch_size=None):
+                    for c, m in zip(batch["counts"], batch["metas"]):
+                        for n, (d_all, d_kept) in enumerate(pickle.loads(c)):
+                            distinct[n][0] += d_all
+                            distinct[n][1] += d_kept
+                        metas += [pickle.loads(x) for x in pickle.loads(m)]
+        metas.sort(key=lambda m: m["chunk"])
+        keys: dict[int, str] = {}
+        openings, removed_openings = collections.Counter(), collections.Counter()
+        totals = [[0, 0] for _ in range(4)]
+        records = kept = 0
+        for m in metas:  # chunk order: the openings' ties stay in input order, as one pass over the inputs has them
+            keys.update(m["keys"])
+            openings.update(m["openings"])
+            removed_openings.update(m["removed_openings"])
+            records, kept = records + m["records"], kept + m["kept"]
+            for n, (t_all, t_kept) in enumerate(m["totals"]):
+                totals[n][0] += t_all
+                totals[n][1] += t_kept
+        removed = [{**r, "duplicate_of": keys[r["duplicate_of"]]} for m in metas for r in m["removed"]]
+        before = _diversity_report(records, [(d[0], t[0]) for d, t in zip(distinct, totals)], openings)
+        openings.subtract(removed_openings)
+        after = _diversity_report(kept, [(d[1], t[1]) for d, t in zip(distinct, totals)], openings)
+        for k, path in enumerate(inputs):  # each input: its chunks' parts in order, whole or absent
+            with files.replacing(out / path.name) as tmp, open(tmp, "wb") as f:
+                for i, c in enumerate(chunks):
+                    if c["input"] == k:
+                        with open(scratch / f"{i:08d}.jsonl", "rb") as part:
+                            shutil.copyfileobj(part, f, 1 << 20)
+        return removed, before, after
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def report_markdown(report: dict) -> str:
@@ -255,39 +528,25 @@ def main(argv=None) -> int:
     except ValueError as e:  # datasketch's checks of the flags
         raise RecordsError(f"--threshold={a.threshold} --num-perm={a.num_perm}: {e}") from None
     t0 = time.perf_counter()
+    seconds = {}
     with engine.session(a.ray_address, a.num_cpus, progress=not a.no_progress):
+        seconds["ray_start"] = time.perf_counter() - t0
+        chunks = engine.line_chunks(inputs, a.chunk_kb << 10)
         dup = find_duplicates(inputs, threshold=a.threshold, num_perm=a.num_perm, text_field=a.text_field,
-                              chunk_bytes=a.chunk_kb << 10)
-    t1 = time.perf_counter()
-    # Writing: one streaming pass per input in the driver (outputs are in input order, whole or absent).
-    seen, removed_texts = Diversity(), Diversity()
-    keys: dict[int, str] = {}  # doc -> "input#id", for the records others duplicate
-    firsts = set(dup.values())
-    removed = []
-
-    def survivors(path: Path):
-        base = seen.records
-        for chunk in engine.line_chunks([path]):
-            for d, i, rec in engine.read_chunk(chunk, a.text_field, RecordsError):
-                d += base
-                seen.add(rec[a.text_field])
-                if d in firsts:
-                    keys[d] = f"{path.name}#{rec.get('id', i)}"
-                if d in dup:
-                    removed.append({"input": path.name, "id": rec.get("id", i), "duplicate_of": keys[dup[d]]})
-                    removed_texts.add(rec[a.text_field])
-                else:
-                    yield rec
-
-    for path in inputs:  # each input's survivors, streamed in order, whole or absent
-        write_records(out / path.name, survivors(path))
-    diversity_before = seen.report()
-    seen.subtract(removed_texts)
-    n_in, n_kept = diversity_before["records"], seen.records
+                              chunks=chunks)
+        t1 = time.perf_counter()
+        # Writing, in the workers too: survivors per chunk, assembled per input in order; the report from per-chunk
+        # partial counts
+        removed, diversity_before, diversity_after = write_and_report(inputs, out, chunks, dup,
+                                                                      text_field=a.text_field)
+        t2 = time.perf_counter()
+    n_in, n_kept = diversity_before["records"], diversity_after["records"]
+    seconds = {"dedup": t1 - t0, "write_and_report": t2 - t1, "ray_start": seconds["ray_start"],
+               "ray_stop": time.perf_counter() - t2}
     report = {"threshold": a.threshold, "num_perm": a.num_perm, "records_in": n_in, "records_kept": n_kept,
               "unique_fraction": n_kept / n_in if n_in else 1.0, "removed": removed,
-              "diversity_before": diversity_before, "diversity_after": seen.report(),
-              "seconds": {"dedup": round(t1 - t0, 3), "write_and_report": round(time.perf_counter() - t1, 3)}}
+              "diversity_before": diversity_before, "diversity_after": diversity_after,
+              "seconds": {k: round(v, 3) for k, v in seconds.items()}}
     files.write_text(out / "dedup_report.json", json.dumps(report, indent=2) + "\n")
     files.write_text(out / "dedup_report.md", report_markdown(report))
     print(f"{n_in} records in, {n_kept} kept ({n_in - n_kept} near-duplicates removed); report: {out}/dedup_report.md")
