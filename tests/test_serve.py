@@ -211,13 +211,35 @@ def test_models_health_and_greedy_completions_equal_generate(tiny_server, refere
     assert r.choices[0].text == reference(PROMPTS[0], 24)[0]
 
 
+def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_with_generates_text_and_logprobs(tiny_server, reference):
+    """Four prompts that share their first 48 tokens, in one request: one is prefilled whole, the other three copy its
+    row's keys and values for those 48 and prefill only their own ends (the health counters say so); every text is
+    still generate's greedy text and every token's log-probability the model's own log-softmax."""
+    tok = reference.tok
+    shared = tok.encode(PROMPTS[2] * 8)[:48]
+    prompts = [shared + tok.encode(p)[:6] for p in PROMPTS]
+    before = tiny_server.health()
+    r = tiny_server.client().completions.create(model=tiny_server.name, prompt=prompts, max_tokens=10, temperature=0,
+                                                logprobs=1)
+    after = tiny_server.health()
+    assert after["extends"] - before["extends"] == len(prompts) - 1
+    assert after["reused_tokens"] - before["reused_tokens"] == 48 * (len(prompts) - 1)
+    for choice, ids in zip(sorted(r.choices, key=lambda c: c.index), prompts):
+        want = reference.greedy_ids(ids, 10)
+        assert choice.text == tok.decode(want)
+        scores = reference.log_softmax(ids + want)
+        np.testing.assert_allclose(choice.logprobs.token_logprobs,
+                                   [scores[len(ids) - 1 + i, t] for i, t in enumerate(want)], atol=1e-5)
+
+
 def test_warm_up_compiles_every_shape_before_models_answers(tiny_server, scripted_server, request):
     warming = tiny_server.warming  # the tiny server starts cold: /v1/models was a 503 while /health said warming
     assert warming and all(code == 503 and why == "warming" for code, why, _ in warming)
     assert any(h["status"] == "warming" and h["compiling"] for _, _, h in warming)
     ready = tiny_server.ready_health
-    # 16 slots, 128 positions: admit 2 group sizes x 2 prompt buckets, decode 3 row counts x 1 window, compact 1.
-    assert ready["status"] == "ok" and ready["shapes"] == 8 and ready["compiles"] >= ready["shapes"]
+    # 16 slots, 128 positions: admit 2 group sizes x 2 prompt buckets, decode 3 row counts x 1 window, compact 1,
+    # extend (prefix reuse) 2 prompt buckets.
+    assert ready["status"] == "ok" and ready["shapes"] == 10 and ready["compiles"] >= ready["shapes"]
     cache = request.config.cache.mkdir("phi1_jax_compile")  # the scripted server's persistent cache holds its programs
     assert scripted_server.ready_health["shapes"] > 0 and any(cache.iterdir())
 

@@ -17,7 +17,8 @@ engine_rounds: the same single request and 5 rounds, submitted to the engine in 
   first, as the server does): the device and engine share of the stalls figures, without HTTP, JSON or a client.
 decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
   (16 rows, compiled first), each warm, greedy, --max-tokens new tokens: decode tokens/s side by side, prefill left
-  out (generate: a run of --max-tokens less a run of 1; the engine: its chunks timed after the prompts are admitted).
+  out (generate: its chunks after the first 64 tokens, timed at its host visits between chunks, so --max-tokens must
+  exceed 64; the engine: its chunks timed after the prompts are admitted), --reps times, the two sides back to back in each repeat; the medians and each repeat's load average are kept.
 clients: C clients (1, 16, 64) each send --rounds streamed greedy requests one after another (after one warm-up
   round): requests/s, tokens/s, p50/p99 latency, time to first token.
 """
@@ -106,6 +107,12 @@ class _Server:
                 self.proc.wait()
 
 
+def _health(server: _Server) -> dict:
+    import httpx
+
+    return httpx.get(server.url.removesuffix("/v1") + "/health", timeout=30).json()
+
+
 def _serve(ckpt: Path, port: int, cache: Path | str, *extra: str) -> _Server:
     return _Server([sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={ckpt}", f"--port={port}",
                     f"--compile-cache={cache}", *extra], port)
@@ -141,25 +148,29 @@ def stalls(a, folder: Path) -> dict:
     _, tok = _checkpoint(a.model, a.max_len, ckpt)
     base = tok.encode(PROMPT * 20)
     cache = folder / "compile_cache"
-    server = _serve(ckpt, _free_port(), cache, f"--slots={a.slots}")
+    extra = [f"--slots={a.slots}", *([f"--chunk-tokens={a.chunk_tokens}"] if a.chunk_tokens else [])]
+    server = _serve(ckpt, _free_port(), cache, *extra)
     try:
         cold = server.ready_s
         longest = {"prompt": base[:300], "max_tokens": 100}
         single = min(asyncio.run(_requests(server.url, str(ckpt), [longest]))[0]["latency_s"] for _ in range(3))
-        rounds = []
+        rounds, work = [], []
         for mix in _mixes(a.rounds):
             specs = [{"prompt": base[:n], "max_tokens": m} for n, m in mix]
+            before = _health(server)
             t0 = time.perf_counter()
             asyncio.run(_requests(server.url, str(ckpt), specs))
             rounds.append(time.perf_counter() - t0)
+            after = _health(server)  # what the engine ran for the round
+            work.append({k: after[k] - before[k] for k in ("prefills", "chunks", "steps", "compactions")})
     finally:
         server.stop()
-    restart = _serve(ckpt, _free_port(), cache, f"--slots={a.slots}")
+    restart = _serve(ckpt, _free_port(), cache, *extra)
     restart.stop()
     median = statistics.median(rounds)
     out = {"cold_start_s": round(cold, 2), "restart_s": round(restart.ready_s, 2), "single_longest_s": round(single, 3),
            "rounds_s": [round(r, 3) for r in rounds], "slowest_over_median": round(max(rounds) / median, 2),
-           "median_over_single": round(median / single, 2)}
+           "median_over_single": round(median / single, 2), "per_round": work}
     out["met"] = out["slowest_over_median"] <= 3 and out["median_over_single"] <= 4
     print(json.dumps(out), flush=True)
     return out
@@ -178,7 +189,8 @@ def engine_rounds(a, folder: Path) -> dict:
 
     model, tok = _checkpoint(a.model, a.max_len, folder / "model")
     base = tok.encode(PROMPT * 20)
-    engine = Engine(model, tok, slots=a.slots, max_len=a.max_len)
+    engine = Engine(model, tok, slots=a.slots, max_len=a.max_len,
+                    **({} if a.chunk_tokens is None else {"chunk_tokens": a.chunk_tokens}))
     engine.start()
     engine.ready.wait()
 
@@ -203,6 +215,7 @@ def engine_rounds(a, folder: Path) -> dict:
 
 
 def decode(a, folder: Path) -> dict:
+    import os
     import threading
 
     import jax
@@ -215,17 +228,26 @@ def decode(a, folder: Path) -> dict:
     n = a.max_tokens
     fast = for_decoding(model)
 
-    def timed_generate(new: int) -> tuple[float, int]:
-        generate(fast, prompts, max_new_tokens=new)  # compiles
+    def timed_generate() -> tuple[float, int, float]:
+        """generate's decode alone: (seconds, tokens) of its chunks after the first, timed where generate visits the
+        host between chunks (its `stop` callable), and the seconds until the first chunk's end (prefill and chunk)."""
+        marks = {}  # tokens per row so far -> when generate's host loop first looked at them
+
+        def stop(row):
+            marks.setdefault(len(row), time.perf_counter())
+            return False
+
         t0 = time.perf_counter()
-        tokens = sum(len(o) for o in generate(fast, prompts, max_new_tokens=new))
-        return time.perf_counter() - t0, tokens
+        generate(fast, prompts, max_new_tokens=n, stop=stop)
+        (first, t1), (last, t2) = min(marks.items()), max(marks.items())
+        return t2 - t1, (last - first) * len(prompts), t1 - t0
 
-    # generate's decode alone: a run of n tokens less a run of 1 (the same prefill and one step)
-    (one_s, one_tokens), (all_s, all_tokens) = timed_generate(1), timed_generate(n)
-    gen_s, gen_tokens = all_s - one_s, all_tokens - one_tokens
+    engine = Engine(model, tok, slots=16, max_len=a.max_len,
+                    **({} if a.chunk_tokens is None else {"chunk_tokens": a.chunk_tokens}))
+    if a.engine_weights == "param":  # the engine before its weights were cast once (the "before" figure)
+        from flax import nnx
 
-    engine = Engine(model, tok, slots=16, max_len=a.max_len)
+        engine.graphdef, engine.state = nnx.split(fast)
     # only what this run uses (phi-1-small's programs take minutes each to compile here)
     needed = {("admit", g, 64) for g in engine.group_sizes}
     for w in engine.windows:
@@ -248,13 +270,23 @@ def decode(a, folder: Path) -> dict:
             engine._chunk()
         return time.perf_counter() - t1, sum(len(j.tokens) for j in jobs), t1 - t0
 
-    run()  # warm
-    eng_s, eng_tokens, admit_s = run()
-    out = {"model": a.model, "rows": 16, "new_tokens": n, "generate_tok_per_s": round(gen_tokens / gen_s, 1),
-           "generate_prefill_and_one_step_s": round(one_s, 2), "engine_admit_s": round(admit_s, 2),
-           "engine_tok_per_s": round(eng_tokens / eng_s, 1),
-           "generate_over_engine": round((gen_tokens / gen_s) / (eng_tokens / eng_s), 2)}
-    print(json.dumps(out), flush=True)
+    timed_generate(), run()  # compiles generate's programs; warms both
+    reps = []
+    for _ in range(a.reps):  # interleaved: the machine's load moves, so each repeat times both sides back to back
+        load = os.getloadavg()[0]
+        gen_s, gen_tokens, first_s = timed_generate()
+        eng_s, eng_tokens, admit_s = run()
+        gen, eng = gen_tokens / gen_s, eng_tokens / eng_s
+        reps.append({"generate_tok_per_s": round(gen, 1), "engine_tok_per_s": round(eng, 1),
+                     "generate_over_engine": round(gen / eng, 2), "generate_prefill_and_first_chunk_s": round(first_s, 2),
+                     "engine_admit_s": round(admit_s, 2), "load_1min": round(load, 1)})
+        print(json.dumps(reps[-1]), flush=True)
+    med = lambda k: statistics.median(r[k] for r in reps)  # noqa: E731
+    out = {"model": a.model, "rows": 16, "new_tokens": n, "chunk_tokens": engine.chunk_tokens,
+           "engine_weights": a.engine_weights, "repeats": reps,
+           "generate_tok_per_s": med("generate_tok_per_s"), "engine_tok_per_s": med("engine_tok_per_s"),
+           "generate_over_engine": med("generate_over_engine")}
+    print(json.dumps({k: v for k, v in out.items() if k != "repeats"}), flush=True)
     return out
 
 
@@ -299,8 +331,17 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,16,64")
+    p.add_argument("--reps", type=int, default=3, help="decode: interleaved repeats of both sides (the median is kept)")
+    p.add_argument("--chunk-tokens", type=int, default=None,
+                   help="decode, stalls, engine_rounds: the engine's chunk (default: the engine's own)")
+    p.add_argument("--engine-weights", choices=["compute", "param"], default="compute",
+                   help="decode: the engine's projections in the compute dtype (as it runs) or in the parameters' "
+                        "dtype (fp32, cast at every chunk: the engine before 2026-12-05)")
     p.add_argument("--json", default=None, help="also write the figures here (JSON)")
     a = p.parse_args(argv)
+    if a.scenario == "decode" and a.max_tokens <= 64:
+        p.error("--scenario=decode needs --max-tokens above 64: generate's first 64-token chunk (with its prefill) is "
+                "left out of its decode time")
     import jax
 
     folder = Path(tempfile.mkdtemp(prefix="bench_serve."))

@@ -131,7 +131,7 @@ class Server:
                 index = p * opts["n"] + j
                 jobs.append(Job(prompt=prompt, max_tokens=max_tokens, temperature=opts["temperature"],
                                 top_p=opts["top_p"], seed=seed % (2**63), stop=stops, choice=index,
-                                logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+                                logprobs=logprobs, prompt_logprobs=prompt_logprobs, stream=opts["stream"],
                                 emit=lambda ev, i=index: emit(i, ev)))
         return jobs
 

@@ -47,8 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from phi1_jax.decoding import for_decoding, last_logits, sample
-from phi1_jax.model import KVCache, Phi
+from phi1_jax.decoding import DecodeProjection, for_decoding, last_logits, sample
+from phi1_jax.model import KVCache, Phi, Projection
 from phi1_jax.tokenizer import Tokenizer
 
 MIN_WINDOW = 128  # smallest cache window a chunk attends over
@@ -57,6 +57,10 @@ TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (Open
 # Prompts prefilled in one admit program at most. Measured on the 2-core CPU (tiny model, 256-token bucket): one
 # 16-prompt admit took 0.10-0.18 s where two 4-prompt admits took 0.014 s each, so larger groups are admitted in 4s.
 MAX_GROUP = 4
+# Prefix reuse: a prompt sharing at least this many leading tokens with a busy row's copies that row's keys and
+# values for the shared part and prefills only the rest (one ("extend", S) program per prompt bucket S).
+PREFIX_MIN = 32
+WAVE_CAP = 8  # an idle engine's wave of arrivals stays open at most this many --batch-wait-ms
 
 
 @dataclasses.dataclass(eq=False)
@@ -78,6 +82,7 @@ class Job:
     logprobs: int | None = None
     prompt_logprobs: bool = False
     cancelled: bool = False  # set by the server when the client goes away; the slot is freed at the next chunk
+    stream: bool = True  # False: the text is wanted only at the end (one "text" event then, none per chunk)
     # engine state and results
     tokens: list[int] = dataclasses.field(default_factory=list)
     token_logprobs: list[float] = dataclasses.field(default_factory=list)
@@ -102,6 +107,24 @@ def buckets(lo: int, hi: int, factor: int = 2) -> list[int]:
 
 def _fit(sizes: list[int], n: int) -> int:
     return next(s for s in sizes if s >= n)
+
+
+def compute_dtype_weights(model: Phi) -> Phi:
+    """A copy of `model` (`model` untouched) whose projections keep their kernels and biases in the compute dtype.
+
+    A projection casts its fp32 kernel to the compute dtype at every use; inside a decode chunk XLA hoists those casts
+    out of the step loop, so every chunk began by converting every kernel (1.4 GB of fp32 read at phi-1-small, about
+    as long as 3-4 decode steps on the 2-core CPU, once per 8-token chunk). Cast once here instead: the same values,
+    so the same logits, and half the weights' memory. Layer norms and the embedding keep their dtypes."""
+    graphdef, state = nnx.split(model)
+    copy = nnx.merge(graphdef, state)
+    for _, module in list(nnx.iter_modules(copy)):
+        if isinstance(module, (Projection, DecodeProjection)):
+            for name in ("kernel", "kernel_t", "bias"):
+                var = getattr(module, name, None)
+                if isinstance(var, nnx.Variable) and var[...].dtype != module.dtype:
+                    setattr(module, name, type(var)(var[...].astype(module.dtype)))
+    return copy
 
 
 # --- device functions (compiled per shape by Engine.warm_up) ----------------------------------------------------------
@@ -145,6 +168,25 @@ def _admit(graphdef, state, k, v, seg, logits, ids, segment_ids, positions, slot
     seg = seg.at[slots].set(0, mode="drop").at[slots[:, None], cols].set(segment_ids, mode="drop")
     return (tuple(map(put, k, out.cache.k)), tuple(map(put, v, out.cache.v)), seg,
             logits.at[slots].set(last_logits(model, out), mode="drop"), *scores)
+
+
+def _extend(graphdef, state, k, v, seg, logits, src, dst, n, ids, segment_ids, positions, t):
+    """Prefix reuse: row `dst` gets row `src`'s first n filled slots (the keys and values of the prompt prefix the
+    two share; each key carries its rotary position, so slots may move) at slots [t - S - n, t - S), then only the
+    suffix ids [1, S] (left-padded, positions from n) is prefilled on top of them at [t - S, t), attending to the
+    prefix as a prompt attends to itself. The row's other slots are emptied. Returns the cache and logits."""
+    model = nnx.merge(graphdef, state)
+    s, length = ids.shape[1], seg.shape[1]
+    order = jnp.argsort(seg[src] == 0, stable=True)  # src's filled slots first, in order
+    j = jnp.arange(length) - (t - s - n)  # which prefix token lands in each slot of dst
+    ok = (j >= 0) & (j < n)
+    idx = order[jnp.clip(j, 0, length - 1)]
+    row = lambda x: jnp.where(ok[None, :, None], x[src][:, idx], 0)[None]  # noqa: E731  [1, N, L, H]
+    cache = KVCache(k=tuple(map(row, k)), v=tuple(map(row, v)), segment_ids=ok.astype(jnp.int32)[None], index=t - s)
+    out = model(ids, segment_ids=segment_ids, positions=positions, cache=cache)
+    put = lambda full, new: full.at[dst].set(new[0].astype(full.dtype))  # noqa: E731
+    return (tuple(map(put, k, out.cache.k)), tuple(map(put, v, out.cache.v)), put(seg, out.cache.segment_ids),
+            logits.at[dst].set(last_logits(model, out)[0]))
 
 
 def _decode(graphdef, rows, window, chunk, state, k, v, seg, logits, t, steps, live, pos, count, limit, temperature,
@@ -217,13 +259,13 @@ class Engine:
     the module docstring)."""
 
     def __init__(self, model: Phi, tokenizer: Tokenizer, *, slots: int = 16, max_len: int | None = None,
-                 chunk_tokens: int = 8, wave_ms: float = 5.0):
+                 chunk_tokens: int = 8, wave_ms: float = 5.0, prefix_reuse: bool = True):
         cfg = model.cfg
         self.tokenizer, self.cfg = tokenizer, cfg
         self.slots = _pow2(slots)
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)  # cache slots per row: prompt + completion
-        self.chunk_tokens, self.wave_s = chunk_tokens, wave_ms / 1000
-        self.graphdef, self.state = nnx.split(for_decoding(model))
+        self.chunk_tokens, self.wave_s, self.prefix_reuse = chunk_tokens, wave_ms / 1000, prefix_reuse
+        self.graphdef, self.state = nnx.split(compute_dtype_weights(for_decoding(model)))
         # Rows and groups in powers of 4: decoding 4 rows costs about what 1 does (the weights are read once per step
         # either way), and each size less is one compile less for every window and prompt length.
         self.group_sizes = buckets(1, min(self.slots, MAX_GROUP), 4)
@@ -250,17 +292,19 @@ class Engine:
         self.ready = threading.Event()
         self.warming = ""  # what warm_up is compiling now
         self.stats = {"chunks": 0, "steps": 0, "row_steps": 0, "prefills": 0, "jobs": 0, "compactions": 0,
-                      "shapes": 0, "warm_up_s": 0.0}
+                      "extends": 0, "reused_tokens": 0, "shapes": 0, "warm_up_s": 0.0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
     # --- public ---------------------------------------------------------------------------------------------------
 
     def shapes(self) -> list[tuple]:
-        """Every device program the engine may run: ("admit", G, P), ("decode", R, W), ("compact", W)."""
+        """Every device program the engine may run: ("admit", G, P), ("decode", R, W), ("compact", W), and with prefix
+        reuse ("extend", S)."""
         return ([("admit", g, p) for g in self.group_sizes for p in self.prompt_sizes]
                 + [("decode", r, w) for r in self.row_sizes for w in self.windows]
-                + [("compact", w) for w in self.windows])
+                + [("compact", w) for w in self.windows]
+                + [("extend", p) for p in self.prompt_sizes if self.prefix_reuse])
 
     def submit(self, job: Job) -> None:
         if len(job.prompt) + job.max_tokens > self.max_len:  # the server checks first; this is the engine's own guard
@@ -320,6 +364,11 @@ class Engine:
             rows = lambda dtype: spec((r,), dtype)  # noqa: E731
             args = (self.state, *cache, spec((), i32), spec((), i32), rows(jnp.bool_), rows(i32), rows(i32), rows(i32),
                     rows(f32), rows(f32), spec((r, 2), jnp.uint32), spec((), i32), spec((), i32), spec((), jnp.bool_))
+        elif shape[0] == "extend":
+            _, p = shape
+            fn = jax.jit(functools.partial(_extend, self.graphdef), donate_argnums=(1, 2, 3, 4))
+            args = (self.state, *cache, spec((), i32), spec((), i32), spec((), i32), spec((1, p), i32),
+                    spec((1, p), i32), spec((1, p), i32), spec((), i32))
         else:
             _, w = shape
             fn = jax.jit(functools.partial(_compact, w), donate_argnums=(0, 1, 2))
@@ -360,20 +409,24 @@ class Engine:
                 self.t = 0
 
     def _take_inbox(self, block: bool) -> None:
-        """Moves submitted jobs to `waiting`. When idle, waits for one, then `wave_s` more for others that come with it
-        (concurrent clients' requests land within a few ms; they then share one prefill)."""
+        """Moves submitted jobs to `waiting`. When idle, waits for one, then for others that come with it: the wave
+        stays open while each next job comes within `wave_s` of the one before, at most WAVE_CAP x `wave_s` in all
+        (concurrent clients' requests land a few ms apart, more on a busy machine; they then share one admission
+        instead of trickling in between decode chunks, each moving the shared index)."""
         try:
             if block:
                 first = self.inbox.get()
                 if first is None:
                     return
                 self.waiting.append(first)
-                deadline = time.monotonic() + self.wave_s
+                start = time.monotonic()
+                deadline = start + self.wave_s
                 while (left := deadline - time.monotonic()) > 0:
                     job = self.inbox.get(timeout=left)
                     if job is None:
                         return
                     self.waiting.append(job)
+                    deadline = min(time.monotonic() + self.wave_s, start + WAVE_CAP * self.wave_s)
             while True:
                 job = self.inbox.get_nowait()
                 if job is not None:
@@ -382,14 +435,24 @@ class Engine:
             pass
 
     def _admit(self) -> None:
-        """Prefills waiting jobs into free slots: one group per prompt bucket, the shortest prompts first."""
+        """Prefills waiting jobs into free slots. First, one at a time, every job whose prompt shares PREFIX_MIN or
+        more leading tokens with a busy row's (prefix reuse: `_extend` copies that row's keys and values and prefills
+        only the rest); then one group per prompt bucket, the shortest prompts first. A job sharing such a prefix with
+        one already in its group waits for the next pass, where it extends from that job's row."""
         self.waiting = [j for j in self.waiting if not self._dropped(j)]
         if not self.active:
             self.t = 0
         while self.waiting and len(self.active) < self.slots:
             free = [s for s in range(self.slots) if s not in self.active]
+            if self._extend_one(free[0]):
+                continue
             p = min(_fit(self.prompt_sizes, len(j.prompt)) for j in self.waiting)
-            group = [j for j in self.waiting if _fit(self.prompt_sizes, len(j.prompt)) == p]
+            group, keys = [], set()
+            for job in self.waiting:
+                key = self._prefix_key(job)
+                if _fit(self.prompt_sizes, len(job.prompt)) == p and (key is None or key not in keys):
+                    group.append(job)
+                    keys.add(key)
             n = min(len(group), len(free), self.group_sizes[-1])
             g = _fit(self.group_sizes, n)
             if g > 2 * n:  # more than half the rows would be padding: admit the largest full group now, the rest next
@@ -403,11 +466,8 @@ class Engine:
             for r, (job, slot) in enumerate(zip(group, free)):
                 n = len(job.prompt)
                 ids[r, p - n:], seg[r, p - n:], pos[r, p - n:] = job.prompt, 1, np.arange(n)
-                job.slot, slots[r] = slot, slot
-                self.active[slot] = job
-                self.pos[slot], self.filled[slot], self.count[slot], self.limit[slot] = n, n, 0, job.max_tokens
-                self.temperature[slot], self.top_p[slot] = job.temperature, job.top_p
-                self.keys[slot] = _row_key(job.seed, job.choice)
+                slots[r] = slot
+                self._take_slot(job, slot)
             ids[len(group):, -1] = seg[len(group):, -1] = 1  # padding rows: one token, so no row is all padding
             score = any(j.prompt_logprobs for j in group)
             self.k, self.v, self.seg, self.logits, lp, top_lp, top_id = self._call(
@@ -424,6 +484,61 @@ class Engine:
                                          for j in range(p - n, p - 1)]
                 if job.max_tokens == 0:
                     self._hand_out(job, "length")
+
+    def _take_slot(self, job: Job, slot: int) -> None:
+        n = len(job.prompt)
+        job.slot = slot
+        self.active[slot] = job
+        self.pos[slot], self.filled[slot], self.count[slot], self.limit[slot] = n, n, 0, job.max_tokens
+        self.temperature[slot], self.top_p[slot] = job.temperature, job.top_p
+        self.keys[slot] = _row_key(job.seed, job.choice)
+
+    def _prefix_key(self, job: Job) -> tuple | None:
+        """The first PREFIX_MIN tokens of a job that may reuse a prefix (None: it may not; a job scoring its prompt
+        needs the whole prompt's own prefill)."""
+        if not self.prefix_reuse or job.prompt_logprobs or len(job.prompt) <= PREFIX_MIN:
+            return None
+        return tuple(job.prompt[:PREFIX_MIN])
+
+    def _extend_one(self, dst: int) -> bool:
+        """Admits the first waiting job that shares PREFIX_MIN or more leading prompt tokens with a busy row into slot
+        `dst` by `_extend` from the row sharing the most; False if there is none."""
+        if not self.prefix_reuse:
+            return False
+        rows: dict[tuple, list[int]] = {}
+        for slot, job in self.active.items():
+            if len(job.prompt) >= PREFIX_MIN:
+                rows.setdefault(tuple(job.prompt[:PREFIX_MIN]), []).append(slot)
+        for job in self.waiting:
+            key = self._prefix_key(job)
+            if key is None or key not in rows:
+                continue
+            best, src = 0, -1
+            for slot in rows[key]:  # the common prefix, at most all but the job's last token (its logits come next)
+                m = min(len(self.active[slot].prompt), len(job.prompt) - 1)
+                diff = np.flatnonzero(np.asarray(self.active[slot].prompt[:m]) != np.asarray(job.prompt[:m]))
+                if (n := int(diff[0]) if len(diff) else m) > best:
+                    best, src = n, slot
+            n = best
+            rest = len(job.prompt) - n
+            s = _fit(self.prompt_sizes, rest)
+            if n < PREFIX_MIN or n + s > self.max_len:
+                continue
+            self.waiting.remove(job)
+            self.t = max(self.t, n + s)
+            ids, seg, pos = (np.zeros((1, s), np.int32) for _ in range(3))
+            ids[0, s - rest:], seg[0, s - rest:], pos[0, s - rest:] = job.prompt[n:], 1, np.arange(n, n + rest)
+            self._take_slot(job, dst)
+            self.k, self.v, self.seg, self.logits = self._call(
+                ("extend", s), self.state, self.k, self.v, self.seg, self.logits, np.int32(src), np.int32(dst),
+                np.int32(n), ids, seg, pos, np.int32(self.t))
+            self.stats["extends"] += 1
+            self.stats["reused_tokens"] += n
+            self.stats["jobs"] += 1
+            if job.max_tokens == 0:
+                self._hand_out(job, "length")
+            return True
+        return False
 
     def _dropped(self, job: Job) -> bool:
         if job.cancelled:
@@ -477,6 +592,8 @@ class Engine:
 
     def _hand_out(self, job: Job, finish: str | None) -> None:
         """Emits the row's new text; ends the job at EOS, max_tokens or the first stop string."""
+        if finish is None and not job.stream and not job.stop:
+            return  # nothing to look for in the text yet, nobody to send it to: decode it once, at the end
         text = self.tokenizer.decode(job.tokens)
         cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
         if cut >= 0:

@@ -172,7 +172,11 @@ def main(argv=None) -> int:
                    help="cache slots per row, prompt + completion (default and maximum: the model's max_seq_len)")
     p.add_argument("--chunk-tokens", type=int, default=8, help="decode steps on the device between host visits")
     p.add_argument("--batch-wait-ms", type=float, default=5.0,
-                   help="when idle, how long the first request waits for others to share its prefill")
+                   help="when idle, how long the first request waits for others to share its prefill (the wave stays "
+                        "open while requests keep coming this close together, at most 8x as long)")
+    p.add_argument("--prefix-reuse", action=argparse.BooleanOptionalAction, default=True,
+                   help="a prompt sharing 32+ leading tokens with a request in flight copies its keys and values "
+                        "instead of prefilling them again")
     p.add_argument("--compile-cache", default=None,
                    help=f"JAX's persistent compilation cache (default: ${COMPILE_CACHE_ENV}, else "
                         "~/.cache/phi1_jax/jax_compile); 'none' turns it off")
@@ -205,7 +209,7 @@ def main(argv=None) -> int:
     if loaded.tokenizer is None:
         return _fail(f"--checkpoint={a.checkpoint}: no tokenizer.model or tokenizer.json beside the model")
     engine = Engine(loaded.model, loaded.tokenizer, slots=a.slots, max_len=a.max_len, chunk_tokens=a.chunk_tokens,
-                    wave_ms=a.batch_wait_ms)
+                    wave_ms=a.batch_wait_ms, prefix_reuse=a.prefix_reuse)
     del loaded
     count_compiles(engine.stats)
     server = Server(a.checkpoint, engine)
