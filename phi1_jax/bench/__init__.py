@@ -9,6 +9,7 @@ with the command, the machine and the date). Nothing else in the project imports
   attention_speed  the Pallas flash-attention kernel beside cuDNN and XLA (a GPU)
   tune_attention   the kernel's block sizes and Triton launch settings (a GPU)
   serve_speed      the server's latency scenarios
+  serve_peer       a load generator for any OpenAI-compatible server; ours beside `transformers serve`
   code_eval_cost   what HumanEval during training costs, runs with and without it in turns
   gpu_env          the environment facts of a GPU check
   gpu_checks       all of the GPU checks in one time-boxed run with one report (scripts/gpu_checks.sh launches it)
