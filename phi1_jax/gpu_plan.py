@@ -15,10 +15,12 @@ compiled). `memory_analysis()` is XLA:GPU's buffer assignment: what one device n
 when JAX's platforms are limited to the CPU (else its CUPTI check fails without a driver): this module sets that when
 JAX has not started yet, and says so when it has.
 
-`dry_run_target` is NAME[:N] (N GPUs on one host, default 1); NAME is one of TARGETS. The report: a per-device table
-(arguments, outputs, temporaries, peak; whether the peak fits under JAX's default preallocation, 75% of the memory, and
-under the whole memory), FLOPs per token of the compiled program next to docs/flops.md's formula, the attention
-kernels the program calls, XLA's own memory warnings, the compile time; then one JSON line (`Plan.as_json`).
+`dry_run_target` is NAME[:N[:H]] (N GPUs on each host, default 1; H hosts, default 1: the topology JAX's CUDA plugin
+describes is 1 slice x H hosts x N GPUs, and the step is sharded over all H x N as `config.mesh` says); NAME is one of
+TARGETS. The report: a per-device table (arguments, outputs, temporaries, peak; whether the peak fits under JAX's
+default preallocation, 75% of the memory, and under the whole memory), FLOPs per token of the compiled program next
+to docs/flops.md's formula, the attention kernels the program calls, XLA's own memory warnings, the compile time; then
+one JSON line (`Plan.as_json`).
 
 FLOPs: XLA's HloCostAnalysis over the optimized GPU module (the executable's own `cost_analysis()` is None without a
 device). It counts custom kernels (the Triton flash attention, cuDNN) as 0 and a loop body once: the gradient
@@ -86,10 +88,18 @@ class GpuPlanError(UserError, ValueError):
 @dataclasses.dataclass(frozen=True)
 class Target:
     name: str  # a key of TARGETS
-    devices: int = 1  # GPUs on one host
+    devices: int = 1  # GPUs on each host
+    hosts: int = 1  # hosts (processes), each with `devices` GPUs
 
     def __str__(self) -> str:
+        if self.hosts > 1:
+            return f"{self.name}:{self.devices}:{self.hosts}"
         return self.name if self.devices == 1 else f"{self.name}:{self.devices}"
+
+    @property
+    def count(self) -> int:
+        """GPUs in all: the devices the step is sharded over."""
+        return self.devices * self.hosts
 
     @property
     def description(self) -> str:
@@ -112,14 +122,21 @@ class Target:
 
 
 def parse_target(text: str, field: str = "config.dry_run_target") -> Target:
-    """'NAME' or 'NAME:N' -> Target; a GpuPlanError names the field (`field`) and the choices."""
-    name, _, count = text.partition(":")
+    """'NAME', 'NAME:N' (N GPUs on one host) or 'NAME:N:H' (N GPUs on each of H hosts) -> Target; a GpuPlanError
+    names the field (`field`) and the choices."""
+    name, _, rest = text.partition(":")
+    count, _, hosts = rest.partition(":")
     if name not in TARGETS:
         raise GpuPlanError(f"{field}={text!r}: unknown GPU {name!r}; choose one of "
-                           f"{', '.join(TARGETS)} (optionally :N for N GPUs on one host)")
-    if count and not (count.isdigit() and int(count) >= 1):
-        raise GpuPlanError(f"{field}={text!r}: after ':' comes the number of GPUs (1 or more)")
-    return Target(name, int(count) if count else 1)
+                           f"{', '.join(TARGETS)} (optionally :N for N GPUs on one host, :N:H for N on each of H "
+                           "hosts)")
+    if rest and not (count.isdigit() and int(count) >= 1):
+        raise GpuPlanError(f"{field}={text!r}: after ':' comes the number of GPUs per host (1 or more)")
+    if hosts and not (hosts.isdigit() and int(hosts) >= 1):
+        raise GpuPlanError(f"{field}={text!r}: after the second ':' comes the number of hosts (1 or more)")
+    if ":" in hosts or (rest.endswith(":") and not hosts):
+        raise GpuPlanError(f"{field}={text!r}: NAME, NAME:N or NAME:N:H (N GPUs per host, H hosts)")
+    return Target(name, int(count) if count else 1, int(hosts) if hosts else 1)
 
 
 def _installed_cudnn() -> tuple[int, ...] | None:
@@ -152,7 +169,7 @@ def topology_devices(target: Target) -> list:
     if not started:
         jax.config.update("jax_platforms", "cpu")  # else the CUDA plugin's CUPTI check fails without a driver
     try:
-        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x1x{target.devices}",
+        topo = topologies.get_topology_desc(platform="cuda", topology=f"1x{target.hosts}x{target.devices}",
                                             target_config=target.spec)
     except Exception as e:  # noqa: BLE001  the plugin raises plain RuntimeErrors
         hint = (" (JAX had started on its default platforms before the target was set up: run with JAX_PLATFORMS=cpu)"
@@ -172,7 +189,8 @@ class Plan:
     """One compile of the train step for a target: per-device figures, and what the program calls."""
 
     target: str
-    devices: int
+    devices: int  # GPUs in all (hosts x GPUs per host)
+    hosts: int
     attention_impl: str
     micro_batch: int  # sequences per device per micro-batch
     grad_accum_steps: int
@@ -267,8 +285,8 @@ def compile_train_step(config, target: Target) -> Plan:
     text = compiled.as_text()
     peak, device_bytes = _peak(mem), target.device_bytes
     return Plan(
-        target=str(target), devices=target.devices, attention_impl=b.cfg.attention_impl, micro_batch=micro,
-        grad_accum_steps=config.grad_accum_steps, remat=b.cfg.remat,
+        target=str(target), devices=target.count, hosts=target.hosts, attention_impl=b.cfg.attention_impl,
+        micro_batch=micro, grad_accum_steps=config.grad_accum_steps, remat=b.cfg.remat,
         argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
         alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes), peak_bytes=peak,
         device_bytes=device_bytes, fits=peak <= PREALLOCATE * device_bytes, fits_whole_memory=peak <= device_bytes,
@@ -284,7 +302,8 @@ def report(plan: Plan, n_params: int | None = None, out=None) -> None:
     out = out or sys.stdout
     t = parse_target(plan.target)
     params = f"; {n_params:,} parameters" if n_params else ""
-    print(f"dry run: train step compiled by XLA:GPU for {plan.devices} x {t.description} ({plan.target}) in "
+    hosts = f" on {t.hosts} hosts" if t.hosts > 1 else ""
+    print(f"dry run: train step compiled by XLA:GPU for {plan.devices} x {t.description}{hosts} ({plan.target}) in "
           f"{plan.compile_seconds:.0f} s, JAX {plan.jax_version}{params}", file=out)
     print(f"  attention {plan.attention_impl}, micro-batch {plan.micro_batch} per device x {plan.grad_accum_steps} "
           f"accumulation steps, remat {plan.remat}", file=out)
@@ -338,7 +357,7 @@ def ladder(config, target: Target) -> list[tuple[str, int, str, int]]:
     """LADDER's rungs this config can take on `target`: (attention, micro-batch per device, remat, grad_accum_steps)."""
     from phi1_jax import attention, sharding
 
-    data, fsdp, _ = sharding.mesh_shape(config.mesh, target.devices)
+    data, fsdp, _ = sharding.mesh_shape(config.mesh, target.count)
     rungs = []
     for impl, micro, remat in LADDER:
         if attention.training_problem(impl, config.model.head_dim, config.model.attn_dropout):
@@ -379,6 +398,208 @@ def fit(config, target: Target) -> Plan:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Decoding: the evals' decode loop and the serving engine's decode program
+# ---------------------------------------------------------------------------------------------------------------------
+
+DECODE_PROGRAMS = ("generate", "serve")
+
+
+@dataclasses.dataclass
+class DecodePlan:
+    """One decode program compiled for one GPU of a target, with a KV cache of `rows` rows x `cache_len` slots."""
+
+    target: str
+    program: str  # "generate": phi1_jax.decoding's decode chunk (evals); "serve": the serving engine's decode program
+    rows: int
+    cache_len: int
+    param_dtype: str
+    compute_dtype: str
+    weight_bytes: int  # the parameters, as the program takes them
+    cache_bytes: int  # keys and values of every layer (+ the slots' segment ids)
+    argument_bytes: int
+    output_bytes: int
+    alias_bytes: int  # outputs written into donated arguments (the cache)
+    temp_bytes: int
+    peak_bytes: int
+    device_bytes: int
+    fits: bool  # peak under JAX's default preallocation (75% of the memory)
+    fits_whole_memory: bool
+    compiles: bool
+    xla_warnings: list
+    compile_seconds: float
+    jax_version: str
+
+
+def load_config(path: str):
+    """The ConfigDict of a configs/*.py file (its get_config()), for the commands that take --config=PATH."""
+    import importlib.util as iu
+
+    file = Path(path)
+    if not file.is_file():
+        raise GpuPlanError(f"--config={path}: no such config file (e.g. configs/phi1.py)")
+    spec = iu.spec_from_file_location(f"_gpu_plan_config_{file.stem}", file)
+    module = iu.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise GpuPlanError(f"--config={path}: has no get_config() (configs/*.py define one)")
+    return module.get_config()
+
+
+def _on(device_sharding, tree):
+    """`tree`'s arrays or ShapeDtypeStructs as ShapeDtypeStructs placed by `device_sharding`."""
+    import jax
+
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device_sharding), tree)
+
+
+def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len: int, *,
+                   new_tokens: int = 0) -> DecodePlan:
+    """`program`'s decode step compiled by XLA:GPU for one GPU of `target`, every argument abstract (the weights in
+    model_cfg.param_dtype, the cache in its compute dtype): nothing is allocated.
+
+    "generate" is phi1_jax.decoding's jitted decode chunk (what `generate` runs after the prefill, so what evals and
+    the in-training code evals run: greedy, a `new_tokens` token buffer (0: min(384, cache_len // 2); 384 is the code
+    evals' max_new_tokens), the cache donated); "serve" is the serving
+    engine's own decode program for (rows, window cache_len), built by its `Engine.compile` on an engine whose cache
+    and weights are abstract (no tokenizer, no server; its chunk of steps and everything else as `serve` sets them)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from phi1_jax.model import KVCache, abstract_model
+
+    if program not in DECODE_PROGRAMS:
+        raise GpuPlanError(f"decode program {program!r}: choose one of {', '.join(DECODE_PROGRAMS)}")
+    if target.count != 1:
+        raise GpuPlanError(f"--target={target}: decoding is compiled for one GPU (the model and its cache on each; "
+                           "give NAME without :N)")
+    if not 1 <= cache_len <= model_cfg.max_seq_len:
+        raise GpuPlanError(f"--cache-len={cache_len}: between 1 and the model's max_seq_len {model_cfg.max_seq_len}")
+    new_tokens = new_tokens or min(384, cache_len // 2)
+    if program == "generate" and not 1 <= new_tokens < cache_len:
+        raise GpuPlanError(f"--new-tokens={new_tokens}: between 1 and the cache length {cache_len} less one (the "
+                           "cache holds the prompt and the new tokens)")
+    devices = topology_devices(target)
+    mesh = jax.sharding.Mesh(devices[:1], ("x",))
+    on = NamedSharding(mesh, PartitionSpec())
+    graphdef, state = nnx.split(abstract_model(model_cfg))
+    state = _on(on, state)
+    cache = _on(on, jax.eval_shape(lambda: KVCache.init(model_cfg, rows, cache_len)))
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((cache.k, cache.v, cache.segment_ids)))
+    log: list[str] = []
+    t0 = time.perf_counter()
+    with _captured_stderr(log), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        if program == "generate":
+            from phi1_jax.decoding import _decode_chunk
+
+            spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+            key = _on(on, jax.eval_shape(lambda: jax.random.key(0)))
+            i32 = jnp.int32
+            sampling = (0.0, 0, 1.0, None)  # greedy, as the evals' pass@1
+            compiled = _decode_chunk.lower(
+                graphdef, sampling, state, cache, spec((rows, model_cfg.vocab_size), jnp.float32),
+                spec((rows, new_tokens), i32), spec((rows,), i32), spec((rows,), jnp.bool_), spec((), i32),
+                spec((), i32), key, spec((), i32)).compile()
+        else:
+            compiled = _serving_decode(graphdef, state, model_cfg, on, rows, cache_len)
+    seconds = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    peak, device_bytes = _peak(mem), target.device_bytes
+    return DecodePlan(
+        target=str(target), program=program, rows=rows, cache_len=cache_len, param_dtype=model_cfg.param_dtype,
+        compute_dtype=model_cfg.dtype, weight_bytes=int(weight_bytes), cache_bytes=int(cache_bytes),
+        argument_bytes=int(mem.argument_size_in_bytes), output_bytes=int(mem.output_size_in_bytes),
+        alias_bytes=int(mem.alias_size_in_bytes), temp_bytes=int(mem.temp_size_in_bytes), peak_bytes=peak,
+        device_bytes=device_bytes, fits=peak <= PREALLOCATE * device_bytes, fits_whole_memory=peak <= device_bytes,
+        compiles=True,
+        xla_warnings=[line for line in log if "memory" in line.lower() or "rematerializ" in line.lower()],
+        compile_seconds=round(seconds, 1), jax_version=jax.__version__)
+
+
+def _serving_decode(graphdef, state, model_cfg, on, rows: int, cache_len: int):
+    """The serving engine's ("decode", rows, cache_len) program, compiled by the engine's own `compile` on an engine
+    made without `__init__` (which allocates the cache and needs a tokenizer): its weights, cache and logits are
+    abstract and placed on the target's device; every other attribute `compile` reads is what `__init__` sets."""
+    import jax.numpy as jnp
+
+    from phi1_jax.serving import batching
+
+    engine = batching.Engine.__new__(batching.Engine)
+    engine.cfg, engine.graphdef, engine.state = model_cfg, graphdef, state
+    engine.slots, engine.max_len = rows, cache_len
+    engine.chunk_tokens = batching.Engine.__init__.__kwdefaults__["chunk_tokens"]
+    shape = (rows, model_cfg.num_heads, cache_len, model_cfg.head_dim)
+    layer = jax_struct(shape, model_cfg.compute_dtype, on)
+    engine.k = engine.v = tuple(layer for _ in range(model_cfg.num_layers))
+    engine.seg = jax_struct((rows, cache_len), jnp.int32, on)
+    engine.logits = jax_struct((rows, model_cfg.vocab_size), jnp.float32, on)
+    engine.compiled, engine.compile_s = {}, {}
+    shape = ("decode", rows, cache_len)
+    try:
+        engine.compile(shape)
+        return engine.compiled[shape]
+    except (AttributeError, KeyError) as e:  # the engine's compile reads an attribute set here no more
+        raise GpuPlanError(f"the serving engine's decode program could not be built without its __init__ ({e!r}): "
+                           "gpu_plan._serving_decode needs the attribute too") from None
+
+
+def jax_struct(shape, dtype, sharding):
+    import jax
+
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+
+def decode_report(plan: DecodePlan, out=None) -> None:
+    out = out or sys.stdout
+    t = parse_target(plan.target)
+    what = {"generate": "phi1_jax.decoding's decode chunk (generate, evals)",
+            "serve": "the serving engine's decode program"}[plan.program]
+    print(f"decode: {what} compiled by XLA:GPU for one {t.description} ({plan.target}) in {plan.compile_seconds:.0f} "
+          f"s, JAX {plan.jax_version}: {plan.rows} rows x {plan.cache_len} cache slots, weights {plan.param_dtype}, "
+          f"cache {plan.compute_dtype}", file=out)
+    rows = [("weights", plan.weight_bytes), ("KV cache", plan.cache_bytes), ("arguments", plan.argument_bytes),
+            ("outputs", plan.output_bytes), ("  (aliased to args)", plan.alias_bytes),
+            ("temporaries", plan.temp_bytes), ("peak", plan.peak_bytes)]
+    for name, v in rows:
+        print(f"  {name:>20}: {_size(v)}", file=out)
+    pre = PREALLOCATE * plan.device_bytes
+    print(f"  {'fits':>20}: {'yes' if plan.fits else 'NO'} under JAX's default preallocation ({pre / GIB:.1f} GiB = "
+          f"{PREALLOCATE:.0%}); {'yes' if plan.fits_whole_memory else 'NO'} under the whole "
+          f"{plan.device_bytes / GIB:.1f} GiB", file=out)
+    for line in plan.xla_warnings:
+        print(f"  XLA: {line.strip()}", file=out)
+
+
+def _size(n: int) -> str:
+    return f"{n / GIB:8.2f} GiB" if n >= GIB / 10 else f"{n / 2 ** 20:8.2f} MiB"
+
+
+def decode_plans(config, target: Target, rows: list[int], programs: list[str], cache_len: int | None = None,
+                 new_tokens: int = 0, param_dtype: str | None = None) -> dict:
+    """Every (program, rows) compiled and reported; returns the JSON object the command prints last."""
+    from phi1_jax.model import PhiConfig
+
+    model = dict(config.model)
+    if param_dtype:
+        model["param_dtype"] = param_dtype
+    try:
+        cfg = PhiConfig.from_dict(model)
+    except UserError as e:
+        raise GpuPlanError(f"--config: {e}") from None
+    cache_len = cache_len or cfg.max_seq_len
+    plans = []
+    for program in programs:
+        for r in rows:
+            plan = compile_decode(cfg, target, program, r, cache_len, new_tokens=new_tokens)
+            decode_report(plan)
+            plans.append(dataclasses.asdict(plan))
+    return {"target": str(target), "devices": 1, "cache_len": cache_len, "fits": all(p["fits"] for p in plans),
+            "plans": plans}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The kernel's tiles
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -414,7 +635,8 @@ def check_tiles(target: Target, candidates, *, batch=8, seq=2048, heads=32, head
 
 @cli.reports_user_errors
 def main(argv=None) -> int:
-    """`python -m phi1_jax.gpu_plan tiles`: the kernel's tune candidates compiled for a GPU on this host."""
+    """`python -m phi1_jax.gpu_plan tiles`: the kernel's tune candidates compiled for a GPU on this host;
+    `python -m phi1_jax.gpu_plan decode`: phi-1's decode step compiled for a GPU, per-device memory."""
     import argparse
     import itertools
 
@@ -422,13 +644,30 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m phi1_jax.gpu_plan", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("tiles", help="compile the kernel's tune candidates (phi1_jax.kernels.flash_attention.TUNE_*) for a GPU; the ones "
-                                     "the compiler refuses are dropped before any GPU minute is spent")
+    t = sub.add_parser("tiles", help="compile the kernel's tune candidates (phi1_jax.kernels.flash_attention.TUNE_*) "
+                                     "for a GPU; the ones the compiler refuses are dropped before any GPU minute is "
+                                     "spent")
     t.add_argument("--target", default="h100_sxm", help=f"one of {', '.join(TARGETS)}")
     t.add_argument("--head-dim", type=int, default=64)
     t.add_argument("--defaults", action="store_true", help="only BlockSizes.default for GPUs, not the candidates")
     t.add_argument("--json", default="", help="also write every candidate's result to this file")
+    d = sub.add_parser("decode", help="compile phi-1's decode step (generate's, which evals run, and the serving "
+                                      "engine's) for one GPU with a KV cache of each --rows rows; the last line is "
+                                      "JSON")
+    d.add_argument("--config", default="configs/phi1.py", help="the config whose model is compiled (configs/*.py)")
+    d.add_argument("--target", default="h100_sxm", help=f"one of {', '.join(TARGETS)} (one GPU)")
+    d.add_argument("--rows", default="16,64", help="KV cache rows (sequences decoded at once), comma-separated")
+    d.add_argument("--cache-len", type=int, default=0, help="cache slots per row (0: the model's max_seq_len)")
+    d.add_argument("--programs", default="generate,serve", help=f"of {', '.join(DECODE_PROGRAMS)}, comma-separated")
+    d.add_argument("--new-tokens", type=int, default=0,
+                   help="generate's token buffer (0: min(384, cache slots / 2); 384 is the code evals' "
+                        "max_new_tokens); the cache holds prompt + these")
+    d.add_argument("--param-dtype", default="", help="weights' dtype (default: the config's; a trainer checkpoint "
+                                                     "and a converted Hugging Face model load as float32)")
+    d.add_argument("--json", default="", help="also write the JSON object to this file")
     args = p.parse_args(argv)
+    if args.command == "decode":
+        return _decode_main(args)
     target = parse_target(args.target, "--target")
     base = BlockSizes.default(args.head_dim, "gpu")
     if args.defaults:
@@ -448,6 +687,27 @@ def main(argv=None) -> int:
     if args.json:
         files.write_text(Path(args.json), json.dumps({"target": str(target), "candidates": rows}, indent=1))
     return 0 if ok else 1
+
+
+def _decode_main(args) -> int:
+    target = parse_target(args.target, "--target")
+    try:
+        rows = [int(r) for r in args.rows.split(",") if r.strip()]
+    except ValueError:
+        rows = []
+    if not rows or min(rows) < 1:
+        raise GpuPlanError(f"--rows={args.rows!r}: positive row counts, comma-separated (e.g. 16,64)")
+    programs = [x.strip() for x in args.programs.split(",") if x.strip()]
+    for x in programs or [""]:
+        if x not in DECODE_PROGRAMS:
+            raise GpuPlanError(f"--programs={args.programs!r}: {x!r} is not one of {', '.join(DECODE_PROGRAMS)}")
+    result = decode_plans(load_config(args.config), target, rows, programs, args.cache_len or None,
+                          args.new_tokens, args.param_dtype or None)
+    line = json.dumps(result)
+    if args.json:
+        files.write_text(Path(args.json), line + "\n")
+    print(line, flush=True)
+    return 0
 
 
 if __name__ == "__main__":

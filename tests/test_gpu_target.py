@@ -47,7 +47,12 @@ def test_target_names_and_counts():
     assert gpu_plan.parse_target("h100_sxm") == gpu_plan.Target("h100_sxm", 1)
     assert gpu_plan.parse_target("a100_80:8") == gpu_plan.Target("a100_80", 8)
     assert str(gpu_plan.parse_target("h200:4")) == "h200:4"
-    for bad, says in [("h100", "unknown GPU 'h100'"), ("h100_sxm:0", "number of GPUs"), ("a100_40:x", "number")]:
+    two_hosts = gpu_plan.parse_target("h100_sxm:8:2")
+    assert two_hosts == gpu_plan.Target("h100_sxm", 8, 2) and two_hosts.count == 16 and str(two_hosts) == "h100_sxm:8:2"
+    assert gpu_plan.parse_target("h100_sxm:8:1") == gpu_plan.Target("h100_sxm", 8)
+    for bad, says in [("h100", "unknown GPU 'h100'"), ("h100_sxm:0", "number of GPUs"), ("a100_40:x", "number"),
+                      ("h100_sxm:8:0", "number of hosts"), ("h100_sxm:8:", "NAME:N:H"),
+                      ("h100_sxm:8:2:1", "number of hosts")]:
         with pytest.raises(gpu_plan.GpuPlanError, match=says):
             gpu_plan.parse_target(bad)
 
@@ -117,6 +122,21 @@ def test_tiny_step_compiles_for_h100_with_the_triton_kernel_not_the_interpreter(
 
 
 @needs_plugin
+def test_hosts_are_processes_of_the_topology():
+    """NAME:N:H describes H hosts of N GPUs: H processes' devices, which the train step is sharded over."""
+    code = """
+import json
+from phi1_jax import gpu_plan
+d = gpu_plan.topology_devices(gpu_plan.parse_target("h100_sxm:2:3"))
+print(json.dumps({"n": len(d), "processes": sorted({x.process_index for x in d})}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _last_json(r.stdout) == {"n": 6, "processes": [0, 1, 2]}
+
+
+@needs_plugin
 def test_the_detector_sees_an_interpreted_kernel(tmp_path):
     """The check above can fail: the same step traced as if for a CPU (the interpreter) counts its kernels as
     interpreted and calls no Triton."""
@@ -173,3 +193,49 @@ print(json.dumps(out))
     got = _last_json(r.stdout)
     assert got["a100_80"] == [None] and got["h100_sxm"] == [None]
     assert got["huge"][0] is not None and "shared memory" in got["huge"][0].lower(), got["huge"]
+
+
+# --- Decoding ---------------------------------------------------------------------------------------------------------
+
+
+def _gpu_plan(*args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "phi1_jax.gpu_plan", *args], cwd=ROOT,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=timeout)
+
+
+def test_decode_refuses_what_it_cannot_compile(tmp_path):
+    for args, says in [(["--target=h100_sxm:2"], "decoding is compiled for one GPU"),
+                       (["--rows=0"], "--rows='0': positive row counts"),
+                       (["--programs=generate,beam"], "'beam' is not one of generate, serve"),
+                       (["--cache-len=4096"], "--cache-len=4096: between 1 and the model's max_seq_len 128"),
+                       (["--config=configs/nope.py"], "--config=configs/nope.py: no such config file")]:
+        r = _gpu_plan("decode", "--config=configs/tiny.py", *args, f"--json={tmp_path / 'out.json'}")
+        assert r.returncode == 2 and says in _error_line(r.stderr), (args, r.stderr[-2000:])
+    assert not (tmp_path / "out.json").exists()
+
+
+@needs_plugin
+def test_decode_step_compiles_for_h100_with_the_cache_in_place(tmp_path):
+    """generate's decode chunk (evals) and the serving engine's decode program, compiled for one H100 at two cache
+    sizes: the weights and the whole cache are arguments, the cache is updated in place (donated: its bytes are
+    aliased outputs), and the peak stays below the arguments plus a second copy of the cache."""
+    r = _gpu_plan("decode", "--config=configs/tiny.py", "--target=h100_sxm", "--rows=2,8",
+                  "--programs=generate,serve", f"--json={tmp_path / 'decode.json'}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = _last_json(r.stdout)
+    assert got == json.loads((tmp_path / "decode.json").read_text())
+    assert got["target"] == "h100_sxm" and got["cache_len"] == 128 and got["fits"]
+    plans = {(p["program"], p["rows"]): p for p in got["plans"]}
+    assert sorted(plans) == [("generate", 2), ("generate", 8), ("serve", 2), ("serve", 8)]
+    for (program, rows), p in plans.items():
+        # tiny: 2 layers x (k, v) x rows x 4 heads x 128 slots x 16 dims x 4 bytes (fp32) + segment ids
+        assert p["cache_bytes"] == 2 * 2 * rows * 4 * 128 * 16 * 4 + rows * 128 * 4
+        assert p["compiles"] and p["fits"] and p["fits_whole_memory"] and p["device_bytes"] > 79 * 2 ** 30
+        assert p["argument_bytes"] >= p["weight_bytes"] + p["cache_bytes"], p
+        assert p["alias_bytes"] >= p["cache_bytes"], p  # the cache is written in place
+        assert p["argument_bytes"] <= p["peak_bytes"] < p["argument_bytes"] + p["cache_bytes"], p
+    for program in ("generate", "serve"):
+        small, big = plans[(program, 2)], plans[(program, 8)]
+        grew, cache = big["argument_bytes"] - small["argument_bytes"], big["cache_bytes"] - small["cache_bytes"]
+        assert cache <= grew < 1.5 * cache  # the cache, and the rows' logits and tokens
+    assert "KV cache" in r.stdout and "the serving engine's decode program" in r.stdout
