@@ -3,9 +3,11 @@
 Command:   python -m phi1_jax.train --config=configs/phi1.py --workdir=W --config.dry_run=True \\
                --config.dry_run_target=h100_sxm [--config.dry_run_fit=True]
            python -m phi1_jax.gpu_plan tiles --target=h100_sxm       (the kernel's tune candidates, compiled)
+           python -m phi1_jax.gpu_plan decode --config=configs/phi1.py --target=h100_sxm --rows=16,64   (decoding)
 Needs:     the gpu-plan extra (JAX's CUDA plugin and the CUDA wheels, ~4 GB; Python 3.12):
            `EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh`, then .venv-gpu-plan/bin/python. No GPU, no driver.
-Expect:    phi-1 1.3B: 5-13 minutes per compile on a 2-core CPU; configs/tiny.py: seconds. docs/gpu.md has the figures.
+Expect:    phi-1 1.3B: 5-13 minutes per train-step compile on a 2-core CPU, 15-75 s per decode program; configs/tiny.py:
+           seconds. docs/gpu.md has the figures.
 
 How: JAX's CUDA plugin describes a GPU from a target-config text file (phi1_jax/gpu_targets/NAME.txtpb, written from the
 published device figures) without a device (`jax.experimental.topologies.get_topology_desc`); the train state and batch
@@ -27,6 +29,10 @@ device). It counts custom kernels (the Triton flash attention, cuDNN) as 0 and a
 accumulation loop is one micro-batch, so FLOPs per token = the module's FLOPs / the tokens of one micro-batch per
 device (the optimizer update, counted once, adds < 0.1%). With remat the compiled program recomputes the forward pass,
 so it is above the formula (which counts each FLOP once).
+
+Decoding (`decode`): the decode step of `phi1_jax.decoding.generate` (evals) and of the serving engine, compiled for
+one GPU with a KV cache of each --rows rows x --cache-len slots: weights, cache, arguments, aliased outputs,
+temporaries, peak, fits; the last stdout line is one JSON object (`decode_plans`).
 
 Fit mode (`dry_run_fit`): walks LADDER (attention x micro-batch per device x remat, fastest-likely first), compiling
 each rung, and prints the first whose peak fits under the preallocation as `--config.` overrides to paste.
