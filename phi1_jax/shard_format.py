@@ -88,18 +88,19 @@ def _write_shard(path: Path, records: list[bytes]) -> None:
         writer.close()
 
 
-def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *, source_name: str,
-                 input_desc: str, docs_per_shard: int = 10_000, num_threads: int = -1, progress: bool = True,
-                 on_shard: Callable[[dict], None] | None = None) -> dict:
-    """Tokenizes `documents` into `out_dir`; returns the manifest. Resumes a run that was interrupted.
-    `on_shard(stats)`, if given, is called after each new shard is written."""
+def run_spec(tokenizer, *, source_name: str, input_desc: str, docs_per_shard: int) -> dict:
+    """What a shard directory is built from (its run.json): two runs into one directory must agree on it."""
+    return {"format_version": FORMAT_VERSION, "source": source_name, "input": input_desc,
+            "tokenizer": str(tokenizer.path), "tokenizer_fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id,
+            "dtype": token_dtype(tokenizer.vocab_size).name, "docs_per_shard": docs_per_shard}
+
+
+def start_run(out_dir: str | os.PathLike, run: dict) -> dict | None:
+    """Checks `out_dir` against `run` (a directory of another run is refused, untouched) and records `run` there;
+    returns the manifest if the directory is already complete, else None."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    run = {"format_version": FORMAT_VERSION, "source": source_name, "input": input_desc,
-           "tokenizer": str(tokenizer.path), "tokenizer_fingerprint": tokenizer.fingerprint,
-           "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "dtype": dtype.name,
-           "docs_per_shard": docs_per_shard}
     run_file = out / RUN_FILE
     if run_file.exists():
         previous = json.loads(run_file.read_text())
@@ -113,6 +114,47 @@ def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
         if any(out.glob("shard-*")):
             raise ShardError(f"{out} holds shard files but no {RUN_FILE}; use a new --out directory")
         _write_json_atomic(run_file, run)
+    return None
+
+
+def write_shard(out_dir: str | os.PathLike, index: int, documents: list[Document], tokenizer,
+                num_threads: int = -1) -> tuple[dict, int]:
+    """Shard `index` of `out_dir` from `documents` (its stats, and the tokens newly written: 0 when the shard was
+    already finished and is kept as it is). The one shard writer: `write_shards` calls it in a loop, the shards
+    command in Ray tasks (phi1_jax.data_gen.shards)."""
+    out = Path(out_dir)
+    name = f"shard-{index:05d}.arrayrecord"
+    stats_path, shard_path = out / f"shard-{index:05d}.json", out / name
+    if shard_path.exists() and stats_path.exists():
+        return json.loads(stats_path.read_text()), 0
+    dtype = token_dtype(tokenizer.vocab_size)
+    encoded = _encode_documents(tokenizer, documents, num_threads)
+    records = [encode_record(p, ids, dtype) for p, ids in encoded]
+    stats = {"file": name, "documents": len(records), "tokens": int(sum(len(ids) for _, ids in encoded))}
+    _write_json_atomic(stats_path, stats)  # stats first: a shard file that exists always has its stats
+    _write_shard(shard_path, records)
+    return stats, stats["tokens"]
+
+
+def finish_run(out_dir: str | os.PathLike, run: dict, shards: list[dict], *, seconds: float, new_tokens: int) -> dict:
+    """The manifest of a directory whose shards are all written (`shards`: their stats in order), written last."""
+    if not shards:
+        raise ShardError(f"{run['input']}: the corpus is empty (no documents)")
+    manifest = {**run, "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
+                "shards": shards, "write_seconds": round(seconds, 3), "new_tokens": new_tokens}
+    _write_json_atomic(Path(out_dir) / MANIFEST, manifest)
+    return manifest
+
+
+def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.PathLike, *, source_name: str,
+                 input_desc: str, docs_per_shard: int = 10_000, num_threads: int = -1, progress: bool = True,
+                 on_shard: Callable[[dict], None] | None = None) -> dict:
+    """Tokenizes `documents` into `out_dir` in this process; returns the manifest. Resumes a run that was
+    interrupted. `on_shard(stats)`, if given, is called after each new shard is written. (The shards command runs
+    the same `write_shard` per shard as Ray tasks.)"""
+    run = run_spec(tokenizer, source_name=source_name, input_desc=input_desc, docs_per_shard=docs_per_shard)
+    if (done := start_run(out_dir, run)) is not None:
+        return done
 
     from tqdm import tqdm
 
@@ -123,30 +165,15 @@ def write_shards(documents: Iterable[Document], tokenizer, out_dir: str | os.Pat
         batch = list(itertools.islice(docs, docs_per_shard))
         if not batch:
             break
-        name = f"shard-{index:05d}.arrayrecord"
-        stats_path, shard_path = out / f"shard-{index:05d}.json", out / name
-        if shard_path.exists() and stats_path.exists():
-            stats = json.loads(stats_path.read_text())
-        else:
-            encoded = _encode_documents(tokenizer, batch, num_threads)
-            records = [encode_record(p, ids, dtype) for p, ids in encoded]
-            stats = {"file": name, "documents": len(records), "tokens": int(sum(len(ids) for _, ids in encoded))}
-            new_tokens += stats["tokens"]
-            _write_json_atomic(stats_path, stats)  # stats first: a shard file that exists always has its stats
-            _write_shard(shard_path, records)
-            if on_shard is not None:
-                on_shard(stats)
+        stats, new = write_shard(out_dir, index, batch, tokenizer, num_threads)
+        new_tokens += new
+        if new and on_shard is not None:
+            on_shard(stats)
         shards.append(stats)
         bar.update(len(batch))
         bar.set_postfix(tokens=sum(s["tokens"] for s in shards))
     bar.close()
-    if not shards:
-        raise ShardError(f"{input_desc}: the corpus is empty (no documents)")
-    elapsed = time.perf_counter() - t0
-    manifest = {**run, "documents": sum(s["documents"] for s in shards), "tokens": sum(s["tokens"] for s in shards),
-                "shards": shards, "write_seconds": round(elapsed, 3), "new_tokens": new_tokens}
-    _write_json_atomic(out / MANIFEST, manifest)
-    return manifest
+    return finish_run(out_dir, run, shards, seconds=time.perf_counter() - t0, new_tokens=new_tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -159,3 +159,12 @@ def read_chunk(chunk: dict, text_field: str, error: type[Exception]) -> Iterator
             raise error(f"{where}: record has no string field {text_field!r}")
         yield chunk["first_doc"] + record - chunk["first_record"], record, rec
         record += 1
+
+
+def add_ray_flags(p: argparse.ArgumentParser) -> None:
+    """--ray-address and --num-cpus alone, for commands that read in blocks of documents rather than chunks of bytes
+    and have a --no-progress of their own (shards, filter apply)."""
+    p.add_argument("--ray-address", default=None,
+                   help="join a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start a local one")
+    p.add_argument("--num-cpus", type=int, default=None,
+                   help="cores of the local Ray this command starts (default: all of this machine's)")

@@ -4,6 +4,7 @@ code embeddings, and the forest filters the whole corpus.
     python -m phi1_jax.data_gen.filter annotate --corpus=SRC --out=filt/ --n=2000 --base-url=URL --model=NAME
     python -m phi1_jax.data_gen.filter train --labels=filt/labels.jsonl --out=filt/ [--embedder=hashing|model:PATH]
     python -m phi1_jax.data_gen.filter apply --classifier=filt/ --corpus=SRC --out=kept.jsonl [--threshold=0.5]
+        [--ray-address=ADDR] [--num-gpus=G --actors=N] [--docs-per-part=4096]
 
 SRC is a folder of files (`--glob`, default **/*.py), a JSONL file with a text field, or `hf://NAME` (a Hugging Face
 dataset streamed through `datasets`, e.g. `hf://bigcode/the-stack-smol --hf-config=data/python`).
@@ -17,7 +18,10 @@ dataset streamed through `datasets`, e.g. `hf://bigcode/the-stack-smol --hf-conf
   precision-recall curve in `OUT/pr_curve.png`). The forest is saved as `OUT/classifier.joblib` beside
   `OUT/classifier.json` (embedder spec, positive grade, metrics).
 - apply: scores every file of SRC and writes those with P(educational) >= `--threshold` to a JSONL file
-  ({id, text, score}), atomically (a crash leaves no half-written output).
+  ({id, text, score}), atomically (a crash leaves no half-written output). It runs on Ray (a local one, or
+  `--ray-address`): parts of `--docs-per-part` files are scored by actors that each hold the embedder (a model on the
+  actor's device, `--num-gpus` per actor) and the forest once; each part is written whole or absent to `OUT.parts/`
+  with a manifest and joined into OUT at the end (a folder --out keeps the parts); a rerun skips finished parts.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from phi1_jax.data_gen import engine
 from phi1_jax.data_gen.llm import BudgetExceeded, LLMClient, resolve_api_key
 from phi1_jax.data_gen.shards import Document, iter_documents
 from phi1_jax import cli, files
@@ -225,41 +230,131 @@ def _plot_pr(precision, recall, path: Path, metrics: dict) -> None:
 # --- apply -----------------------------------------------------------------------------------------------------------
 
 
+SCORE_BATCH = 256  # texts embedded and scored together (the model embedder pads each 8 of them to a fixed length)
+
+
+def score_texts(forest, embedder, texts: list[str]) -> np.ndarray:
+    """P(educational) of each text: embedded and scored in batches of SCORE_BATCH, in order."""
+    out = [forest.predict_proba(embedder.embed(texts[i:i + SCORE_BATCH]))[:, 1]
+           for i in range(0, len(texts), SCORE_BATCH)]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+class PartScorer:
+    """Ray Data stage (an actor: the forest and the embedder, a phi1_jax model on the actor's device or the hashing
+    embedder, are loaded once per actor, not per part): scores one part of the corpus and writes the part's kept
+    records and its stats, each whole or absent (stats first, so a part file that exists always has them)."""
+
+    def __init__(self, classifier: str, embedder: str, threshold: float, parts: str, text_field: str):
+        import joblib
+
+        from phi1_jax.data_gen.embed import make_embedder
+
+        self.forest = joblib.load(Path(classifier) / "classifier.joblib")
+        self.forest.n_jobs = 1  # one core per actor (Ray's CPU), not every core of the node per actor
+        self.embedder = make_embedder(embedder)
+        self.threshold, self.parts, self.text_field = threshold, Path(parts), text_field
+
+    def __call__(self, batch: dict) -> dict:
+        from phi1_jax.data_gen.shards import read_block
+
+        out = []
+        for k, plan in zip(batch["index"].tolist(), batch["plan"]):
+            docs = read_block(json.loads(plan), text_field=self.text_field)
+            scores = score_texts(self.forest, self.embedder, [d.text for d in docs])
+            kept = [{"id": d.where, "text": d.text, "score": round(float(s), 4)}
+                    for d, s in zip(docs, scores) if s >= self.threshold]
+            stats = {"file": f"part-{k:05d}.jsonl", "documents": len(docs), "kept": len(kept)}
+            files.write_text(self.parts / f"part-{k:05d}.json", json.dumps(stats) + "\n")
+            files.write_jsonl(self.parts / stats["file"], kept)
+            out.append(json.dumps(stats))
+        return {"index": batch["index"], "stats": np.asarray(out, dtype=object)}
+
+
 def apply(args) -> int:
-    import joblib
+    """Scores the corpus in parts of --docs-per-part documents on Ray (PartScorer actors); the parts and a manifest
+    go to `OUT.parts/` (or to --out itself when it is a folder), and with a .jsonl --out they are joined into it in
+    corpus order at the end (whole or absent) and the parts folder removed. A rerun skips the finished parts."""
+    import hashlib
+    import shutil
+    import time
+
+    import ray
+    import ray.data
 
     from phi1_jax.data_gen.embed import make_embedder
+    from phi1_jax.data_gen.shards import plan_blocks
 
     cdir = Path(args.classifier)
     if not (cdir / "classifier.json").exists() or not (cdir / "classifier.joblib").exists():
         raise FilterError(f"{cdir}: no classifier.json/classifier.joblib (train one with `phi1_jax.data_gen.filter train`)")
+    if args.docs_per_part < 1 or args.docs_per_part % SCORE_BATCH:
+        raise FilterError(f"--docs-per-part={args.docs_per_part}: must be a positive multiple of {SCORE_BATCH} (whole "
+                          "scoring batches, so that each batch is the one a single process would score)")
     meta = json.loads((cdir / "classifier.json").read_text())
-    forest = joblib.load(cdir / "classifier.joblib")
-    embedder = make_embedder(meta["embedder"])
+    if meta["embedder"].startswith("model:") and not Path(meta["embedder"][len("model:"):]).exists():
+        raise FilterError(f"{cdir / 'classifier.json'}: embedder {meta['embedder']!r}: no such model here")
+    if not meta["embedder"].startswith("model:"):
+        make_embedder(meta["embedder"])  # a bad spec is one error here, not one per actor
     threshold = meta["threshold"] if args.threshold is None else args.threshold
     out = Path(args.out)
-    seen = kept = 0
-    batch: list = []
-
-    def flush(sink):
-        nonlocal kept
-        scores = forest.predict_proba(embedder.embed([d.text for d in batch]))[:, 1]
-        for d, s in zip(batch, scores):
-            if s >= threshold:
-                sink.write(json.dumps({"id": d.where, "text": d.text, "score": round(float(s), 4)}) + "\n")
-                kept += 1
-        batch.clear()
-
-    with files.replacing(out) as tmp, tmp.open("w", encoding="utf-8") as sink, \
-            tqdm(desc="scoring", unit="file", disable=args.no_progress) as bar:
-        for d in _documents(args.corpus, args):
-            batch.append(d)
-            seen += 1
-            bar.update(1)
-            if len(batch) == 256:
-                flush(sink)
-        if batch:
-            flush(sink)
+    joined = out.suffix == ".jsonl"
+    parts = out.with_name(out.name + ".parts") if joined else out
+    run = {"classifier": str(cdir.resolve()),
+           "classifier_sha256": hashlib.sha256((cdir / "classifier.joblib").read_bytes()).hexdigest()[:16],
+           "embedder": meta["embedder"], "threshold": threshold, "corpus": args.corpus, "text_field": args.text_field,
+           "glob": args.glob, "hf_split": args.hf_split, "hf_config": args.hf_config,
+           "docs_per_part": args.docs_per_part}
+    parts.mkdir(parents=True, exist_ok=True)
+    if (parts / "run.json").exists():
+        previous = json.loads((parts / "run.json").read_text())
+        if diff := {k: (previous.get(k), v) for k, v in run.items() if previous.get(k) != v}:
+            detail = ", ".join(f"{k}: {a!r} there, {b!r} now" for k, (a, b) in diff.items())
+            raise FilterError(f"{parts} holds parts of another run ({detail}); use a new --out")
+    else:
+        files.write_text(parts / "run.json", json.dumps(run, indent=2) + "\n")
+    seconds = 0.0
+    blocks = list(plan_blocks(args.corpus, args.docs_per_part, text_field=args.text_field, glob=args.glob,
+                              hf_split=args.hf_split, hf_config=args.hf_config))
+    stats: dict[int, dict] = {}
+    for k in range(len(blocks)):  # finished parts: their stats are written before them
+        if (parts / f"part-{k:05d}.jsonl").exists() and (parts / f"part-{k:05d}.json").exists():
+            stats[k] = json.loads((parts / f"part-{k:05d}.json").read_text())
+    todo = [{"index": k, "plan": json.dumps(b)} for k, b in enumerate(blocks) if k not in stats]
+    if todo:
+        # the stage's bar is this one (Ray Data's are off)
+        with engine.session(args.ray_address, args.num_cpus, progress=False), \
+                tqdm(total=sum(b["docs"] for b in blocks), initial=sum(s["documents"] for s in stats.values()),
+                     desc="scoring", unit="file", disable=args.no_progress) as bar:
+            if args.num_gpus:
+                n = args.actors or max(1, int(ray.cluster_resources().get("GPU", 0) // args.num_gpus))
+            else:
+                n = args.actors or max(1, int(ray.cluster_resources().get("CPU", 1)))
+            ds = ray.data.from_items(todo, override_num_blocks=len(todo)).map_batches(
+                PartScorer, batch_size=1, num_gpus=args.num_gpus or None,
+                compute=ray.data.ActorPoolStrategy(min_size=1, max_size=min(n, len(todo))),
+                fn_constructor_kwargs={"classifier": str(cdir.resolve()), "embedder": meta["embedder"],
+                                       "threshold": threshold, "parts": str(parts.resolve()),
+                                       "text_field": args.text_field})
+            t0 = time.perf_counter()  # the manifest's seconds: the Ray stage, from a running Ray to its last part
+            with engine.user_errors():
+                for batch in ds.iter_batches(batch_format="numpy", batch_size=None):
+                    for k, s in zip(batch["index"].tolist(), batch["stats"]):
+                        stats[k] = json.loads(s)
+                        bar.update(stats[k]["documents"])
+            seconds = time.perf_counter() - t0
+    for stray in parts.glob(".part-*tmp*"):  # a temporary file a killed actor left (its part was written again)
+        stray.unlink(missing_ok=True)
+    ordered = [stats[k] for k in range(len(blocks))]
+    seen, kept = sum(s["documents"] for s in ordered), sum(s["kept"] for s in ordered)
+    manifest = {**run, "documents": seen, "kept": kept, "parts": ordered, "seconds": round(seconds, 3)}
+    files.write_text(parts / "manifest.json", json.dumps(manifest, indent=2) + "\n")  # written last: complete
+    if joined:
+        with files.replacing(out) as tmp, tmp.open("wb") as sink:
+            for s in ordered:
+                with (parts / s["file"]).open("rb") as part:
+                    shutil.copyfileobj(part, sink)
+        shutil.rmtree(parts)
     print(f"kept {kept} of {seen} files (P(educational) >= {threshold}) in {out}")
     return 0
 
@@ -311,8 +406,16 @@ def build_parser() -> argparse.ArgumentParser:
     y = sub.add_parser("apply", help="keep the files the classifier scores as educational")
     corpus_flags(y)
     y.add_argument("--classifier", required=True, help="folder written by train")
-    y.add_argument("--out", required=True, help="JSONL file of kept files")
+    y.add_argument("--out", required=True,
+                   help="JSONL file of kept files (its parts in OUT.parts/ until joined), or a folder: the parts and "
+                        "manifest.json stay there")
     y.add_argument("--threshold", type=float, default=None, help="default: the classifier's (0.5)")
+    y.add_argument("--docs-per-part", type=int, default=4096,
+                   help=f"files per part (a Ray task's work; a multiple of {SCORE_BATCH})")
+    y.add_argument("--num-gpus", type=float, default=0, help="GPUs per embedding actor (Ray resource; 0: CPU)")
+    y.add_argument("--actors", type=int, default=None,
+                   help="embedding actors, each holding the model once (default: one per core, or per --num-gpus)")
+    engine.add_ray_flags(y)
     return p
 
 
