@@ -162,15 +162,16 @@ def cuda_plugin_problem() -> str | None:
     return None
 
 
-def topology_devices(target: Target) -> list:
-    """The target's devices, described by its spec: no GPU, no driver needed."""
+def topology_devices(target: Target, field: str = "config.dry_run_target") -> list:
+    """The target's devices, described by its spec: no GPU, no driver needed. Errors name `field` (the command's
+    option that gave the target)."""
     import jax
     from jax._src import xla_bridge
     from jax.experimental import topologies
 
     problem = cuda_plugin_problem()
     if problem:
-        raise GpuPlanError(f"config.dry_run_target={target}: {problem}")
+        raise GpuPlanError(f"{field}={target}: {problem}")
     started = xla_bridge.backends_are_initialized()
     if not started:
         jax.config.update("jax_platforms", "cpu")  # else the CUDA plugin's CUPTI check fails without a driver
@@ -180,7 +181,7 @@ def topology_devices(target: Target) -> list:
     except Exception as e:  # noqa: BLE001  the plugin raises plain RuntimeErrors
         hint = (" (JAX had started on its default platforms before the target was set up: run with JAX_PLATFORMS=cpu)"
                 if started and os.environ.get("JAX_PLATFORMS") != "cpu" else "")
-        raise GpuPlanError(f"config.dry_run_target={target}: JAX's CUDA plugin could not describe the GPU: "
+        raise GpuPlanError(f"{field}={target}: JAX's CUDA plugin could not describe the GPU: "
                            f"{str(e).splitlines()[0] if str(e) else type(e).__name__}{hint}") from None
     return list(topo.devices)
 
@@ -486,7 +487,7 @@ def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len
     if program == "generate" and not 1 <= new_tokens < cache_len:
         raise GpuPlanError(f"--new-tokens={new_tokens}: between 1 and the cache length {cache_len} less one (the "
                            "cache holds the prompt and the new tokens)")
-    devices = topology_devices(target)
+    devices = topology_devices(target, "--target")
     mesh = jax.sharding.Mesh(devices[:1], ("x",))
     on = NamedSharding(mesh, PartitionSpec())
     graphdef, state = nnx.split(abstract_model(model_cfg))
@@ -619,7 +620,7 @@ def check_tiles(target: Target, candidates, *, batch=8, seq=2048, heads=32, head
 
     from phi1_jax.kernels.flash_attention import flash_attention
 
-    devices = topology_devices(Target(target.name, 1))
+    devices = topology_devices(Target(target.name, 1), "--target")
     mesh = jax.sharding.Mesh(devices[:1], ("x",))
     x = jax.ShapeDtypeStruct((batch, seq, heads, head_dim), jnp.dtype(dtype), sharding=NamedSharding(mesh,
                                                                                                     PartitionSpec()))

@@ -96,6 +96,9 @@ def test_a_target_needs_a_dry_run_and_a_known_name(tmp_path):
 def test_without_the_plugin_the_error_says_how_to_install_it(tmp_path):
     r = _train(tmp_path, "--config.dry_run=True", "--config.dry_run_target=h100_sxm")
     assert r.returncode == 2 and "EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh" in _error_line(r.stderr)
+    r = _gpu_plan("decode", "--config=configs/tiny.py", "--target=a100_80")  # names its own option
+    line = _error_line(r.stderr)
+    assert r.returncode == 2 and line.startswith("error: --target=a100_80: ") and "scripts/setup.sh" in line, line
 
 
 # --- With the CUDA plugin: real XLA:GPU compiles --------------------------------------------------------------------
