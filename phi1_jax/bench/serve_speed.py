@@ -3,6 +3,7 @@
     python -m phi1_jax.bench.serve_speed --scenario=stalls  [--json=PATH]   # issue #28's latency check, tiny model, 512 ctx
     python -m phi1_jax.bench.serve_speed --scenario=engine_rounds  # the stalls mix on the engine alone, no HTTP
     python -m phi1_jax.bench.serve_speed --scenario=decode --model=phi1_small  # engine decode vs generate, 16 rows
+    python -m phi1_jax.bench.serve_speed --scenario=prefix --max-tokens=32  # prefix reuse on/off, data_gen-like
     python -m phi1_jax.bench.serve_speed --scenario=clients     # 1, 16, 64 clients: req/s, tok/s, p50/p99, TTFT
 
 Every scenario writes a random-weights checkpoint of the shape (configs/tiny.py or configs/phi1_small.py, the context
@@ -18,7 +19,10 @@ engine_rounds: the same single request and 5 rounds, submitted to the engine in 
 decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
   (16 rows, compiled first), each warm, greedy, --max-tokens new tokens: decode tokens/s side by side, prefill left
   out (generate: its chunks after the first 64 tokens, timed at its host visits between chunks, so --max-tokens must
-  exceed 64; the engine: its chunks timed after the prompts are admitted), --reps times, the two sides back to back in each repeat; the medians and each repeat's load average are kept.
+  exceed 64; the engine: its chunks timed after the prompts are admitted), --reps times, the two sides back to back
+  in each repeat; the medians and each repeat's load average are kept.
+prefix: a data_gen-like load on the engine in this process: --requests prompts sharing a --prefix-tokens header
+  with short distinct tails, submitted at once; one engine with prefix reuse off and on in turn: tokens/s.
 clients: C clients (1, 16, 64) each send --rounds streamed greedy requests one after another (after one warm-up
   round): requests/s, tokens/s, p50/p99 latency, time to first token.
 """
@@ -214,6 +218,58 @@ def engine_rounds(a, folder: Path) -> dict:
     return out
 
 
+def prefix(a, folder: Path) -> dict:
+    """A data_gen-like load on the engine in this process: --requests prompts that share one long instruction header
+    (--prefix-tokens) and differ in a short tail, all submitted at once, greedy, --max-tokens each; the same engine
+    with prefix reuse on and off in turn (--reps times each, interleaved): generated tokens/s and wall time."""
+    import os
+    import threading
+
+    from phi1_jax.serving.batching import Engine, Job
+
+    model, tok = _checkpoint(a.model, a.max_len, folder / "model")
+    header = tok.encode(PROMPT * 20)[:a.prefix_tokens]
+    tails = [tok.encode(f"# exercise {i}: write a function that returns the {i}-th square number\n") for i in
+             range(a.requests)]
+    prompts = [header + t for t in tails]
+    engine = Engine(model, tok, slots=a.slots, max_len=a.max_len,
+                    **({} if a.chunk_tokens is None else {"chunk_tokens": a.chunk_tokens}))
+    engine.start()
+    engine.ready.wait()
+
+    def run(reuse: bool) -> dict:
+        engine.prefix_reuse = reuse
+        done = [threading.Event() for _ in prompts]
+        jobs = [Job(prompt=p, max_tokens=a.max_tokens, temperature=0.0, top_p=1.0, seed=0, stop=(), stream=False,
+                    emit=lambda ev, d=d: ev[0] != "text" and d.set()) for p, d in zip(prompts, done)]
+        before, load, t0 = dict(engine.stats), os.getloadavg()[0], time.perf_counter()
+        for job in jobs:
+            engine.submit(job)
+        for d in done:
+            d.wait()
+        wall = time.perf_counter() - t0
+        tokens = sum(len(j.tokens) for j in jobs)
+        return {"prefix_reuse": reuse, "wall_s": round(wall, 2), "tok_per_s": round(tokens / wall, 1),
+                "prefills": engine.stats["prefills"] - before["prefills"],
+                "extends": engine.stats["extends"] - before["extends"],
+                "reused_tokens": engine.stats["reused_tokens"] - before["reused_tokens"], "load_1min": round(load, 1)}
+
+    run(True), run(False)  # warm
+    rows = []
+    for _ in range(a.reps):
+        for reuse in (False, True):
+            rows.append(run(reuse))
+            print(json.dumps(rows[-1]), flush=True)
+    engine.stop()
+    med = {r: statistics.median(x["tok_per_s"] for x in rows if x["prefix_reuse"] == r) for r in (False, True)}
+    out = {"model": a.model, "requests": a.requests, "prefix_tokens": len(header),
+           "tail_tokens": [min(map(len, tails)), max(map(len, tails))], "max_tokens": a.max_tokens, "rows": rows,
+           "tok_per_s_without": med[False], "tok_per_s_with": med[True],
+           "with_over_without": round(med[True] / med[False], 2)}
+    print(json.dumps({k: v for k, v in out.items() if k != "rows"}), flush=True)
+    return out
+
+
 def decode(a, folder: Path) -> dict:
     import os
     import threading
@@ -324,7 +380,7 @@ def clients(a, folder: Path) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m phi1_jax.bench.serve_speed", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("--scenario", choices=["stalls", "engine_rounds", "decode", "clients"], default="stalls")
+    p.add_argument("--scenario", choices=["stalls", "engine_rounds", "decode", "prefix", "clients"], default="stalls")
     p.add_argument("--model", choices=["tiny", "phi1_small"], default="tiny")
     p.add_argument("--max-len", type=int, default=512, help="the model's context (and the server's cache row)")
     p.add_argument("--slots", type=int, default=16)
@@ -337,6 +393,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine-weights", choices=["compute", "param"], default="compute",
                    help="decode: the engine's projections in the compute dtype (as it runs) or in the parameters' "
                         "dtype (fp32, cast at every chunk: the engine before 2026-12-05)")
+    p.add_argument("--requests", type=int, default=48, help="prefix: requests sharing the header")
+    p.add_argument("--prefix-tokens", type=int, default=256, help="prefix: the shared header's length")
     p.add_argument("--json", default=None, help="also write the figures here (JSON)")
     a = p.parse_args(argv)
     if a.scenario == "decode" and a.max_tokens <= 64:
@@ -346,7 +404,7 @@ def main(argv=None) -> int:
 
     folder = Path(tempfile.mkdtemp(prefix="bench_serve."))
     try:
-        result = {"stalls": stalls, "engine_rounds": engine_rounds, "decode": decode,
+        result = {"stalls": stalls, "engine_rounds": engine_rounds, "decode": decode, "prefix": prefix,
                   "clients": clients}[a.scenario](a, folder)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

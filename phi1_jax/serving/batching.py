@@ -19,8 +19,10 @@ before the server answers (`shapes()` lists it; the executables are kept in `sel
 nothing else, so traffic can never trigger a compile):
   admit  (group G, prompt bucket P): G in 1, 4 (MAX_GROUP), P in 64 x powers of two up to --max-len;
   decode (rows R, window W): R in 1, 4, 16, ... up to --slots, W in 128 x powers of two up to --max-len;
-  compact (window W).
-(--slots=16 --max-len=2048: 12 + 15 + 5 = 32 programs; --max-len=512: 8 + 9 + 3 = 20; --max-len=128: 4 + 3 + 1 = 8.)
+  compact (window W);
+  extend (prompt bucket P), with prefix reuse: a prompt's tail prefilled on a busy row's copied prefix (`_extend`).
+(--slots=16 --max-len=2048: 12 + 15 + 5 + 6 = 38 programs; --max-len=512: 8 + 9 + 3 + 4 = 24; --max-len=128:
+4 + 3 + 1 + 2 = 10.)
 A group larger than a compiled G is admitted in several; a prompt goes to the smallest P that holds it; a chunk runs
 on the smallest R that covers the busy slots and the smallest W that covers `t` plus the chunk.
 
