@@ -408,7 +408,7 @@ def fit(config, target: Target) -> Plan:
 # Decoding: the evals' decode loop and the serving engine's decode program
 # ---------------------------------------------------------------------------------------------------------------------
 
-DECODE_PROGRAMS = ("generate", "serve")
+DECODE_PROGRAMS = ("generate", "serve", "prefill")
 
 
 @dataclasses.dataclass
@@ -416,7 +416,8 @@ class DecodePlan:
     """One decode program compiled for one GPU of a target, with a KV cache of `rows` rows x `cache_len` slots."""
 
     target: str
-    program: str  # "generate": phi1_jax.decoding's decode chunk (evals); "serve": the serving engine's decode program
+    program: str  # "generate": phi1_jax.decoding's decode chunk (evals); "serve": the serving engine's decode program;
+    # "prefill": generate's prompt pass (rows x prompt_len tokens into a cache of cache_len slots)
     rows: int
     cache_len: int
     param_dtype: str
@@ -435,6 +436,7 @@ class DecodePlan:
     xla_warnings: list
     compile_seconds: float
     jax_version: str
+    prompt_len: int = 0  # "prefill" only: the prompt's tokens (cache_len - new_tokens)
 
 
 def load_config(path: str):
@@ -468,7 +470,9 @@ def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len
     the in-training code evals run: greedy, a `new_tokens` token buffer (0: min(384, cache_len // 2); 384 is the code
     evals' max_new_tokens), the cache donated); "serve" is the serving
     engine's own decode program for (rows, window cache_len), built by its `Engine.compile` on an engine whose cache
-    and weights are abstract (no tokenizer, no server; its chunk of steps and everything else as `serve` sets them)."""
+    and weights are abstract (no tokenizer, no server; its chunk of steps and everything else as `serve` sets them);
+    "prefill" is `generate`'s prompt pass, its jitted `_prefill`, at a prompt of cache_len - new_tokens tokens (the
+    cache is its output, the prompt's [rows, heads, prompt, prompt] fp32 scores per layer its largest temporary)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -484,7 +488,7 @@ def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len
     if not 1 <= cache_len <= model_cfg.max_seq_len:
         raise GpuPlanError(f"--cache-len={cache_len}: between 1 and the model's max_seq_len {model_cfg.max_seq_len}")
     new_tokens = new_tokens or min(384, cache_len // 2)
-    if program == "generate" and not 1 <= new_tokens < cache_len:
+    if program in ("generate", "prefill") and not 1 <= new_tokens < cache_len:
         raise GpuPlanError(f"--new-tokens={new_tokens}: between 1 and the cache length {cache_len} less one (the "
                            "cache holds the prompt and the new tokens)")
     devices = topology_devices(target, "--target")
@@ -498,17 +502,22 @@ def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len
     log: list[str] = []
     t0 = time.perf_counter()
     with _captured_stderr(log), jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+        spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
+        i32 = jnp.int32
         if program == "generate":
             from phi1_jax.decoding import _decode_chunk
 
-            spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=on)  # noqa: E731
             key = _on(on, jax.eval_shape(lambda: jax.random.key(0)))
-            i32 = jnp.int32
             sampling = (0.0, 0, 1.0, None)  # greedy, as the evals' pass@1
             compiled = _decode_chunk.lower(
                 graphdef, sampling, state, cache, spec((rows, model_cfg.vocab_size), jnp.float32),
                 spec((rows, new_tokens), i32), spec((rows,), i32), spec((rows,), jnp.bool_), spec((), i32),
                 spec((), i32), key, spec((), i32)).compile()
+        elif program == "prefill":
+            from phi1_jax.decoding import _prefill
+
+            prompt = spec((rows, cache_len - new_tokens), i32)  # ids, segment ids, positions
+            compiled = _prefill.lower(graphdef, state, prompt, prompt, prompt, cache_len).compile()
         else:
             compiled = _serving_decode(graphdef, state, model_cfg, on, rows, cache_len)
     seconds = time.perf_counter() - t0
@@ -522,7 +531,8 @@ def compile_decode(model_cfg, target: Target, program: str, rows: int, cache_len
         device_bytes=device_bytes, fits=peak <= PREALLOCATE * device_bytes, fits_whole_memory=peak <= device_bytes,
         compiles=True,
         xla_warnings=[line for line in log if "memory" in line.lower() or "rematerializ" in line.lower()],
-        compile_seconds=round(seconds, 1), jax_version=jax.__version__)
+        compile_seconds=round(seconds, 1), jax_version=jax.__version__,
+        prompt_len=cache_len - new_tokens if program == "prefill" else 0)
 
 
 def _serving_decode(graphdef, state, model_cfg, on, rows: int, cache_len: int):
@@ -562,7 +572,8 @@ def decode_report(plan: DecodePlan, out=None) -> None:
     out = out or sys.stdout
     t = parse_target(plan.target)
     what = {"generate": "phi1_jax.decoding's decode chunk (generate, evals)",
-            "serve": "the serving engine's decode program"}[plan.program]
+            "serve": "the serving engine's decode program",
+            "prefill": f"phi1_jax.decoding's prefill (generate's prompt pass, {plan.prompt_len} tokens)"}[plan.program]
     print(f"decode: {what} compiled by XLA:GPU for one {t.description} ({plan.target}) in {plan.compile_seconds:.0f} "
           f"s, JAX {plan.jax_version}: {plan.rows} rows x {plan.cache_len} cache slots, weights {plan.param_dtype}, "
           f"cache {plan.compute_dtype}", file=out)
@@ -665,7 +676,9 @@ def main(argv=None) -> int:
     d.add_argument("--target", default="h100_sxm", help=f"one of {', '.join(TARGETS)} (one GPU)")
     d.add_argument("--rows", default="16,64", help="KV cache rows (sequences decoded at once), comma-separated")
     d.add_argument("--cache-len", type=int, default=0, help="cache slots per row (0: the model's max_seq_len)")
-    d.add_argument("--programs", default="generate,serve", help=f"of {', '.join(DECODE_PROGRAMS)}, comma-separated")
+    d.add_argument("--programs", default="generate,serve",
+                   help=f"of {', '.join(DECODE_PROGRAMS)}, comma-separated (prefill: generate's prompt pass at "
+                        "cache slots - new tokens)")
     d.add_argument("--new-tokens", type=int, default=0,
                    help="generate's token buffer (0: min(384, cache slots / 2); 384 is the code evals' "
                         "max_new_tokens); the cache holds prompt + these")

@@ -223,13 +223,19 @@ def test_decode_step_compiles_for_h100_with_the_cache_in_place(tmp_path):
     sizes: the weights and the whole cache are arguments, the cache is updated in place (donated: its bytes are
     aliased outputs), and the peak stays below the arguments plus a second copy of the cache."""
     r = _gpu_plan("decode", "--config=configs/tiny.py", "--target=h100_sxm", "--rows=2,8",
-                  "--programs=generate,serve", f"--json={tmp_path / 'decode.json'}")
+                  "--programs=generate,serve,prefill", f"--json={tmp_path / 'decode.json'}")
     assert r.returncode == 0, r.stderr[-3000:]
     got = _last_json(r.stdout)
     assert got == json.loads((tmp_path / "decode.json").read_text())
     assert got["target"] == "h100_sxm" and got["cache_len"] == 128 and got["fits"]
     plans = {(p["program"], p["rows"]): p for p in got["plans"]}
-    assert sorted(plans) == [("generate", 2), ("generate", 8), ("serve", 2), ("serve", 8)]
+    assert sorted(plans) == [("generate", 2), ("generate", 8), ("prefill", 2), ("prefill", 8), ("serve", 2),
+                             ("serve", 8)]
+    for rows in (2, 8):  # the prefill writes the cache (an output, not an argument) from a 64-token prompt
+        p = plans.pop(("prefill", rows))
+        assert p["prompt_len"] == 64 and p["compiles"] and p["fits"]
+        assert p["weight_bytes"] <= p["argument_bytes"] < p["weight_bytes"] + p["cache_bytes"], p
+        assert p["output_bytes"] >= p["cache_bytes"] and p["alias_bytes"] == 0, p
     for (program, rows), p in plans.items():
         # tiny: 2 layers x (k, v) x rows x 4 heads x 128 slots x 16 dims x 4 bytes (fp32) + segment ids
         assert p["cache_bytes"] == 2 * 2 * rows * 4 * 128 * 16 * 4 + rows * 128 * 4
