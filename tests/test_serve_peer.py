@@ -42,6 +42,10 @@ def served(tmp_path_factory, request):
     hf = serve_peer.export_model("tiny", 128, root / "hf", tokenizer_json=root / "tokenizer.json")
     assert {p.name for p in hf.iterdir()} >= {"config.json", "model.safetensors", "tokenizer.json",
                                               "tokenizer_config.json", "generation_config.json"}
+    from phi1_jax.tokenizer import Tokenizer
+
+    padded = Tokenizer.load(hf / "tokenizer.json")  # one <|padN|> per head row past the 400 BPE ids
+    assert padded.vocab_size == 2048 and padded.decode([400, 2047]) == "<|pad400|><|pad2047|>"
     port = serve_peer.free_port()
     cache = request.config.cache.mkdir("phi1_jax_compile_serve_peer")  # later runs start in seconds
     server = serve_peer.Server("phi1_jax.serve", [sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={hf}",

@@ -15,16 +15,17 @@ is counted under `errors` (and the command exits 1); figures are over the reques
 Side by side (--side-by-side): a random-weights model of --shape (configs/tiny.py or configs/phi1_small.py, context
 --max-len) is written once as a Hugging Face directory by the project's converter (`phi1_jax.convert.to_hf`), with a
 byte-level BPE `tokenizer.json` (the kind phi-1's own CodeGen tokenizer is) trained on the embedded corpus, and a
-`tokenizer_config.json`/`generation_config.json` for transformers. Every server loads that one directory: ours as
-`--checkpoint=DIR` (phi1_jax.loader reads the HF layout and the tokenizer.json beside it), the peer as `transformers
-serve DIR --device=cpu --dtype=float32`, once as it is (plain: one `model.generate()` at a time) and once with
-`--continuous-batching` (its paged-attention batching engine, its cache sized for the most clients at --max-len
-tokens each), per --peer-modes; the peers run under --peer-python,
-the environment that has torch and transformers[serving], offline (no hub access). All run at once; each level runs
-on every server in turn, who goes first rotating from level to level, each server warmed first with --warmup
-requests. The report adds, per level and peer, whether both sides counted the same prompt tokens for every request
-(the same tokenizer) and how many greedy completions are identical text (the same weights, both fp32), and `uptime`'s
-load average before each measurement.
+`tokenizer_config.json`/`generation_config.json` for transformers; a model with more head rows than the tokenizer has
+ids (phi1_small: 51200) gets one added token `<|padN|>` per extra row, so both servers choose among the same ids. Every
+server loads that one directory: ours as `--checkpoint=DIR` (phi1_jax.loader reads the HF layout and the tokenizer.json
+beside it), the peer as `transformers serve DIR --device=cpu --dtype=float32`, once as it is (plain: one
+`model.generate()` at a time) and once with `--continuous-batching` (its paged-attention batching engine, its cache
+sized for the most clients at --max-len tokens each), per --peer-modes; the peers run under --peer-python, the
+environment that has torch and transformers[serving], offline (no hub access). All run at once; each level runs on every
+server in turn, who goes first rotating from level to level, each server warmed first with --warmup requests. The report
+adds, per level and peer, whether both sides counted the same prompt tokens for every request (the same tokenizer) and
+how many greedy completions are identical text (the same weights, both fp32), and `uptime`'s load average before each
+measurement.
 """
 
 from __future__ import annotations
@@ -206,6 +207,16 @@ def export_model(shape: str, max_len: int, out: Path, tokenizer_json: Path | Non
     tok = Tokenizer.load(out / "tokenizer.json")
     if tok.vocab_size > model.cfg.vocab_size:
         raise BenchError(f"{out}/tokenizer.json: {tok.vocab_size} ids do not fit the model's {model.cfg.vocab_size}")
+    if tok.vocab_size < model.cfg.vocab_size:
+        # One token per padding row: phi1_jax.serve picks only ids its tokenizer has, transformers any row of the
+        # head, so without them the two would generate different tokens (phi1_small's 51200 rows, 2048 BPE ids).
+        from tokenizers import Tokenizer as HFTokenizer
+
+        padded = HFTokenizer.from_file(str(out / "tokenizer.json"))
+        padded.add_tokens([f"<|pad{i}|>" for i in range(tok.vocab_size, model.cfg.vocab_size)])
+        padded.save(str(out / "tokenizer.json"))
+        tok = Tokenizer.load(out / "tokenizer.json")
+        assert tok.vocab_size == model.cfg.vocab_size, (tok.vocab_size, model.cfg.vocab_size)
     files.write_text(out / "tokenizer_config.json", json.dumps(
         {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS, "model_max_length": max_len}, indent=2))
     files.write_text(out / "generation_config.json", json.dumps(
