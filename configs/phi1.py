@@ -141,5 +141,6 @@ def get_config() -> ml_collections.ConfigDict:
     # a100_40, a100_80, h100_sxm, h100_pcie, h200, optionally ":N" for N GPUs on one host. "": this host's devices.
     c.dry_run_target = ""
     c.dry_run_fit = False  # with dry_run_target: compile a ladder of attention x micro-batch x remat, print what fits
+    c.dry_run_live_peak = True  # with dry_run_target: also XLA's most bytes live at once (from a dump of the compile)
     c.lock()
     return c

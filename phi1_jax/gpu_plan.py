@@ -24,6 +24,12 @@ default preallocation, 75% of the memory, and under the whole memory), FLOPs per
 to docs/flops.md's formula, the attention kernels the program calls, XLA's own memory warnings, the compile time; then
 one JSON line (`Plan.as_json`).
 
+Live peak (`dry_run_live_peak`, on by default): XLA's live-range analysis of the scheduled program, the most bytes live
+at once, read from a text dump of this one compile (compiler options, into a temporary directory removed after; the
+`*after_optimizations-live-range.txt` file). `peak_bytes` (what the buffer assignment allocates, and what `fits` is
+judged on) minus it is the packing loss: heap slots that buffers live at different times cannot share. A missing file
+or an unknown format gives one "unknown" line and a null, never an error.
+
 FLOPs: XLA's HloCostAnalysis over the optimized GPU module (the executable's own `cost_analysis()` is None without a
 device). It counts custom kernels (the Triton flash attention, cuDNN) as 0 and a loop body once: the gradient
 accumulation loop is one micro-batch, so FLOPs per token = the module's FLOPs / the tokens of one micro-batch per
@@ -64,6 +70,7 @@ TARGETS = {
     "h200": "NVIDIA H200 SXM 141 GB",
 }
 PREALLOCATE = 0.75  # JAX's default XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs
+LIVE_PEAK_DEFAULT = True  # config.dry_run_live_peak when a config lacks it (docs/gpu.md: what the dump costs)
 GIB = 1024 ** 3
 SETUP = "EXTRAS=gpu-plan PYTHON=python3.12 bash scripts/setup.sh (then run with .venv-gpu-plan/bin/python)"
 # Fit mode: (attention, micro-batch per device, remat), fastest-likely first. A fused kernel before plain XLA (which
@@ -217,9 +224,73 @@ class Plan:
     xla_warnings: list
     compile_seconds: float
     jax_version: str
+    # XLA's live-range analysis of the scheduled program: the most bytes live at once (arguments included), read from
+    # the compile's dump (`live_peak`); None when not asked for or unreadable. peak_bytes - live_peak_bytes is what
+    # the buffer assignment loses packing those buffers into the heap (`packing_loss_bytes`).
+    live_peak_bytes: int | None = None
+    packing_loss_bytes: int | None = None
+    live_peak_note: str = ""  # why live_peak_bytes is None ("" when it is not)
 
     def as_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=False)
+
+
+LIVE_RANGE_SUFFIX = "-live-range.txt"
+_LIVE_SECTION = re.compile(r"^\s*Live ranges at \d+ \(peak\):\s*$")
+_CUMULATIVE = re.compile(r"\(cumulative: (\d+) bytes\)\s*$")
+_STACK_PEAK = re.compile(r"^\s*Stack trace breakdown for peak usage: ([\d ,']+) bytes\s*$")
+
+
+def parse_live_peak(text: str) -> int | None:
+    """The most bytes live at once from the text of XLA's `*-live-range.txt` (HloLiveRange's dump): the last
+    `(cumulative: N bytes)` of its `Live ranges at T (peak):` section, else its `Stack trace breakdown for peak usage:
+    N bytes` line; None when the text has neither (an XLA whose format changed)."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if _LIVE_SECTION.match(line):
+            last = None
+            for entry in lines[i + 1:]:
+                m = _CUMULATIVE.search(entry)
+                if not m:
+                    break
+                last = int(m.group(1))
+            if last:
+                return last
+    for line in lines:
+        m = _STACK_PEAK.match(line)
+        if m:
+            digits = re.sub(r"\D", "", m.group(1))
+            if digits and int(digits) > 0:
+                return int(digits)
+    return None
+
+
+def read_live_peak(dump_dir: Path) -> tuple[int | None, str]:
+    """(live peak bytes, "") from the optimized module's live-range file XLA dumped into `dump_dir`, or (None, why)
+    when it is missing or its format is unknown; never raises."""
+    try:
+        files = sorted(f for f in Path(dump_dir).glob(f"*after_optimizations{LIVE_RANGE_SUFFIX}") if f.is_file())
+    except OSError as e:
+        return None, f"XLA's dump in {dump_dir} could not be listed ({e})"
+    if not files:
+        return None, f"XLA wrote no *after_optimizations{LIVE_RANGE_SUFFIX} into {dump_dir}"
+    if len(files) > 1:  # one module per compile; several (a cache hit, sub-compiles) would be ambiguous
+        files = [max(files, key=lambda f: f.stat().st_size)]
+    try:
+        text = files[0].read_text(errors="replace")
+    except OSError as e:
+        return None, f"{files[0].name} could not be read ({e})"
+    peak = parse_live_peak(text)
+    if peak is None:
+        return None, f"{files[0].name} has no peak this parser knows (neither 'Live ranges at T (peak):' nor " \
+                     "'Stack trace breakdown for peak usage:'; XLA's format changed?)"
+    return peak, ""
+
+
+def live_peak_options(dump_dir: Path) -> dict:
+    """Compiler options that make XLA dump this one compile's optimized module as text, with its buffer assignment
+    and live ranges, into `dump_dir` (per compile, so XLA_FLAGS and other compiles are untouched)."""
+    return {"xla_dump_to": str(dump_dir), "xla_dump_hlo_as_text": True}
 
 
 def _peak(mem) -> int:
@@ -272,8 +343,12 @@ def _captured_stderr(sink: list):
             sink.extend(text.splitlines())
 
 
-def compile_train_step(config, target: Target) -> Plan:
-    """The config's train step compiled by XLA:GPU for `target`; nothing is allocated."""
+def compile_train_step(config, target: Target, want_live_peak: bool | None = None) -> Plan:
+    """The config's train step compiled by XLA:GPU for `target`; nothing is allocated. `want_live_peak` (default:
+    `config.dry_run_live_peak`) also reads XLA's most-bytes-live-at-once from a dump of the compile into a temporary
+    directory, removed after."""
+    if want_live_peak is None:
+        want_live_peak = bool(config.get("dry_run_live_peak", LIVE_PEAK_DEFAULT))
     import jax
 
     from phi1_jax import flops as flops_lib
@@ -284,10 +359,15 @@ def compile_train_step(config, target: Target) -> Plan:
     batch_devices = b.mesh.shape["data"] * b.mesh.shape["fsdp"]
     micro = config.batch_size // config.grad_accum_steps // batch_devices
     log: list[str] = []
-    t0 = time.perf_counter()
-    with _captured_stderr(log), jax.sharding.use_abstract_mesh(b.mesh.abstract_mesh):
-        compiled = b.step_fn.lower(b.state, b.batch).compile()
-    seconds = time.perf_counter() - t0
+    live_peak, note = None, "not asked for (--config.dry_run_live_peak=True)"
+    with tempfile.TemporaryDirectory(prefix="phi1-xla-dump-") as dump:
+        options = live_peak_options(Path(dump)) if want_live_peak else None
+        t0 = time.perf_counter()
+        with _captured_stderr(log), jax.sharding.use_abstract_mesh(b.mesh.abstract_mesh):
+            compiled = b.step_fn.lower(b.state, b.batch).compile(compiler_options=options)
+        seconds = time.perf_counter() - t0
+        if want_live_peak:
+            live_peak, note = read_live_peak(Path(dump))
     mem = compiled.memory_analysis()
     text = compiled.as_text()
     peak, device_bytes = _peak(mem), target.device_bytes
@@ -301,7 +381,9 @@ def compile_train_step(config, target: Target) -> Plan:
         flops_per_token_formula=flops_lib.flops_per_token(b.cfg, config.seq_len),
         kernels=kernel_calls(text), interpreted_kernels=interpreted_kernels(text),
         xla_warnings=[line for line in log if "memory" in line.lower() or "rematerializ" in line.lower()],
-        compile_seconds=round(seconds, 1), jax_version=jax.__version__)
+        compile_seconds=round(seconds, 1), jax_version=jax.__version__,
+        live_peak_bytes=live_peak, packing_loss_bytes=None if live_peak is None else peak - live_peak,
+        live_peak_note=note if live_peak is None else "")
 
 
 def report(plan: Plan, n_params: int | None = None, out=None) -> None:
@@ -318,6 +400,13 @@ def report(plan: Plan, n_params: int | None = None, out=None) -> None:
             ("  (aliased to args)", plan.alias_bytes), ("temporaries", plan.temp_bytes), ("peak", plan.peak_bytes)]
     for name, v in rows:
         print(f"  {name:>20}: {v / GIB:8.2f} GiB per device", file=out)
+    if plan.live_peak_bytes is None:
+        print(f"  {'live peak':>20}: unknown: {plan.live_peak_note}", file=out)
+    else:
+        print(f"  {'live peak':>20}: {plan.live_peak_bytes / GIB:8.2f} GiB per device (XLA's most bytes live at once)",
+              file=out)
+        print(f"  {'packing loss':>20}: {plan.packing_loss_bytes / GIB:8.2f} GiB per device (peak - live peak: what "
+              "the buffer assignment loses packing buffers into the heap)", file=out)
     pre = PREALLOCATE * plan.device_bytes
     print(f"  {'fits':>20}: {'yes' if plan.fits else 'NO'} under JAX's default preallocation ({pre / GIB:.1f} GiB = "
           f"{PREALLOCATE:.0%}); {'yes' if plan.fits_whole_memory else 'NO'} under the whole "

@@ -23,8 +23,8 @@ PROBLEM = gpu_plan.cuda_plugin_problem()
 needs_plugin = pytest.mark.skipif(PROBLEM is not None, reason=PROBLEM or "")
 
 
-def _train(tmp_path, *overrides, timeout=600):
-    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+def _train(tmp_path, *overrides, timeout=600, tmpdir=None):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", **({"TMPDIR": str(tmpdir)} if tmpdir else {})}
     return subprocess.run([sys.executable, "-m", "phi1_jax.train", "--config=configs/tiny.py",
                            f"--workdir={tmp_path / 'w'}", *overrides], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=timeout)
@@ -101,13 +101,44 @@ def test_without_the_plugin_the_error_says_how_to_install_it(tmp_path):
     assert r.returncode == 2 and line.startswith("error: --target=a100_80: ") and "scripts/setup.sh" in line, line
 
 
+LIVE_RANGE = """HloLiveRange (max 9):
+  InstructionSequence:
+    0:p0
+  BufferLiveRange:
+    p0{}:0-9
+  Live ranges at 4 (peak):
+    fusion.1{}: 8388608 bytes (cumulative: 8388608 bytes)
+    p0{}: 4096 bytes (cumulative: 8392704 bytes)
+  Stack trace breakdown for peak usage: 8 392 704 bytes
+    main.1 (100.0%, total: 8 392 704 bytes, current: 0 bytes, remaining: 8 392 704 bytes)
+"""
+
+
+def test_live_peak_is_read_from_the_dump_or_reported_unknown_without_raising(tmp_path):
+    assert gpu_plan.parse_live_peak(LIVE_RANGE) == 8392704
+    # Without the peak section, the stack-trace line (digits grouped by spaces) still gives it.
+    assert gpu_plan.parse_live_peak(LIVE_RANGE.replace("Live ranges at 4 (peak):", "Live ranges:")) == 8392704
+    assert gpu_plan.parse_live_peak("HloLiveRange (max 9):\n  something else\n") is None
+    assert gpu_plan.parse_live_peak("") is None
+    peak, note = gpu_plan.read_live_peak(tmp_path / "absent")
+    assert peak is None and "wrote no" in note
+    name = "module_0001.jit_traced.sm_9.0a_gpu_after_optimizations-live-range.txt"
+    (tmp_path / name).write_text("a format nobody knows\n")
+    peak, note = gpu_plan.read_live_peak(tmp_path)
+    assert peak is None and name in note and "format" in note
+    (tmp_path / name).write_text(LIVE_RANGE)
+    assert gpu_plan.read_live_peak(tmp_path) == (8392704, "")
+    assert gpu_plan.live_peak_options(tmp_path)["xla_dump_to"] == str(tmp_path)
+
+
 # --- With the CUDA plugin: real XLA:GPU compiles --------------------------------------------------------------------
 
 
 @needs_plugin
 def test_tiny_step_compiles_for_h100_with_the_triton_kernel_not_the_interpreter(tmp_path):
+    (tmp_path / "tmp").mkdir()
     r = _train(tmp_path, "--config.dry_run=True", "--config.dry_run_target=h100_sxm",
-               "--config.model.attention_impl=pallas")
+               "--config.model.attention_impl=pallas", tmpdir=tmp_path / "tmp")
     assert r.returncode == 0, r.stderr[-3000:]
     plan = _last_json(r.stdout)
     for field in ("target", "devices", "attention_impl", "micro_batch", "remat", "argument_bytes", "temp_bytes",
@@ -122,6 +153,12 @@ def test_tiny_step_compiles_for_h100_with_the_triton_kernel_not_the_interpreter(
     # at the tiny shape: within 10%.
     assert 0.9 < plan["flops_per_token"] / plan["flops_per_token_formula"] < 1.1
     assert "attention kernels: triton" in r.stdout and "fits: yes" in r.stdout
+    # XLA's most bytes live at once, from the dump of this compile (on by default): under the buffer assignment's
+    # peak (which packs those buffers into a heap), above the arguments, and the table shows the difference.
+    assert 0 < plan["argument_bytes"] <= plan["live_peak_bytes"] <= plan["peak_bytes"], plan
+    assert plan["packing_loss_bytes"] == plan["peak_bytes"] - plan["live_peak_bytes"] and plan["live_peak_note"] == ""
+    assert "live peak:" in r.stdout and "packing loss:" in r.stdout
+    assert (tmp_path / "tmp").is_dir() and not list((tmp_path / "tmp").iterdir())  # the dump is cleaned up
 
 
 @needs_plugin
@@ -162,9 +199,11 @@ print(json.dumps({"kernels": p.kernels, "interpreted": p.interpreted_kernels}))
 @needs_plugin
 def test_fit_mode_prints_the_overrides_of_the_first_setting_that_fits(tmp_path):
     r = _train(tmp_path, "--config.dry_run=True", "--config.dry_run_target=h100_sxm:2", "--config.dry_run_fit=True",
-               "--config.batch_size=8")
+               "--config.batch_size=8", "--config.dry_run_live_peak=False")
     assert r.returncode == 0, r.stderr[-3000:]
     plan = _last_json(r.stdout)
+    assert plan["live_peak_bytes"] is None and plan["packing_loss_bytes"] is None  # not asked for: no dump
+    assert "not asked for" in plan["live_peak_note"] and "live peak: unknown: not asked for" in r.stdout
     # Batch 8 over 2 GPUs: a micro-batch of 8 per GPU does not divide it, so (pallas, 4, full) is the first rung
     # compiled, and the tiny model fits.
     assert (plan["attention_impl"], plan["micro_batch"], plan["remat"], plan["devices"]) == ("pallas", 4, "full", 2)
