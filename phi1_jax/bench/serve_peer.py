@@ -274,6 +274,7 @@ def _compare(ours: dict, peer: dict) -> dict:
     return {"compared": len(both),
             "prompt_token_mismatches": sum(a[i]["prompt_tokens"] != b[i]["prompt_tokens"] for i in both),
             "same_text": sum(a[i]["text"] == b[i]["text"] for i in both),
+            "prompts_with_other_text": sorted({a[i]["prompt"] for i in both if a[i]["text"] != b[i]["text"]}),
             "same_completion_tokens": sum(a[i]["completion_tokens"] == b[i]["completion_tokens"] for i in both)}
 
 
