@@ -101,3 +101,13 @@ def test_load_generator_figures_match_the_responses(served, tmp_path):
         assert level["latency_p99_s"] == pytest.approx(latencies[-1], abs=1e-4)
         assert level["ttft_p50_s"] == pytest.approx(ttfts[2], abs=1e-4)
         assert level["ttft_p99_s"] == pytest.approx(ttfts[-1], abs=1e-4)
+
+
+def test_side_by_side_comparison_counts_agreement():
+    def rec(i, prompt, text, prompt_tokens, tokens):
+        return {"index": i, "prompt": prompt, "text": text, "prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+
+    ours = {"records": [rec(0, 0, "a", 3, 2), rec(1, 1, "b", 5, 2), rec(2, 2, "c", 7, 2), {"index": 3, "error": "x"}]}
+    peer = {"records": [rec(0, 0, "a", 3, 2), rec(1, 1, "B", 5, 1), rec(2, 2, "c", 8, 2), rec(3, 3, "d", 9, 2)]}
+    assert serve_peer._compare(ours, peer) == {"compared": 3, "prompt_token_mismatches": 1, "same_text": 2,
+                                                "prompts_with_other_text": [1], "same_completion_tokens": 2}
