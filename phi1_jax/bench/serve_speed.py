@@ -34,9 +34,7 @@ import asyncio
 import json
 import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from phi1_jax import cli, files
+from phi1_jax.bench.serve_peer import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMPT = ("def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
@@ -71,55 +70,17 @@ def _checkpoint(shape: str, max_len: int, folder: Path):
     return model, emb.tokenizer()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class _Server:
-    """`python -m phi1_jax.serve` (or another command) as a subprocess; `ready_s` is the time until /v1/models."""
-
-    def __init__(self, cmd: list[str], port: int, timeout: float = 3600, env=None):
-        import httpx
-
-        self.url = f"http://127.0.0.1:{port}/v1"
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                     env=env)
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"server exited: {self.proc.stderr.read()[-2000:]}")
-            try:
-                if httpx.get(f"{self.url}/models", timeout=5).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() - t0 > timeout:
-                self.stop()
-                raise SystemExit(f"server not ready after {timeout} s")
-            time.sleep(0.2)
-        self.ready_s = time.perf_counter() - t0
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=120)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _health(server: _Server) -> dict:
+def _health(server: Server) -> dict:
     import httpx
 
     return httpx.get(server.url.removesuffix("/v1") + "/health", timeout=30).json()
 
 
-def _serve(ckpt: Path, port: int, cache: Path | str, *extra: str) -> _Server:
-    return _Server([sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={ckpt}", f"--port={port}",
-                    f"--compile-cache={cache}", *extra], port)
+def _serve(ckpt: Path, port: int, cache: Path | str, *extra: str) -> Server:
+    """`python -m phi1_jax.serve` on CKPT as a subprocess, its output in a log beside CKPT; ready at /v1/models."""
+    return Server("phi1_jax.serve", [sys.executable, "-m", "phi1_jax.serve", f"--checkpoint={ckpt}", f"--port={port}",
+                                     f"--compile-cache={cache}", *extra], port, str(ckpt),
+                  ckpt.parent / f"serve-{port}.log", timeout=3600)
 
 
 async def _requests(url: str, name: str, specs: list[dict], stream: bool = False) -> list[dict]:
@@ -153,7 +114,7 @@ def stalls(a, folder: Path) -> dict:
     base = tok.encode(PROMPT * 20)
     cache = folder / "compile_cache"
     extra = [f"--slots={a.slots}", *([f"--chunk-tokens={a.chunk_tokens}"] if a.chunk_tokens else [])]
-    server = _serve(ckpt, _free_port(), cache, *extra)
+    server = _serve(ckpt, free_port(), cache, *extra)
     try:
         cold = server.ready_s
         longest = {"prompt": base[:300], "max_tokens": 100}
@@ -169,7 +130,7 @@ def stalls(a, folder: Path) -> dict:
             work.append({k: after[k] - before[k] for k in ("prefills", "chunks", "steps", "compactions")})
     finally:
         server.stop()
-    restart = _serve(ckpt, _free_port(), cache, *extra)
+    restart = _serve(ckpt, free_port(), cache, *extra)
     restart.stop()
     median = statistics.median(rounds)
     out = {"cold_start_s": round(cold, 2), "restart_s": round(restart.ready_s, 2), "single_longest_s": round(single, 3),
@@ -354,7 +315,7 @@ def clients(a, folder: Path) -> dict:
     servers = {"phi1_jax.serve": lambda port: _serve(ckpt, port, folder / "compile_cache", f"--slots={a.slots}")}
     rows = []
     for name, start in servers.items():
-        server = start(_free_port())
+        server = start(free_port())
         try:
             for c in levels:
                 specs = [{"prompt": prompt, "max_tokens": a.max_tokens}] * c
