@@ -120,6 +120,20 @@ class TwoNodeCluster:
                 out.append((pid, title))
         return out
 
+    def kill_worker_running(self, task: str, proc: subprocess.Popen, timeout: float = 300,
+                            poll: float = 0.02) -> str | None:
+        """SIGKILLs the first of this cluster's workers whose title names TASK (e.g. "MapBatches(_shard_task)": a
+        worker mid-task), watching while PROC (the command under test) runs, for at most TIMEOUT s; its title, or
+        None when no such worker was caught."""
+        end = time.time() + timeout
+        while proc.poll() is None and time.time() < end:
+            for pid, title in self.worker_pids():
+                if task in title:
+                    os.kill(pid, signal.SIGKILL)
+                    return title
+            time.sleep(poll)
+        return None
+
     def stop(self) -> list[str]:
         """Ends every process of both nodes (by process group, then any worker left by its pid) and says which, if
         any, survived."""

@@ -6,12 +6,9 @@ One cluster serves the whole session (the `ray_cluster` fixture in conftest.py: 
 """
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 from datasketch import MinHashLSH
@@ -129,15 +126,7 @@ def test_dedup_across_two_nodes_equals_the_single_process_reference(ray_cluster,
 def test_a_worker_killed_mid_dedup_costs_a_retry_not_the_run(ray_cluster, corpus, tmp_path):
     folder, records, planted, expected = corpus
     proc = _run(folder, tmp_path / "out", ray_cluster.address)
-    killed = None
-    end = time.time() + 300
-    while killed is None and proc.poll() is None and time.time() < end:
-        for pid, title in ray_cluster.worker_pids():
-            if "MapBatches(_signature_rows)" in title:  # a worker computing signatures, mid-task
-                os.kill(pid, signal.SIGKILL)
-                killed = title
-                break
-        time.sleep(0.05)
+    killed = ray_cluster.kill_worker_running("MapBatches(_signature_rows)", proc, poll=0.05)  # computing signatures
     log, _ = proc.communicate(timeout=600)
     assert killed, f"no signature task was caught running to kill: {log}"
     assert proc.returncode == 0, log

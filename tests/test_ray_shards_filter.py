@@ -6,12 +6,9 @@ costs a retry, not the run.
 """
 
 import json
-import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -149,15 +146,7 @@ def test_a_worker_killed_mid_shards_costs_a_retry_not_the_run(ray_cluster, embed
                                  f"--out={out}", "--docs-per-shard=20", "--prompt-field=prompt",
                                  address=ray_cluster.address),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    killed = None
-    end = time.time() + 300
-    while killed is None and proc.poll() is None and time.time() < end:
-        for pid, title in ray_cluster.worker_pids():
-            if "MapBatches(_shard_task)" in title:  # a worker tokenizing or writing a shard, mid-task
-                os.kill(pid, signal.SIGKILL)
-                killed = title
-                break
-        time.sleep(0.02)
+    killed = ray_cluster.kill_worker_running("MapBatches(_shard_task)", proc)  # tokenizing or writing a shard
     log, _ = proc.communicate(timeout=600)
     assert killed, f"no shard task was caught running to kill: {log}"
     assert proc.returncode == 0, log
