@@ -10,10 +10,14 @@ Every scenario writes a random-weights checkpoint of the shape (configs/tiny.py 
 set by --max-len) with the embedded corpus's tokenizer into a temporary folder.
 
 stalls: `python -m phi1_jax.serve` started cold (an empty compilation cache of its own) and timed until /v1/models
-  answers; one warm request of the longest shape (a 300-token prompt, 100 new tokens); then 5 rounds of 16 concurrent
-  greedy requests with prompt lengths drawn from 4..300 tokens and max_tokens from 1..100 (a new mix each round). The
-  bar: the slowest round at most 3x the median, the median at most 4x the single request. Then a restart on the now
-  warm cache, timed until ready.
+  answers; one warm request of the longest shape (a 300-token prompt, 100 new tokens; best of 3); then 5 rounds of 16
+  concurrent greedy requests with prompt lengths drawn from 4..300 tokens and max_tokens from 1..100 (a new mix each
+  round). The bar: the slowest round at most 3x the median, the median at most 4x the single request. Then a restart
+  on the now warm cache, timed until ready. One `openai` async client sends everything, as a harness would (before
+  2026-12-05 each round built its own: ~30 ms of SSL context and connection pool, charged to every round and single);
+  prompts go as text (--prompts=text, each exactly n tokens, checked against the answers' usage) or as token ids
+  (--prompts=ids, before 2026-12-05 the only way: the `openai` client then spends ~5 ms of its own type checks per
+  300 ids in this process before the request leaves, ~40 ms of a round, which the server never sees).
 engine_rounds: the same single request and 5 rounds, submitted to the engine in this process (every program compiled
   first, as the server does): the device and engine share of the stalls figures, without HTTP, JSON or a client.
 decode: in this process, 16 prompts of 16 tokens through `phi1_jax.decoding.generate` and through the engine
@@ -83,26 +87,33 @@ def _serve(ckpt: Path, port: int, cache: Path | str, *extra: str) -> Server:
                   ckpt.parent / f"serve-{port}.log", timeout=3600)
 
 
-async def _requests(url: str, name: str, specs: list[dict], stream: bool = False) -> list[dict]:
-    """Sends the requests at once; per request: latency, time to first token (streamed), completion tokens."""
+def _client(url: str):
+    """One `openai` async client for a whole scenario, as a harness keeps one: a client per round would charge each
+    round its construction (~30 ms here: an SSL context and a connection pool) and new connections."""
     import openai
 
-    async with openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600) as client:
-        async def one(spec):
-            t0 = time.perf_counter()
-            if not stream:
-                r = await client.completions.create(model=name, temperature=0, **spec)
-                return {"latency_s": time.perf_counter() - t0, "tokens": r.usage.completion_tokens}
-            first, tokens = None, 0
-            async for chunk in await client.completions.create(model=name, temperature=0, stream=True,
-                                                                stream_options={"include_usage": True}, **spec):
-                if first is None and chunk.choices and chunk.choices[0].text:
-                    first = time.perf_counter() - t0
-                if chunk.usage:
-                    tokens = chunk.usage.completion_tokens
-            return {"latency_s": time.perf_counter() - t0, "ttft_s": first, "tokens": tokens}
+    return openai.AsyncOpenAI(base_url=url, api_key="none", max_retries=0, timeout=3600)
 
-        return await asyncio.gather(*(one(s) for s in specs))
+
+async def _requests(client, name: str, specs: list[dict], stream: bool = False) -> list[dict]:
+    """Sends the requests at once; per request: latency, time to first token (streamed), prompt and completion
+    tokens."""
+    async def one(spec):
+        t0 = time.perf_counter()
+        if not stream:
+            r = await client.completions.create(model=name, temperature=0, **spec)
+            return {"latency_s": time.perf_counter() - t0, "tokens": r.usage.completion_tokens,
+                    "prompt_tokens": r.usage.prompt_tokens}
+        first, tokens = None, 0
+        async for chunk in await client.completions.create(model=name, temperature=0, stream=True,
+                                                            stream_options={"include_usage": True}, **spec):
+            if first is None and chunk.choices and chunk.choices[0].text:
+                first = time.perf_counter() - t0
+            if chunk.usage:
+                tokens = chunk.usage.completion_tokens
+        return {"latency_s": time.perf_counter() - t0, "ttft_s": first, "tokens": tokens}
+
+    return await asyncio.gather(*(one(s) for s in specs))
 
 
 # --- scenarios ----------------------------------------------------------------------------------------------------------
@@ -115,25 +126,45 @@ def stalls(a, folder: Path) -> dict:
     cache = folder / "compile_cache"
     extra = [f"--slots={a.slots}", *([f"--chunk-tokens={a.chunk_tokens}"] if a.chunk_tokens else [])]
     server = _serve(ckpt, free_port(), cache, *extra)
+    # Text prompts by default (each decodes from base[:n] and encodes back to exactly n tokens, checked below from
+    # the answers' usage): a token-id prompt costs the `openai` client ~5 ms of its own type checks per 300 ids in
+    # this process, before the request leaves it (--prompts=ids measures that way).
+    prompt = (lambda n: base[:n]) if a.prompts == "ids" else (lambda n: tok.decode(base[:n]))
+
+    async def measure():
+        async with _client(server.url) as client:
+            longest = {"prompt": prompt(300), "max_tokens": 100}
+            singles = [(await _requests(client, str(ckpt), [longest]))[0] for _ in range(3)]
+            rounds, work, lengths = [], [], []
+            for mix in _mixes(a.rounds):
+                specs = [{"prompt": prompt(n), "max_tokens": m} for n, m in mix]
+                before = _health(server)
+                t0 = time.perf_counter()
+                got = await _requests(client, str(ckpt), specs)
+                rounds.append(time.perf_counter() - t0)
+                after = _health(server)  # what the engine ran for the round
+                work.append({k: after[k] - before[k] for k in ("prefills", "extends", "chunks", "steps",
+                                                               "compactions")})
+                if [g["prompt_tokens"] for g in got] != [n for n, _ in mix]:
+                    raise cli.UserError(f"prompt lengths served {[g['prompt_tokens'] for g in got]}, "
+                                        f"sent {[n for n, _ in mix]}")
+                lengths += [g["prompt_tokens"] for g in got]
+            return singles, rounds, work, lengths
+
     try:
         cold = server.ready_s
-        longest = {"prompt": base[:300], "max_tokens": 100}
-        single = min(asyncio.run(_requests(server.url, str(ckpt), [longest]))[0]["latency_s"] for _ in range(3))
-        rounds, work = [], []
-        for mix in _mixes(a.rounds):
-            specs = [{"prompt": base[:n], "max_tokens": m} for n, m in mix]
-            before = _health(server)
-            t0 = time.perf_counter()
-            asyncio.run(_requests(server.url, str(ckpt), specs))
-            rounds.append(time.perf_counter() - t0)
-            after = _health(server)  # what the engine ran for the round
-            work.append({k: after[k] - before[k] for k in ("prefills", "chunks", "steps", "compactions")})
+        singles, rounds, work, lengths = asyncio.run(measure())
+        if singles[0]["prompt_tokens"] != 300:
+            raise cli.UserError(f"the longest prompt was served as {singles[0]['prompt_tokens']} tokens, not 300")
+        single = min(s["latency_s"] for s in singles)
     finally:
         server.stop()
     restart = _serve(ckpt, free_port(), cache, *extra)
     restart.stop()
     median = statistics.median(rounds)
-    out = {"cold_start_s": round(cold, 2), "restart_s": round(restart.ready_s, 2), "single_longest_s": round(single, 3),
+    out = {"cold_start_s": round(cold, 2), "restart_s": round(restart.ready_s, 2), "prompts": a.prompts,
+           "single_prompt_tokens": singles[0]["prompt_tokens"], "round_prompt_tokens": [min(lengths), max(lengths)],
+           "single_longest_s": round(single, 3), "singles_s": [round(s["latency_s"], 3) for s in singles],
            "rounds_s": [round(r, 3) for r in rounds], "slowest_over_median": round(max(rounds) / median, 2),
            "median_over_single": round(median / single, 2), "per_round": work}
     out["met"] = out["slowest_over_median"] <= 3 and out["median_over_single"] <= 4
@@ -319,11 +350,16 @@ def clients(a, folder: Path) -> dict:
         try:
             for c in levels:
                 specs = [{"prompt": prompt, "max_tokens": a.max_tokens}] * c
-                asyncio.run(_requests(server.url, str(ckpt), specs, stream=True))  # warm
-                t0, got = time.perf_counter(), []
-                for _ in range(a.rounds):
-                    got += asyncio.run(_requests(server.url, str(ckpt), specs, stream=True))
-                wall = time.perf_counter() - t0
+
+                async def level():
+                    async with _client(server.url) as client:
+                        await _requests(client, str(ckpt), specs, stream=True)  # warm
+                        t0, got = time.perf_counter(), []
+                        for _ in range(a.rounds):
+                            got += await _requests(client, str(ckpt), specs, stream=True)
+                        return got, time.perf_counter() - t0
+
+                got, wall = asyncio.run(level())
                 lat = sorted(g["latency_s"] for g in got)
                 ttft = sorted(g["ttft_s"] or g["latency_s"] for g in got)
                 rows.append({"server": name, "clients": c, "requests": len(got), "req_per_s": round(len(got) / wall, 2),
@@ -349,6 +385,8 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--reps", type=int, default=3, help="decode: interleaved repeats of both sides (the median is kept)")
+    p.add_argument("--prompts", choices=["text", "ids"], default="text",
+                   help="stalls: send each prompt as its text (n tokens when encoded) or as its n token ids")
     p.add_argument("--chunk-tokens", type=int, default=None,
                    help="decode, stalls, engine_rounds: the engine's chunk (default: the engine's own)")
     p.add_argument("--engine-weights", choices=["compute", "param"], default="compute",

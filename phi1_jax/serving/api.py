@@ -71,6 +71,11 @@ def _stops(body: dict) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def _token_ids(value) -> bool:
+    """A non-empty list of ints (JSON's: `type(t) is int` leaves out bools, which are ints to isinstance)."""
+    return isinstance(value, list) and bool(value) and all(type(t) is int for t in value)
+
+
 def _unsupported(body: dict, names: dict) -> None:
     """Fields this server does not implement: accepted at their neutral value, otherwise a 400 naming them."""
     for name, neutral in names.items():
@@ -220,14 +225,13 @@ class Server:
 
     # --- completions ------------------------------------------------------------------------------------------------
 
-    def _prompts(self, body: dict) -> tuple[list[list[int]], list[str]]:
-        """Token ids and texts of `prompt`: a string, a list of strings, a list of ids, or a list of lists of ids."""
+    def _prompts(self, body: dict) -> tuple[list[list[int]], list[str | None]]:
+        """Token ids and texts of `prompt`: a string, a list of strings, a list of ids, or a list of lists of ids. A
+        prompt of token ids has text None here (`_texts` decodes it, when echo needs it)."""
         prompt = body.get("prompt")
         bad = ApiError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of lists of "
                             "token ids", "prompt")
-        if isinstance(prompt, str):
-            prompt = [prompt]
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if isinstance(prompt, str) or _token_ids(prompt):
             prompt = [prompt]
         if not isinstance(prompt, list) or not prompt:
             raise bad
@@ -237,14 +241,18 @@ class Server:
                 # An empty prompt starts a new document: EOS is what precedes every document in training.
                 ids.append(self.tok.encode(p) or [self.tok.eos_id])
                 texts.append(p)
-            elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) for t in p):
-                if not all(0 <= t < self.engine.cfg.vocab_size for t in p):
+            elif _token_ids(p):
+                if min(p) < 0 or max(p) >= self.engine.cfg.vocab_size:
                     raise ApiError(400, f"'prompt' has token ids outside [0, {self.engine.cfg.vocab_size})", "prompt")
                 ids.append(list(p))
-                texts.append(self.tok.decode(p))
+                texts.append(None)
             else:
                 raise bad
         return ids, texts
+
+    def _texts(self, ids: list[list[int]], texts: list[str | None]) -> list[str]:
+        """Every prompt's text: a token-id prompt's decoded."""
+        return [self.tok.decode(p) if t is None else t for p, t in zip(ids, texts)]
 
     async def completions(self, body) -> dict | object:
         opts = self._common(body)
@@ -259,6 +267,8 @@ class Server:
         _unsupported(body, {"best_of": (opts["n"],)})
         if logprobs is not None and opts["stream"]:
             raise ApiError(400, "'logprobs' is not supported with 'stream' by this server", "logprobs")
+        if echo:
+            texts = self._texts(prompts, texts)
         queue, emit = self._queue()
         jobs = self._jobs(prompts, opts, max_tokens, stops, emit, logprobs=logprobs,
                           prompt_logprobs=echo and logprobs is not None)
