@@ -211,12 +211,19 @@ class KVCache:
 
     Slots are filled left to right; `index` counts the filled ones. A slot's segment id is 0 while it is empty or
     holds padding, so attention never reads it (queries carry segment ids >= 1).
+
+    `window` (static): attend over slots [:window] only (None: all S). The model's input may also have fewer rows
+    than the cache (rows [:B] are read and written, the others left as they are). Together they let a caller keep one
+    large cache and run a step on a corner of it without slicing the corner out and writing it back (the serving
+    engine's decode chunks: the slice and write-back of every layer cost about a decode step per chunk); the slots
+    written must lie below `window`.
     """
 
     k: tuple[Array, ...]  # L x [B, N, S, H]: heads-major, so decoding attends without transposing the cache
     v: tuple[Array, ...]  # L x [B, N, S, H]
     segment_ids: Array  # [B, S] int32
     index: Array  # [] int32
+    window: int | None = flax.struct.field(pytree_node=False, default=None)
 
     @classmethod
     def init(cls, cfg: PhiConfig, batch: int, max_len: int, dtype=None) -> "KVCache":
@@ -240,6 +247,7 @@ class LayerCache:
     v: Array  # [B, N, S, H]
     segment_ids: Array  # [B, S] int32, the new tokens' ids already written at [index, index + T)
     index: Array  # [] int32: the slot of the first new token
+    window: int | None = flax.struct.field(pytree_node=False, default=None)  # see KVCache
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -269,8 +277,14 @@ class Attention(nnx.Module):
                                              (0, 0, cache.index, 0))  # [B, N, S, H]
             v = jax.lax.dynamic_update_slice(cache.v, v.transpose(0, 2, 1, 3).astype(cache.v.dtype),
                                              (0, 0, cache.index, 0))
-            mask = attention.make_mask(segment_ids, cache.segment_ids, cache.index)
-            out = attention.cached_attention(q, k, v, mask)  # [B, N, T, H]
+            # The barrier makes the updated cache a value of its own. Without it XLA:CPU fuses the update into the
+            # attention's bf16-to-fp32 convert as well, so the cache had two readers and was copied (twice, inside
+            # a decode loop) at every step: 2 x L x 2 copies of the whole cache per token. Now it is updated in place.
+            k, v = jax.lax.optimization_barrier((k, v))
+            b, w = x.shape[0], cache.window or k.shape[2]
+            corner = lambda a: a if a.shape[0] == b and a.shape[2] == w else a[:b, :, :w]  # noqa: E731
+            mask = attention.make_mask(segment_ids, cache.segment_ids[:b, :w], cache.index)
+            out = attention.cached_attention(q, corner(k), corner(v), mask)  # [B, N, T, H]
             return self.dense(out.transpose(0, 2, 1, 3)), cache.replace(k=k, v=v)
         dropout_rng = None
         if not deterministic and self.cfg.attn_dropout > 0.0:
@@ -397,12 +411,13 @@ class Phi(nnx.Module):
             kv_segment_ids = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))  # [B, S]
             written = []
             for i, layer in enumerate(self.layers):
-                layer_cache = LayerCache(k=cache.k[i], v=cache.v[i], segment_ids=kv_segment_ids, index=cache.index)
+                layer_cache = LayerCache(k=cache.k[i], v=cache.v[i], segment_ids=kv_segment_ids, index=cache.index,
+                                         window=cache.window)
                 x, layer_cache = layer(x, cos, sin, segment_ids, layer_cache, deterministic=deterministic, rngs=rngs)
                 x = nn.with_logical_constraint(x, ACTIVATION_AXES)
                 written.append(layer_cache)
             cache = KVCache(k=tuple(c.k for c in written), v=tuple(c.v for c in written), segment_ids=kv_segment_ids,
-                            index=cache.index + t)
+                            index=cache.index + t, window=cache.window)
 
         hidden = self.final_ln(x)  # [B, T, D]
         logits = self.lm_head(hidden).astype(jnp.float32)  # [B, T, V]
