@@ -5,8 +5,12 @@ the planted copies and other documents removed.
     python -m phi1_jax.bench.dedup_speed --docs=30000 --copies=3000 --workers=1,2 \\
         [--datatrove-python=/path/to/venv/bin/python] [--json=dedup_speed.json]
 
+Ours runs two ways (`--ray=local,cluster`, both by default): as a user's first command runs it, starting its own local
+Ray (`--num-cpus=W`; Ray's start, ~10-20 s of Python processes on this machine, is inside the time), and as a cluster
+user runs it, joining a running one-node Ray of W CPUs with `--ray-address` (started before the clock, stopped after).
+
 It ends with a one-screen summary: a row per run (with the load average before and after it) and the two ratios the
-issue sets bars for (ours at 2 workers over 1 worker, >= 1.6x; ours over datatrove, >= 1x).
+issue sets bars for (ours at 2 workers over 1 worker, >= 1.6x; ours over datatrove, >= 1x), for each way.
 
 datatrove is not a dependency: give `--datatrove-python`, a Python with datatrove (it runs there, as a subprocess):
 `python3.12 -m venv /tmp/dt-venv && /tmp/dt-venv/bin/pip install "datatrove[processing]"`. Both use 5-shingles and
@@ -62,7 +66,8 @@ def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
     return records, planted
 
 
-def _peak_rss(proc: subprocess.Popen, box: dict) -> None:
+def _peak_rss(proc: subprocess.Popen, box: dict, also=lambda: ()) -> None:
+    """Peak of the summed RSS of PROC, its descendants and the processes `also()` names (a running cluster's)."""
     import psutil
 
     peak = 0
@@ -70,7 +75,13 @@ def _peak_rss(proc: subprocess.Popen, box: dict) -> None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             total = 0
-            for p in [root, *root.children(recursive=True)]:
+            procs = [root, *root.children(recursive=True)]
+            for pid in also():
+                try:
+                    procs.append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+            for p in procs:
                 try:
                     total += p.memory_info().rss
                 except psutil.Error:
@@ -82,11 +93,11 @@ def _peak_rss(proc: subprocess.Popen, box: dict) -> None:
     box["peak_mb"] = round(peak / 2**20)
 
 
-def _timed(cmd: list[str]) -> dict:
+def _timed(cmd: list[str], also=lambda: ()) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     box: dict = {}
-    th = threading.Thread(target=_peak_rss, args=(proc, box))
+    th = threading.Thread(target=_peak_rss, args=(proc, box, also))
     th.start()
     log, _ = proc.communicate()
     th.join()
@@ -130,8 +141,12 @@ def main(argv=None) -> int:
     p.add_argument("--workers", default="1,2")
     p.add_argument("--datatrove-python", default=None)
     p.add_argument("--tools", default="ours,datatrove", help="which to run (datatrove needs --datatrove-python)")
+    p.add_argument("--ray", default="local,cluster",
+                   help="how ours gets its Ray: local (the command starts one, timed) and/or cluster (a running one)")
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
+    if bad := [x for x in a.ray.split(",") if x not in ("local", "cluster")]:
+        p.error(f"--ray={a.ray}: {bad[0]!r} is neither local nor cluster")
     work = Path(tempfile.mkdtemp(prefix="dedup_speed."))
     try:
         return _run(a, work, argv)
@@ -148,8 +163,8 @@ def _run(a, work: Path, argv) -> int:
     rows = []
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     for w in [int(x) for x in a.workers.split(",")]:  # interleaved: each worker count runs both tools back to back
-        if "ours" in a.tools:
-            rows.append(_with_load(_ours, src, work, w, n, planted))
+        for how in a.ray.split(",") if "ours" in a.tools else []:
+            rows.append(_with_load(_ours, src, work, w, n, planted, how))
             print(rows[-1], flush=True)
         if a.datatrove_python and "datatrove" in a.tools:
             rows.append(_with_load(_datatrove, a.datatrove_python, src, work, w, n, planted))
@@ -171,17 +186,22 @@ def _with_load(fn, *args) -> dict:
 def _ratios(rows: list[dict]) -> dict:
     """The issue's two bars: ours at 2 workers over ours at 1 (>= 1.6), and ours over datatrove at each worker
     count (>= 1), as throughput ratios (docs/s)."""
-    by = {(r["tool"].split()[0], r["workers"]): r["docs_per_s"] for r in rows}
+    by = {(_name(r), r["workers"]): r["docs_per_s"] for r in rows}
     out = {}
     ws = sorted({w for _, w in by})
-    if ("phi1_jax", 1) in by and ("phi1_jax", 2) in by:
-        out["ours_2_over_1"] = round(by["phi1_jax", 2] / by["phi1_jax", 1], 2)
+    for ours in ("ours_local", "ours_cluster"):
+        if (ours, 1) in by and (ours, 2) in by:
+            out[f"{ours}_2_over_1"] = round(by[ours, 2] / by[ours, 1], 2)
+        for w in ws:
+            if (ours, w) in by and ("datatrove", w) in by:
+                out[f"{ours}_over_datatrove_at_{w}"] = round(by[ours, w] / by["datatrove", w], 2)
     if ("datatrove", 1) in by and ("datatrove", 2) in by:
         out["datatrove_2_over_1"] = round(by["datatrove", 2] / by["datatrove", 1], 2)
-    for w in ws:
-        if ("phi1_jax", w) in by and ("datatrove", w) in by:
-            out[f"ours_over_datatrove_at_{w}"] = round(by["phi1_jax", w] / by["datatrove", w], 2)
     return out
+
+
+def _name(row: dict) -> str:
+    return f"ours_{row['ray']}" if row["tool"].startswith("phi1_jax") else row["tool"].split()[0]
 
 
 def summary(result: dict, argv: list[str]) -> str:
@@ -189,40 +209,58 @@ def summary(result: dict, argv: list[str]) -> str:
     lines = ["", f"dedup side by side: {result['docs']} records ({result['planted']} planted near-copies), "
              f"{result['cores']} cores, started {result['started']}",
              "command: python -m phi1_jax.bench.dedup_speed " + " ".join(argv), "",
-             f"{'tool':<12}{'workers':>8}{'wall s':>9}{'docs/s':>9}{'peak MB':>9}{'recall':>8}{'others':>8}"
+             f"{'tool':<14}{'workers':>8}{'wall s':>9}{'docs/s':>9}{'peak MB':>9}{'recall':>8}{'others':>8}"
              f"{'load avg':>13}"]
     for r in result["rows"]:
-        lines.append(f"{r['tool'].split()[0]:<12}{r['workers']:>8}{r['seconds']:>9.1f}{r['docs_per_s']:>9.1f}"
+        lines.append(f"{_name(r):<14}{r['workers']:>8}{r['seconds']:>9.1f}{r['docs_per_s']:>9.1f}"
                      f"{r.get('peak_mb', 0):>9}{r['recall']:>8.4f}{r['others_removed']:>8}"
                      f"{r['load_before']:>7.1f}->{r['load_after']:<4.1f}")
     for r in result["rows"]:
         if "pipeline_seconds" in r:
-            lines.append(f"  phi1_jax at {r['workers']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in
+            lines.append(f"  {_name(r)} at {r['workers']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in
                                                                       r["pipeline_seconds"].items()))
+    for r in result["rows"]:
+        if r.get("cluster_processes_left"):
+            lines.append(f"  warning: processes of the cluster at {r['workers']} outlived it: {r['cluster_processes_left']}")
     ra = result["ratios"]
     lines.append("")
-    if "ours_2_over_1" in ra:
-        v = ra["ours_2_over_1"]
-        lines.append(f"ours, 2 workers over 1:     {v:.2f}x  (bar >= 1.6: {'MET' if v >= 1.6 else 'not met'})")
-    if "datatrove_2_over_1" in ra:
-        lines.append(f"datatrove, 2 workers over 1: {ra['datatrove_2_over_1']:.2f}x")
     for k, v in ra.items():
-        if k.startswith("ours_over_datatrove_at_"):
-            w = k.rsplit("_", 1)[1]
-            met = "MET" if v >= 1 else "not met"
-            lines.append(f"ours over datatrove at {w} worker(s): {v:.2f}x  (bar >= 1: {met})")
+        if k.endswith("_2_over_1"):
+            bar = f"  (bar >= 1.6: {'MET' if v >= 1.6 else 'not met'})" if k.startswith("ours") else ""
+            lines.append(f"{k[:-9]}, 2 workers over 1: {v:.2f}x{bar}")
+    for k, v in ra.items():
+        if "_over_datatrove_at_" in k:
+            ours, w = k.split("_over_datatrove_at_")
+            lines.append(f"{ours} over datatrove at {w} worker(s): {v:.2f}x  (bar >= 1: {'MET' if v >= 1 else 'not met'})")
     lines.append("(load average above ~0.5 per core means other jobs shared the cores: the ratios are then not the "
                  "tools' own)")
     return "\n".join(lines)
 
 
-def _ours(src, work, w, n, planted):
-    out = work / f"ours{w}"
-    m = _timed([sys.executable, "-m", "phi1_jax.data_gen.dedup", str(src / "corpus.jsonl"), f"--out={out}",
-                f"--num-cpus={w}", "--no-progress"])
+def _ours(src, work, w, n, planted, how="local"):
+    out = work / f"ours{w}{how}"
+    cmd = [sys.executable, "-m", "phi1_jax.data_gen.dedup", str(src / "corpus.jsonl"), f"--out={out}", "--no-progress"]
+    if how == "local":
+        m = _timed([*cmd, f"--num-cpus={w}"])
+    else:  # a running one-node Ray of w CPUs, started before the clock and stopped after it
+        os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster's own processes run (read by Ray at import)
+        import ray
+
+        from phi1_jax.data_gen.ray_nodes import LocalCluster
+
+        cluster = LocalCluster(head_cpus=w)
+        try:
+            cluster.connect()
+            ray.shutdown()  # this process only waited for the head: the command is the cluster's one driver
+            m = _timed([*cmd, f"--ray-address={cluster.address}"],
+                       also=lambda: [p.pid for p in cluster.procs] + sorted(cluster.descendants()))
+        finally:
+            ray.shutdown()
+            left = cluster.stop()
+        m["cluster_processes_left"] = left  # none, or the summary says so
     report = json.loads((out / "dedup_report.json").read_text())
     removed = {int(r["id"][1:]) for r in report["removed"]}
-    return {"tool": "phi1_jax dedup (Ray Data)", "workers": w, **m, "pipeline_seconds": report["seconds"],
+    return {"tool": "phi1_jax dedup (Ray Data)", "ray": how, "workers": w, **m, "pipeline_seconds": report["seconds"],
             "docs_per_s": round(n / m["seconds"], 1),
             "recall": round(len(removed & set(planted)) / len(planted), 4),
             "others_removed": len(removed - set(planted))}

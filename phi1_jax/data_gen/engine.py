@@ -51,6 +51,7 @@ def session(address: str | None = None, num_cpus: int | None = None, progress: b
     ctx.enable_progress_bars = progress
     ctx.print_on_execution_start = False
     ctx.raise_original_map_exception = True  # a bad record's RecordsError reaches the driver as itself, not wrapped
+    tune_for_short_tasks(ctx)
     if ray.is_initialized():
         yield
         return
@@ -85,6 +86,23 @@ def session(address: str | None = None, num_cpus: int | None = None, progress: b
         ray.shutdown()
         if logs:
             shutil.rmtree(logs, ignore_errors=True)
+
+
+def tune_for_short_tasks(ctx) -> None:
+    """Ray Data settings for pipelines of many short CPU tasks (what every data_gen step is), from task timelines of
+    the dedup pipeline at 2 CPUs (`ray.timeline()`, docs/data.md "Ray's own costs"):
+
+    - Ray Data's default shuffle (SHUFFLE_V2 since Ray 2.5x) runs its map and reduce tasks in worker pools of their
+      own (runtime-env markers that keep their memory apart), so each shuffle waited for fresh Python worker processes
+      to start: 8-9 s per pool on this machine, twice per groupby, longer than the work. The pull-based sort shuffle
+      runs on the workers the map stage already has: a groupby takes 17.6 s instead of 27-41 s.
+    - Operator resource reservation keeps part of the CPUs for operators that are still waiting on an all-to-all
+      barrier, so a map stage ahead of a shuffle ran one task at a time on 2 CPUs; without it every CPU maps.
+    """
+    from ray.data.context import ShuffleStrategy
+
+    ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    ctx.op_resource_reservation_enabled = False
 
 
 def user_error_in(e: BaseException) -> UserError | None:
