@@ -222,6 +222,27 @@ def test_filter_apply_on_ray_scores_as_the_single_process_loop(ray_cluster, hash
     assert r.returncode == 2 and "holds parts of another run (threshold: 0.5 there, 0.9 now)" in r.stderr, r.stderr
 
 
+def test_a_scoring_actor_killed_mid_apply_costs_a_restart_not_the_run(ray_cluster, hashing_classifier, tmp_path):
+    """Ray Data restarts a dead PartScorer actor and retries its part: the same files kept with the same scores,
+    and no part file left half-written."""
+    corpus = _mixed_corpus(tmp_path / "corpus", 1500, seed=7)
+    _, expected = _reference_apply(hashing_classifier, list(reference_documents(corpus, glob="**/*")))
+    out = tmp_path / "parts"
+    proc = subprocess.Popen(_cli("phi1_jax.data_gen.filter", "apply", f"--classifier={hashing_classifier}",
+                                 f"--corpus={corpus}", "--glob=**/*", "--docs-per-part=256", f"--out={out}",
+                                 address=ray_cluster.address),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    killed = ray_cluster.kill_worker_running("PartScorer", proc)  # an actor loading the forest or scoring a part
+    log, _ = proc.communicate(timeout=600)
+    assert killed, f"no scoring actor was caught running to kill: {log}"
+    assert proc.returncode == 0, log
+    manifest = json.loads((out / "manifest.json").read_text())
+    got = _read_kept(line for p in manifest["parts"] for line in (out / p["file"]).read_text().splitlines())
+    assert [g[:2] for g in got] == [e[:2] for e in expected]
+    assert np.abs(np.array([g[2] for g in got]) - np.round([e[2] for e in expected], 4)).max() <= 1e-6
+    assert not list(out.glob(".*tmp*")) and not list(out.glob("*.tmp"))  # nothing half-written is left
+
+
 def test_filter_apply_with_a_phi1_jax_model_in_an_actor(ray_cluster, embedded, tmp_path):
     """The model embedder runs in a Ray actor (loaded once there) and gives the scores the single process gives."""
     import shutil
