@@ -155,6 +155,31 @@ def test_kv_cache_under_jit(model):
     np.testing.assert_allclose(jnp.concatenate([a.logits, b.logits], 1), model(ids).logits, atol=1e-5)
 
 
+def test_a_step_on_a_corner_of_the_cache_equals_the_step_on_that_corner_sliced_out(model):
+    """`KVCache.window` and fewer input rows than the cache (the serving engine's decode chunks): the step gives the
+    logits and keys it gives on the corner [:B, :, :W] sliced out, writes only that corner, and leaves the other rows
+    and slots as they were."""
+    rows, width, b, w, t = 4, 32, 2, 16, 6
+    ids = _ids((rows, t + 1), seed=3)
+    full = model(ids[:, :t], cache=KVCache.init(SMALL, rows, width)).cache  # 4 rows prefilled to slot 6
+    junk = lambda x: x.at[:, :, w:].set(7.0)  # noqa: E731  filled slots past the window (and the index): left alone
+    full = full.replace(k=tuple(map(junk, full.k)), v=tuple(map(junk, full.v)),
+                        segment_ids=full.segment_ids.at[:, w:].set(1))
+    step = ids[:b, t:]
+    corner = KVCache(k=tuple(x[:b, :, :w] for x in full.k), v=tuple(x[:b, :, :w] for x in full.v),
+                     segment_ids=full.segment_ids[:b, :w], index=full.index)
+    want = model(step, cache=corner)
+    got = model(step, cache=full.replace(window=w))
+    np.testing.assert_allclose(got.logits, want.logits, atol=1e-6, rtol=0)
+    for new, ref, old in zip(got.cache.k + got.cache.v, want.cache.k + want.cache.v, full.k + full.v):
+        assert new.shape == old.shape  # the whole cache comes back, not the corner
+        np.testing.assert_allclose(new[:b, :, :w], ref, atol=1e-6, rtol=0)
+        np.testing.assert_array_equal(new[b:], old[b:])  # the other rows: untouched
+        np.testing.assert_array_equal(new[:, :, w:], old[:, :, w:])  # slots past the window: untouched
+        assert not np.array_equal(new[:b, :, t], old[:b, :, t])  # the step's keys and values were written
+    assert int(got.cache.index) == t + 1 and got.cache.window == w
+
+
 def test_packed_documents_equal_separate_documents(model):
     doc1, doc2 = _ids((1, 7), seed=1), _ids((1, 5), seed=2)
     packed = jnp.concatenate([doc1, doc2, jnp.zeros((1, 3), jnp.int32)], axis=1)  # plus 3 tokens of padding
