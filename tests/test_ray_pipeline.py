@@ -136,11 +136,12 @@ def test_a_worker_killed_mid_dedup_costs_a_retry_not_the_run(ray_cluster, corpus
 
 
 def test_signatures_are_datasketchs_minhash_bit_for_bit(monkeypatch):
-    """The vectorised MinHash (many records per numpy step) gives each record datasketch's own hash values, also
-    for texts shorter than a shingle, empty ones, non-ASCII ones, and records cut across numpy steps."""
+    """The vectorised MinHash (all shingles of many records hashed in numpy passes over their bytes, many records per
+    permutation step) gives each record datasketch's own MinHash values with the plain-Python `shingle_hash32` as its
+    hash function, also for texts shorter than a shingle, empty ones, non-ASCII ones, and records cut across steps."""
     import numpy as np
 
-    records, _ = planted_corpus(40, 10)
+    records, planted = planted_corpus(40, 10)
     texts = [r["text"] for r in records] + ["", "   ", "a", "one two three four", "one two three four five",
                                             "Ünïcode 的 words, and: punctuation!! " * 3, "x\ny\tz " * 30]
     monkeypatch.setattr(dedup, "_SHINGLES_PER_STEP", 300)  # several steps, records never split between them
@@ -148,9 +149,15 @@ def test_signatures_are_datasketchs_minhash_bit_for_bit(monkeypatch):
         sig, norms = dedup.signatures(texts, num_perm)
         assert sig.dtype == np.uint32
         assert (sig == np.stack([dedup.minhash(t, num_perm).hashvalues for t in texts])).all()
+    # band keys: equal exactly where the bands' hash values are (near-copies share some bands, not all)
     b, r = dedup.bands(0.8, 128)
-    hv = dedup.minhash(texts[0]).hashvalues
-    assert dedup.bucket_keys(texts[0], b, r)[:b] == [dedup._h64(hv[i * r:(i + 1) * r].tobytes()) for i in range(b)]
+    sig, _ = dedup.signatures(texts)
+    keys = dedup.band_keys(sig, b, r)
+    same_band = (sig[:, None, :b * r] == sig[None, :, :b * r]).reshape(len(texts), len(texts), b, r).all(-1)
+    assert ((keys[:, None] == keys[None, :]) == same_band).all()
+    shared = same_band[list(planted), list(planted.values())]
+    assert shared.any() and not shared.all()  # the check saw both equal and unequal bands of near-copies
+    assert dedup.bucket_keys(texts[0], b, r) == [*keys[0].tolist(), dedup._h64(" ".join(texts[0].lower().split()).encode())]
 
 
 def test_chunk_gram_counts_merge_to_the_exact_distinct_counts():

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import hashlib
 import importlib
 import json
@@ -40,8 +41,60 @@ def shingles(text: str, n: int = 5) -> set[bytes]:
     return {" ".join(toks[i:i + n]).encode() for i in range(len(toks) - n + 1)}
 
 
+# --- the shingle hash ------------------------------------------------------------------------------------------------
+#
+# A shingle's 32-bit hash (what MinHash permutes) is built from its tokens' hashes: a token's hash is a polynomial in
+# its bytes (sum of (byte + 1) * P^k, mod 2^64) through MurmurHash3's 64-bit finaliser, and a shingle chains its
+# tokens' hashes (g = fmix64(g * MIX + h)) and keeps the low 32 bits. The same value comes from two places:
+# `shingle_hash32`, one shingle's bytes in plain Python (datasketch's `MinHash(hashfunc=...)`, so `minhash` is
+# datasketch's own MinHash), and `signatures`, every shingle of many records in a few numpy passes over their bytes.
+# datasketch's default hash (sha1 of each shingle) cost one Python call per shingle: two thirds of the dedup's CPU.
+
+_M64 = (1 << 64) - 1
+_POLY = 0x100000001B3  # odd, so the polynomial never loses a byte to the modulus
+_GRAM_MIX = 0x9E3779B97F4A7C15
+
+
+def _fmix64_int(x: int) -> int:
+    x ^= x >> 33
+    x = x * 0xFF51AFD7ED558CCD & _M64
+    x ^= x >> 33
+    x = x * 0xC4CEB9FE1A85EC53 & _M64
+    return x ^ (x >> 33)
+
+
+def _fmix64(x):
+    """`_fmix64_int` over a uint64 array."""
+    import numpy as np
+
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xFF51AFD7ED558CCD)
+    x = x ^ (x >> np.uint64(33))
+    x = x * np.uint64(0xC4CEB9FE1A85EC53)
+    return x ^ (x >> np.uint64(33))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _token_hash(token: bytes) -> int:
+    s, p = 0, 1
+    for c in token:
+        s = (s + (c + 1) * p) & _M64
+        p = p * _POLY & _M64
+    return _fmix64_int(s)
+
+
+def shingle_hash32(shingle: bytes) -> int:
+    """A shingle's hash from its bytes (tokens joined by single spaces; b"" for a text with no tokens)."""
+    g = None
+    for token in shingle.split(b" "):
+        h = _token_hash(token)
+        g = h if g is None else _fmix64_int((g * _GRAM_MIX + h) & _M64)
+    return g & 0xFFFFFFFF
+
+
 def minhash(text: str, num_perm: int = 128, n: int = 5) -> MinHash:
-    m = MinHash(num_perm=num_perm, seed=1)
+    """datasketch's MinHash of the text's shingles, with `shingle_hash32` as its hash function."""
+    m = MinHash(num_perm=num_perm, seed=1, hashfunc=shingle_hash32)
     m.update_batch(list(shingles(text, n)))
     return m
 
@@ -156,36 +209,62 @@ def _permutations(num_perm: int):
     return _PERMUTATIONS[num_perm]
 
 
+def _token_hashes(buf):
+    """The hash of every token of `buf` (uint8: tokens joined by spaces, any number of them between two tokens), in
+    order: `_token_hash` of each, computed over all bytes at once."""
+    import numpy as np
+
+    word = buf != 32
+    first = word.copy()
+    first[1:] &= ~word[:-1]
+    starts = np.flatnonzero(first)
+    if not len(starts):
+        return np.zeros(0, np.uint64)
+    k = np.arange(len(buf)) - np.repeat(starts, np.diff(np.append(starts, len(buf))))  # byte's place in its token
+    k = np.where(word[starts[0]:], k, 0)
+    powers = np.full(int(k.max()) + 1, _POLY, np.uint64)
+    powers[0] = 1
+    powers = np.cumprod(powers)  # P^0, P^1, ... (uint64 wraps: mod 2^64)
+    terms = np.where(word[starts[0]:], (buf[starts[0]:].astype(np.uint64) + np.uint64(1)) * powers[k], np.uint64(0))
+    return _fmix64(np.add.reduceat(terms, starts - starts[0]))
+
+
 def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
     """`minhash(text).hashvalues` for every text at once, bit for bit (tests/test_ray_pipeline.py checks it): the same
-    shingles, datasketch's sha1-32 of each, its MurmurHash3 pre-mix and affine32 permutations, but one numpy step
-    over the shingles of many records instead of a MinHash object per record. Returns (the signatures, a
+    shingles and `shingle_hash32`, datasketch's MurmurHash3 pre-mix and affine32 permutations, but a few numpy passes
+    over the bytes of many records instead of a MinHash object per record. Returns (the signatures, a
     [records, num_perm] uint32 array; each record's normalised text as bytes, the exact-text band's key)."""
     import numpy as np
     from datasketch.minhash import _fmix
 
-    digests, counts, norms = [], [], []
-    sha1 = hashlib.sha1
+    norms, counts = [], []
     for text in texts:
         toks = _TOKEN.findall(text.lower())
-        norm = " ".join(toks).encode()
-        norms.append(norm)
-        if len(toks) < n:  # one shingle, the whole text (as `shingles`)
-            digests.append(sha1(norm).digest()[:4])
-            counts.append(1)
-            continue
-        # tokens hold no spaces (and UTF-8 puts no 0x20 inside a character), so the spaces of `norm` are exactly
-        # its separators, and shingle i is the bytes from token i's start to token i+n-1's end
-        sp = np.flatnonzero(np.frombuffer(norm, np.uint8) == 32)
-        starts = [0, *(sp + 1).tolist()]
-        ends = [*sp.tolist(), len(norm)]
-        k = len(toks) - n + 1
-        digests += [sha1(norm[s:e]).digest()[:4] for s, e in zip(starts[:k], ends[n - 1:])]
-        counts.append(k)
+        norms.append(" ".join(toks).encode())
+        counts.append(len(toks))
+    th = _token_hashes(np.frombuffer(b" ".join(norms), np.uint8))  # tokens hold no spaces: the joins are exact
+    counts = np.asarray(counts, np.int64)
+    first = np.zeros(len(texts), np.int64)  # each record's first token
+    np.cumsum(counts[:-1], out=first[1:])
+    left = np.repeat(first + counts, counts) - np.arange(len(th))  # tokens from each token to its record's end
+    # chains[m - 1][i]: the hash of the m tokens from token i (as shingle_hash32 chains them), m = 1..n
+    chains, mix = [th], np.uint64(_GRAM_MIX)
+    for m in range(2, n + 1):
+        chains.append(_fmix64(chains[-1][:-1] * mix + th[m - 1:]))
+    whole = np.flatnonzero(left[:len(chains[-1])] >= n)  # where a whole shingle starts
+    per_record = np.maximum(counts - n + 1, 1)
+    hv = np.empty(int(per_record.sum()), np.uint64)
+    long = counts >= n
+    at = np.zeros(len(texts), np.int64)  # each record's first shingle in hv
+    np.cumsum(per_record[:-1], out=at[1:])
+    hv[np.repeat(long, per_record)] = chains[-1][whole]
+    for c in range(0, n):  # a record of c < n tokens: one shingle, all of them (c = 0: the empty token, hash 0)
+        short = np.flatnonzero(counts == c)
+        if len(short):
+            hv[at[short]] = chains[c - 1][first[short]] if c else np.uint64(_fmix64_int(0))
+    hv = _fmix((hv & np.uint64(0xFFFFFFFF)).astype(np.uint32), 32)
     a, b = _permutations(num_perm)
-    hv = _fmix(np.frombuffer(b"".join(digests), "<u4").astype(np.uint32), 32)
-    offs = np.zeros(len(texts) + 1, np.int64)
-    np.cumsum(counts, out=offs[1:])
+    offs = np.append(at, len(hv))
     sig = np.empty((len(texts), num_perm), np.uint32)
     d0 = 0
     while d0 < len(texts):  # whole records per step, about _SHINGLES_PER_STEP shingles each
@@ -196,13 +275,22 @@ def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
     return sig, norms
 
 
+def band_keys(sig, b: int, r: int):
+    """[records, b] int64: band i's key, its r hash values chained (as shingles chain tokens). Equal keys for equal
+    bands; for unequal ones a collision has a chance of ~2^-64 (the exact-text key is a separate column)."""
+    import numpy as np
+
+    v = sig[:, :b * r].reshape(len(sig), b, r).astype(np.uint64)
+    g, mix = _fmix64(v[:, :, 0]), np.uint64(_GRAM_MIX)
+    for j in range(1, r):
+        g = _fmix64(g * mix + v[:, :, j])
+    return g.view(np.int64)
+
+
 def bucket_keys(text: str, b: int, r: int, num_perm: int = 128) -> list[int]:
     """The record's b band buckets then its exact-text bucket (b + 1 signed 64-bit keys; key k belongs to band k)."""
-    return _bucket_keys(*signatures([text], num_perm), b, r)[0]
-
-
-def _bucket_keys(sig, norms, b: int, r: int) -> list[list[int]]:
-    return [[_h64(s[i * r:(i + 1) * r].tobytes()) for i in range(b)] + [_h64(norm)] for s, norm in zip(sig, norms)]
+    sig, norms = signatures([text], num_perm)
+    return [*band_keys(sig, b, r)[0].tolist(), _h64(norms[0])]
 
 
 def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: int, parts: int) -> dict:
@@ -210,19 +298,22 @@ def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: i
     of (band, bucket) below `parts`, is what the shuffle groups by."""
     import numpy as np
 
-    band, bucket, doc = [], [], []
+    keys, docs = [], []
     for chunk in _rows(batch):
         recs = list(engine.read_chunk(chunk, text_field, RecordsError))
         if not recs:
             continue
-        keys = _bucket_keys(*signatures([rec[text_field] for _, _, rec in recs], num_perm), b, r)
-        for (d, _, _), k in zip(recs, keys):
-            band += range(len(k))
-            bucket += k
-            doc += [d] * len(k)
-    band, bucket = np.asarray(band, np.int16), np.asarray(bucket, np.int64)
+        sig, norms = signatures([rec[text_field] for _, _, rec in recs], num_perm)
+        exact = np.asarray([_h64(x) for x in norms], np.int64)
+        keys.append(np.concatenate([band_keys(sig, b, r), exact[:, None]], axis=1))  # [records, b + 1]
+        docs.append(np.asarray([d for d, _, _ in recs], np.int64))
+    if not keys:
+        keys, docs = [np.zeros((0, b + 1), np.int64)], [np.zeros(0, np.int64)]
+    keys, docs = np.concatenate(keys), np.concatenate(docs)
+    band = np.tile(np.arange(b + 1, dtype=np.int16), len(docs))
+    bucket = keys.ravel()
     return {"part": ((bucket.view(np.uint64) ^ band.astype(np.uint64)) % np.uint64(parts)).astype(np.int32),
-            "band": band, "bucket": bucket, "doc": np.asarray(doc, np.int64)}
+            "band": band, "bucket": bucket, "doc": np.repeat(docs, b + 1)}
 
 
 def _bucket_edges(group: dict) -> dict:
@@ -319,17 +410,6 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
 # counts its distinct hashes across all chunks; the driver adds the partitions' counts and merges the chunks'
 # openings and removed lists in chunk order, then concatenates each input's part files into `OUT/<input name>`.
 
-_GRAM_MIX = 0x9E3779B97F4A7C15
-
-
-def _fmix64(x):
-    import numpy as np
-
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xFF51AFD7ED558CCD)
-    x = x ^ (x >> np.uint64(33))
-    x = x * np.uint64(0xC4CEB9FE1A85EC53)
-    return x ^ (x >> np.uint64(33))
 
 
 def gram_hashes(word_lists: list[list[str]], kept: list[bool], parts: int) -> list[dict]:
