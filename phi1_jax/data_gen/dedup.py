@@ -220,13 +220,15 @@ def _token_hashes(buf):
     starts = np.flatnonzero(first)
     if not len(starts):
         return np.zeros(0, np.uint64)
+    word, buf = word[starts[0]:], buf[starts[0]:]  # from the first token on
+    starts = starts - starts[0]
     k = np.arange(len(buf)) - np.repeat(starts, np.diff(np.append(starts, len(buf))))  # byte's place in its token
-    k = np.where(word[starts[0]:], k, 0)
+    k = np.where(word, k, 0)
     powers = np.full(int(k.max()) + 1, _POLY, np.uint64)
     powers[0] = 1
     powers = np.cumprod(powers)  # P^0, P^1, ... (uint64 wraps: mod 2^64)
-    terms = np.where(word[starts[0]:], (buf[starts[0]:].astype(np.uint64) + np.uint64(1)) * powers[k], np.uint64(0))
-    return _fmix64(np.add.reduceat(terms, starts - starts[0]))
+    terms = np.where(word, (buf.astype(np.uint64) + np.uint64(1)) * powers[k], np.uint64(0))
+    return _fmix64(np.add.reduceat(terms, starts))
 
 
 def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
@@ -404,40 +406,51 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
 # --- writing, in the workers: survivors per chunk, the diversity report as per-chunk partial counts ------------------
 #
 # Each chunk's task writes its survivors as one part file (whole or absent; a retried task writes it again) and
-# counts its records' word n-grams, as 64-bit hashes (word hashes chained; a collision among the ~10^7 distinct
-# n-grams of a 30k-record corpus has a chance of ~10^-5): per n, the distinct hashes of the chunk with a flag saying
-# whether a kept record has it, cut by hash range into the shuffle's partitions. Grouped by partition, each call
+# counts its records' word n-grams, as 63-bit hashes (word hashes chained; a collision among the ~10^7 distinct
+# n-grams of a 30k-record corpus has a chance of ~10^-5): per n, the distinct hashes of the chunk, each with a bit
+# saying whether a kept record has it, sorted and cut by hash range into the shuffle's partitions. Grouped by partition, each call
 # counts its distinct hashes across all chunks; the driver adds the partitions' counts and merges the chunks'
 # openings and removed lists in chunk order, then concatenates each input's part files into `OUT/<input name>`.
 
 
 
 def gram_hashes(word_lists: list[list[str]], kept: list[bool], parts: int) -> list[dict]:
-    """Per n = 1..4: {"total_all", "total_kept", "hashes": [the distinct n-gram hashes of partition p, p < parts],
-    "kept": [for each, whether a kept record has it]}."""
+    """Per n = 1..4: {"total_all", "total_kept", "grams": [the chunk's distinct n-grams in partition p, p < parts]}.
+    Each distinct n-gram is one uint64, its 63-bit hash shifted left with the low bit set when a kept record has it;
+    each partition's values are sorted (so merging chunks is a merge of sorted runs, `merge_gram_counts`)."""
     import numpy as np
 
-    vocab: dict[str, int] = {}
-    ids = [vocab.setdefault(w, len(vocab)) for ws in word_lists for w in ws]
-    wh = np.frombuffer(b"".join(hashlib.blake2b(w.encode(), digest_size=8).digest() for w in vocab), np.uint64)
-    hw = wh[np.asarray(ids, np.int64)] if ids else np.zeros(0, np.uint64)
+    hw = _token_hashes(np.frombuffer(" ".join(map(" ".join, word_lists)).encode(), np.uint8))  # words hold no spaces
     lens = np.asarray([len(ws) for ws in word_lists], np.int64)
-    ends = np.repeat(np.cumsum(lens), lens)
-    left = ends - np.arange(len(hw))  # words from each position to the end of its record
-    kept_pos = np.repeat(np.asarray(kept, bool), lens)
+    left = np.repeat(np.cumsum(lens), lens) - np.arange(len(hw))  # words from each position to the end of its record
+    kept_pos = np.repeat(np.asarray(kept, bool), lens).astype(np.uint64)
+    # even cuts: a hash's two values (2h, 2h + 1) always fall in the same partition
+    cuts = np.arange(1, parts, dtype=np.uint64) * (np.uint64(2**64 - 1) // np.uint64(parts)) & ~np.uint64(1)
     out, g = [], hw
     for n in (1, 2, 3, 4):
         if n > 1:
             g = _fmix64(g[:-1] * np.uint64(_GRAM_MIX) + hw[n - 1:])
         valid = left[:len(g)] >= n
-        h = g[valid]
-        u, inv = np.unique(h, return_inverse=True)
-        k = np.zeros(len(u), bool)
-        k[inv[kept_pos[:len(g)][valid]]] = True
-        cut = np.searchsorted(u, (np.arange(1, parts, dtype=np.uint64) * (np.uint64(2**64 - 1) // np.uint64(parts))))
-        out.append({"total_all": int(valid.sum()), "total_kept": int((valid & kept_pos[:len(g)]).sum()),
-                    "hashes": np.split(u, cut), "kept": np.split(k, cut)})
+        k = kept_pos[:len(g)][valid]
+        v = np.sort(g[valid] << np.uint64(1) | k)
+        last = np.ones(len(v), bool)  # the last value of each hash: it has the kept bit if any record of it is kept
+        last[:-1] = (v[1:] >> np.uint64(1)) != (v[:-1] >> np.uint64(1))
+        v = v[last]
+        out.append({"total_all": int(valid.sum()), "total_kept": int(k.sum()),
+                    "grams": np.split(v, np.searchsorted(v, cuts))})
     return out
+
+
+def merge_gram_counts(runs: list) -> tuple[int, int]:
+    """(distinct n-grams, distinct n-grams of kept records) of one partition, from its chunks' sorted `gram_hashes`."""
+    import numpy as np
+
+    v = np.sort(np.concatenate(runs), kind="stable")  # timsort: a merge of the sorted runs, ~4x a plain sort's speed
+
+    def distinct(h) -> int:
+        return int(len(h) and 1 + np.count_nonzero(h[1:] != h[:-1]))
+
+    return distinct(v >> np.uint64(1)), distinct(v[(v & np.uint64(1)) == 1] >> np.uint64(1))
 
 
 def _write_chunk(batch: dict, *, text_field: str, dup_ref, scratch: str, parts: int, opening_words: int = 5) -> dict:
@@ -479,7 +492,7 @@ def _write_chunk(batch: dict, *, text_field: str, dup_ref, scratch: str, parts: 
         for p in range(parts):
             rows["part"].append(p)
             rows["chunk"].append(int(chunk["index"]))
-            rows["grams"].append(pickle.dumps([(g["hashes"][p], g["kept"][p]) for g in grams], protocol=5))
+            rows["grams"].append(pickle.dumps([g["grams"][p] for g in grams], protocol=5))
             rows["meta"].append(pickle.dumps(meta, protocol=5) if p == 0 else b"")
     return {"part": np.asarray(rows["part"], np.int32), "chunk": np.asarray(rows["chunk"], np.int64),
             "grams": np.asarray(rows["grams"], dtype=object), "meta": np.asarray(rows["meta"], dtype=object)}
@@ -492,19 +505,11 @@ def _count_partition(group: dict) -> dict:
 
     import numpy as np
 
-    per_n = [([], []) for _ in range(4)]
+    per_n = [[] for _ in range(4)]
     for blob in group["grams"]:
-        for n, (h, k) in enumerate(pickle.loads(blob)):
-            per_n[n][0].append(h)
-            per_n[n][1].append(k)
-    def distinct(h) -> int:  # a sort: numpy's np.unique (a hash table since numpy 2.3) is several times slower here
-        h = np.sort(h)
-        return int(len(h) and 1 + np.count_nonzero(h[1:] != h[:-1]))
-
-    counts = []
-    for hs, ks in per_n:
-        h, k = np.concatenate(hs), np.concatenate(ks)
-        counts.append((distinct(h), distinct(h[k])))
+        for n, run in enumerate(pickle.loads(blob)):
+            per_n[n].append(run)
+    counts = [merge_gram_counts(runs) for runs in per_n]
     metas = [m for m in group["meta"] if len(m)]
     return {"counts": np.asarray([pickle.dumps(counts)], dtype=object),
             "metas": np.asarray([pickle.dumps(metas)], dtype=object)}
