@@ -55,7 +55,7 @@ def sample(logits, key, temperature=0.0, top_k: int = 0, top_p=1.0, vocab=None) 
     logits = logits.astype(jnp.float32)
     if vocab is not None:
         logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy = argmax(logits)
     fixed = isinstance(temperature, (int, float))
     if fixed and temperature == 0:
         return greedy
@@ -77,6 +77,18 @@ def sample(logits, key, temperature=0.0, top_k: int = 0, top_p=1.0, vocab=None) 
     else:
         sampled = jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return sampled if fixed else jnp.where(temperature == 0, greedy, sampled)
+
+
+def argmax(logits) -> jax.Array:
+    """`jnp.argmax(logits, axis=-1)` as int32, the same index for every input (the first of the largest values; the
+    first NaN where a row has one), computed as a max and a min over [B, V] instead of argmax's (value, index) pair
+    reduction, which XLA:CPU runs one element at a time: ~170 us a step for 16 rows of 2048 ids on this 2-core CPU
+    against ~20 us, most of what a 16-row decode step of the tiny model cost beside its matrix multiplies."""
+    nan = jnp.isnan(logits)
+    best = jnp.max(jnp.where(nan, -jnp.inf, logits), axis=-1, keepdims=True)
+    hit = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == best)
+    idx = jnp.arange(logits.shape[-1], dtype=jnp.int32)
+    return jnp.min(jnp.where(hit, idx, logits.shape[-1] - 1), axis=-1)
 
 
 def _nucleus(logits, top_p):

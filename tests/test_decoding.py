@@ -67,3 +67,26 @@ def test_generate_never_emits_padding_ids():
         outs = generate(model, prompts, max_new_tokens=6, vocab=VOCAB, **kw)
         assert all(0 <= t < VOCAB for row in outs for t in row) and all(len(row) == 6 for row in outs)
         assert any(t >= VOCAB for row in generate(model, prompts, max_new_tokens=6, **kw) for t in row)
+
+
+def test_argmax_is_jnp_argmax_without_a_pair_reduction():
+    """decoding.argmax (the greedy sampler's) gives jnp.argmax's index on ties, NaN, -inf and all -inf rows, and
+    compiles to plain reductions: XLA:CPU runs argmax's (value, index) pair reduction one element at a time (~170 us
+    a step for 16 rows of 2048 ids here, against ~20 us)."""
+    from phi1_jax.decoding import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(-3, 3, size=(64, 37)).astype(np.float32)  # many ties
+    x[1, 5] = x[2, 0] = x[2, 30] = np.nan
+    x[3] = -np.inf
+    x[4, :] = np.nan
+    x[5, 7] = np.inf
+    x[6, 7], x[6, 9] = np.inf, np.nan
+    for rows in (x, x.astype(jnp.bfloat16)):
+        np.testing.assert_array_equal(np.asarray(jax.jit(argmax)(rows)), np.argmax(rows.astype(np.float32), axis=-1))
+    assert jax.jit(argmax)(x).dtype == jnp.int32
+    for fn in (argmax, lambda lg: sample(lg, None, 0.0, 0, 1.0, VOCAB)):
+        text = jax.jit(fn).lower(jnp.zeros((16, 2048))).as_text()
+        pairs = [line for line in text.splitlines()  # reduce((values, indices), ...): argmax's pair reduction
+                 if "stablehlo.reduce" in line and "tensor<16x2048xf32>, tensor<16x2048xi32>" in line]
+        assert not pairs, pairs
