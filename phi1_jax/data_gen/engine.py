@@ -29,12 +29,12 @@ class EngineError(UserError, RuntimeError):
     """Ray could not be started or reached; the message names the address."""
 
 
-def add_flags(p: argparse.ArgumentParser) -> None:
+def add_flags(p: argparse.ArgumentParser, chunk_bytes: int = CHUNK_BYTES) -> None:
     p.add_argument("--ray-address", default=None,
                    help="join a running Ray cluster (auto, HOST:PORT or ray://HOST:PORT); default: start a local one")
     p.add_argument("--num-cpus", type=int, default=None,
                    help="cores of the local Ray this command starts (default: all of this machine's)")
-    p.add_argument("--chunk-kb", type=int, default=CHUNK_BYTES >> 10,
+    p.add_argument("--chunk-kb", type=int, default=chunk_bytes >> 10,
                    help="input per task, in KB of JSONL (a killed worker's retry redoes one chunk)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
