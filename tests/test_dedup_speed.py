@@ -17,15 +17,19 @@ def test_ratios_are_per_way_of_running_ours_and_against_datatrove():
     rows = [_row("phi1_jax dedup (Ray Data)", "local", 1, 100.0), _row("phi1_jax dedup (Ray Data)", "cluster", 1, 200.0),
             _row("datatrove MinHash", None, 1, 150.0), _row("phi1_jax dedup (Ray Data)", "local", 2, 150.0),
             _row("phi1_jax dedup (Ray Data)", "cluster", 2, 340.0), _row("datatrove MinHash", None, 2, 200.0)]
+    for r, pipe in zip([rows[1], rows[4]], [250.0, 450.0]):  # the command's own seconds, its start left out
+        r["pipeline_docs_per_s"] = pipe
     ra = dedup_speed._ratios(rows)
     assert ra == {"ours_local_2_over_1": 1.5, "ours_local_over_datatrove_at_1": 0.67,
                   "ours_local_over_datatrove_at_2": 0.75, "ours_cluster_2_over_1": 1.7,
+                  "ours_cluster_pipeline_2_over_1": 1.8,
                   "ours_cluster_over_datatrove_at_1": 1.33, "ours_cluster_over_datatrove_at_2": 1.7,
                   "datatrove_2_over_1": 1.33}
     text = dedup_speed.summary({"docs": 10, "planted": 1, "cores": 2, "started": "now", "rows": rows, "ratios": ra}, [])
     assert "ours_cluster, 2 workers over 1: 1.70x  (bar >= 1.6: MET)" in text
     assert "ours_local, 2 workers over 1: 1.50x  (bar >= 1.6: not met)" in text
     assert "ours_local over datatrove at 1 worker(s): 0.67x  (bar >= 1: not met)" in text
+    assert "ours_cluster, 2 workers over 1, the pipeline's own docs/s" in text and ": 1.80x" in text
 
 
 def test_a_run_on_a_running_cluster_finds_the_planted_copies_and_stops_the_cluster(tmp_path):
@@ -37,6 +41,7 @@ def test_a_run_on_a_running_cluster_finds_the_planted_copies_and_stops_the_clust
     assert (row["ray"], row["workers"], row["recall"], row["others_removed"]) == ("cluster", 1, 1.0, 0)
     assert row["peak_mb"] > 200  # the cluster's own processes are counted, not the command's alone
     assert row["cluster_processes_left"] == []
+    assert row["pipeline_docs_per_s"] > row["docs_per_s"]  # the command's start left out
 
 
 def test_a_bad_ray_choice_is_a_usage_error():

@@ -119,7 +119,7 @@ DATATROVE = textwrap.dedent('''
 
     if __name__ == "__main__":  # datatrove's workers start by importing this file
         src, work, workers = sys.argv[1], sys.argv[2], int(sys.argv[3])
-        # sha1, as datasketch (ours) uses: datatrove's default xxhash call fails with xxhash >= 3.6 (it passes str)
+        # sha1: datatrove's default xxhash call fails with xxhash >= 3.6 (it passes str)
         cfg = MinhashConfig(n_grams=5, num_buckets=9, hashes_per_bucket=13, hash_config=HashConfig(hash_fc="sha1"))
         s1 = LocalPipelineExecutor([JsonlReader(src), MinhashDedupSignature(f"{work}/sigs", config=cfg)],
                                    tasks=workers, workers=workers, logging_dir=f"{work}/log1")
@@ -187,7 +187,8 @@ def _with_load(fn, *args) -> dict:
 
 def _ratios(rows: list[dict]) -> dict:
     """The issue's two bars: ours at 2 workers over ours at 1 (>= 1.6), and ours over datatrove at each worker
-    count (>= 1), as throughput ratios (docs/s)."""
+    count (>= 1), as throughput ratios (docs/s of the whole command). Ours at 2 over 1 also as the pipeline's own
+    throughput (`_pipeline`): the command's fixed start (Python, imports, joining or starting Ray) left out."""
     by = {(_name(r), r["workers"]): r["docs_per_s"] for r in rows}
     out = {}
     ws = sorted({w for _, w in by})
@@ -197,6 +198,9 @@ def _ratios(rows: list[dict]) -> dict:
         for w in ws:
             if (ours, w) in by and ("datatrove", w) in by:
                 out[f"{ours}_over_datatrove_at_{w}"] = round(by[ours, w] / by["datatrove", w], 2)
+        pipe = {r["workers"]: r["pipeline_docs_per_s"] for r in rows if _name(r) == ours and "pipeline_docs_per_s" in r}
+        if 1 in pipe and 2 in pipe:
+            out[f"{ours}_pipeline_2_over_1"] = round(pipe[2] / pipe[1], 2)
     if ("datatrove", 1) in by and ("datatrove", 2) in by:
         out["datatrove_2_over_1"] = round(by["datatrove", 2] / by["datatrove", 1], 2)
     return out
@@ -227,7 +231,10 @@ def summary(result: dict, argv: list[str]) -> str:
     ra = result["ratios"]
     lines.append("")
     for k, v in ra.items():
-        if k.endswith("_2_over_1"):
+        if k.endswith("_pipeline_2_over_1"):
+            lines.append(f"{k[:-18]}, 2 workers over 1, the pipeline's own docs/s (dedup + write, the command's start "
+                         f"and Ray's left out): {v:.2f}x")
+        elif k.endswith("_2_over_1"):
             bar = f"  (bar >= 1.6: {'MET' if v >= 1.6 else 'not met'})" if k.startswith("ours") else ""
             lines.append(f"{k[:-9]}, 2 workers over 1: {v:.2f}x{bar}")
     for k, v in ra.items():
@@ -268,8 +275,10 @@ def _ours(src, work, w, n, planted, how="local"):
         m["cluster_processes_left"] = left  # none, or the summary says so
     report = json.loads((out / "dedup_report.json").read_text())
     removed = {int(r["id"][1:]) for r in report["removed"]}
-    return {"tool": "phi1_jax dedup (Ray Data)", "ray": how, "workers": w, **m, "pipeline_seconds": report["seconds"],
-            "docs_per_s": round(n / m["seconds"], 1),
+    sec = report["seconds"]  # dedup: from the command's start (Ray's included) to the duplicates; then the writing
+    pipeline = sec["dedup"] - sec["ray_start"] + sec["write_and_report"]
+    return {"tool": "phi1_jax dedup (Ray Data)", "ray": how, "workers": w, **m, "pipeline_seconds": sec,
+            "docs_per_s": round(n / m["seconds"], 1), "pipeline_docs_per_s": round(n / pipeline, 1),
             "recall": round(len(removed & set(planted)) / len(planted), 4),
             "others_removed": len(removed - set(planted))}
 
