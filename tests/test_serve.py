@@ -213,8 +213,9 @@ def test_models_health_and_greedy_completions_equal_generate(tiny_server, refere
 
 def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_with_generates_text_and_logprobs(tiny_server, reference):
     """Four prompts that share their first 48 tokens, in one request: one is prefilled whole, the other three copy its
-    row's keys and values for those 48 and prefill only their own ends (the health counters say so); every text is
-    still generate's greedy text and every token's log-probability the model's own log-softmax."""
+    row's keys and values for those 48 and prefill only their own ends, the three in one program (a group of 4 rows,
+    one of them padding; the health counters say so); every text is still generate's greedy text and every token's
+    log-probability the model's own log-softmax."""
     tok = reference.tok
     shared = tok.encode(PROMPTS[2] * 8)[:48]
     prompts = [shared + tok.encode(p)[:6] for p in PROMPTS]
@@ -223,6 +224,7 @@ def test_prompts_sharing_a_prefix_reuse_its_keys_and_values_with_generates_text_
                                                 logprobs=1)
     after = tiny_server.health()
     assert after["extends"] - before["extends"] == len(prompts) - 1
+    assert after["extend_calls"] - before["extend_calls"] == 1
     assert after["reused_tokens"] - before["reused_tokens"] == 48 * (len(prompts) - 1)
     for choice, ids in zip(sorted(r.choices, key=lambda c: c.index), prompts):
         want = reference.greedy_ids(ids, 10)
@@ -238,8 +240,8 @@ def test_warm_up_compiles_every_shape_before_models_answers(tiny_server, scripte
     assert any(h["status"] == "warming" and h["compiling"] for _, _, h in warming)
     ready = tiny_server.ready_health
     # 16 slots, 128 positions: admit 2 group sizes x 2 prompt buckets, decode 3 row counts x 1 window, compact 1,
-    # extend (prefix reuse) 2 prompt buckets.
-    assert ready["status"] == "ok" and ready["shapes"] == 10 and ready["compiles"] >= ready["shapes"]
+    # extend (prefix reuse) 2 group sizes x 2 prompt buckets.
+    assert ready["status"] == "ok" and ready["shapes"] == 12 and ready["compiles"] >= ready["shapes"]
     cache = request.config.cache.mkdir("phi1_jax_compile")  # the scripted server's persistent cache holds its programs
     assert scripted_server.ready_health["shapes"] > 0 and any(cache.iterdir())
 

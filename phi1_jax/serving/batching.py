@@ -20,9 +20,10 @@ nothing else, so traffic can never trigger a compile):
   admit  (group G, prompt bucket P): G in 1, 4 (MAX_GROUP), P in 64 x powers of two up to --max-len;
   decode (rows R, window W): R in 1, 4, 16, ... up to --slots, W in 128 x powers of two up to --max-len;
   compact (window W);
-  extend (prompt bucket P), with prefix reuse: a prompt's tail prefilled on a busy row's copied prefix (`_extend`).
-(--slots=16 --max-len=2048: 12 + 15 + 5 + 6 = 38 programs; --max-len=512: 8 + 9 + 3 + 4 = 24; --max-len=128:
-4 + 3 + 1 + 2 = 10.)
+  extend (group G, prompt bucket P), with prefix reuse: prompts' tails prefilled on busy rows' copied prefixes
+         (`_extend`), G and P as for admit.
+(--slots=16 --max-len=2048: 12 + 15 + 5 + 12 = 44 programs; --max-len=512: 8 + 9 + 3 + 8 = 28; --max-len=128:
+4 + 3 + 1 + 4 = 12.)
 A group larger than a compiled G is admitted in several; a prompt goes to the smallest P that holds it; a chunk runs
 on the smallest R that covers the busy slots and the smallest W that covers `t` plus the chunk.
 
@@ -60,7 +61,8 @@ TOP_LOGPROBS = 20  # the most alternatives per token a request may ask for (Open
 # 16-prompt admit took 0.10-0.18 s where two 4-prompt admits took 0.014 s each, so larger groups are admitted in 4s.
 MAX_GROUP = 4
 # Prefix reuse: a prompt sharing at least this many leading tokens with a busy row's copies that row's keys and
-# values for the shared part and prefills only the rest (one ("extend", S) program per prompt bucket S).
+# values for the shared part and prefills only the rest (one ("extend", G, S) program per group size G and prompt
+# bucket S: up to MAX_GROUP such prompts whose rests fit the same bucket go in one call).
 PREFIX_MIN = 32
 WAVE_CAP = 8  # an idle engine's wave of arrivals stays open at most this many --batch-wait-ms
 
@@ -173,22 +175,23 @@ def _admit(graphdef, state, k, v, seg, logits, ids, segment_ids, positions, slot
 
 
 def _extend(graphdef, state, k, v, seg, logits, src, dst, n, ids, segment_ids, positions, t):
-    """Prefix reuse: row `dst` gets row `src`'s first n filled slots (the keys and values of the prompt prefix the
-    two share; each key carries its rotary position, so slots may move) at slots [t - S - n, t - S), then only the
-    suffix ids [1, S] (left-padded, positions from n) is prefilled on top of them at [t - S, t), attending to the
-    prefix as a prompt attends to itself. The row's other slots are emptied. Returns the cache and logits."""
+    """Prefix reuse for a group of G prompts: row dst[i] gets row src[i]'s first n[i] filled slots (the keys and
+    values of the prompt prefix the two share; each key carries its rotary position, so slots may move) at slots
+    [t - S - n[i], t - S), then only the suffixes ids [G, S] (left-padded, positions from n[i]) are prefilled on top
+    of them at [t - S, t), attending to the prefix as a prompt attends to itself. The rows' other slots are emptied;
+    an out-of-range dst drops that row (group padding). Returns the cache and logits."""
     model = nnx.merge(graphdef, state)
     s, length = ids.shape[1], seg.shape[1]
-    order = jnp.argsort(seg[src] == 0, stable=True)  # src's filled slots first, in order
-    j = jnp.arange(length) - (t - s - n)  # which prefix token lands in each slot of dst
-    ok = (j >= 0) & (j < n)
-    idx = order[jnp.clip(j, 0, length - 1)]
-    row = lambda x: jnp.where(ok[None, :, None], x[src][:, idx], 0)[None]  # noqa: E731  [1, N, L, H]
-    cache = KVCache(k=tuple(map(row, k)), v=tuple(map(row, v)), segment_ids=ok.astype(jnp.int32)[None], index=t - s)
+    order = jnp.argsort(seg[src] == 0, axis=1, stable=True)  # [G, L]: each src's filled slots first, in order
+    j = jnp.arange(length)[None, :] - (t - s - n)[:, None]  # [G, L]: which prefix token lands in each slot of dst
+    ok = (j >= 0) & (j < n[:, None])
+    idx = jnp.take_along_axis(order, jnp.clip(j, 0, length - 1), axis=1)[:, None, :, None]  # [G, 1, L, 1]
+    rows = lambda x: jnp.where(ok[:, None, :, None], jnp.take_along_axis(x[src], idx, axis=2), 0)  # noqa: E731
+    cache = KVCache(k=tuple(map(rows, k)), v=tuple(map(rows, v)), segment_ids=ok.astype(jnp.int32), index=t - s)
     out = model(ids, segment_ids=segment_ids, positions=positions, cache=cache)
-    put = lambda full, new: full.at[dst].set(new[0].astype(full.dtype))  # noqa: E731
+    put = lambda full, new: full.at[dst].set(new.astype(full.dtype), mode="drop")  # noqa: E731
     return (tuple(map(put, k, out.cache.k)), tuple(map(put, v, out.cache.v)), put(seg, out.cache.segment_ids),
-            logits.at[dst].set(last_logits(model, out)[0]))
+            logits.at[dst].set(last_logits(model, out), mode="drop"))
 
 
 def _decode(graphdef, rows, window, chunk, state, k, v, seg, logits, t, steps, live, pos, count, limit, temperature,
@@ -294,7 +297,7 @@ class Engine:
         self.ready = threading.Event()
         self.warming = ""  # what warm_up is compiling now
         self.stats = {"chunks": 0, "steps": 0, "row_steps": 0, "prefills": 0, "jobs": 0, "compactions": 0,
-                      "extends": 0, "reused_tokens": 0, "shapes": 0, "warm_up_s": 0.0}
+                      "extends": 0, "extend_calls": 0, "reused_tokens": 0, "shapes": 0, "warm_up_s": 0.0}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -302,11 +305,11 @@ class Engine:
 
     def shapes(self) -> list[tuple]:
         """Every device program the engine may run: ("admit", G, P), ("decode", R, W), ("compact", W), and with prefix
-        reuse ("extend", S)."""
+        reuse ("extend", G, S)."""
         return ([("admit", g, p) for g in self.group_sizes for p in self.prompt_sizes]
                 + [("decode", r, w) for r in self.row_sizes for w in self.windows]
                 + [("compact", w) for w in self.windows]
-                + [("extend", p) for p in self.prompt_sizes if self.prefix_reuse])
+                + [("extend", g, p) for g in self.group_sizes for p in self.prompt_sizes if self.prefix_reuse])
 
     def submit(self, job: Job) -> None:
         if len(job.prompt) + job.max_tokens > self.max_len:  # the server checks first; this is the engine's own guard
@@ -370,8 +373,9 @@ class Engine:
                                  np.ones(r, np.float32), np.zeros((r, 2), np.uint32), self.eos, self.vocab,
                                  np.bool_(False))
             elif shape[0] == "extend":
-                _, p = shape
-                out = self._call(shape, self.state, *cache, i32(0), i32(1), i32(0), z(1, p), z(1, p), z(1, p), i32(p))
+                _, g, p = shape
+                out = self._call(shape, self.state, *cache, z(g), np.full(g, self.slots, np.int32), z(g), z(g, p),
+                                 z(g, p), z(g, p), i32(p))
             else:
                 out = self._call(shape, self.k, self.v, self.seg, np.zeros(self.slots, bool), i32(0)) + (self.logits,)
             self.k, self.v, self.seg, self.logits = out[:4]
@@ -397,10 +401,10 @@ class Engine:
             args = (self.state, *cache, spec((), i32), spec((), i32), rows(jnp.bool_), rows(i32), rows(i32), rows(i32),
                     rows(f32), rows(f32), spec((r, 2), jnp.uint32), spec((), i32), spec((), i32), spec((), jnp.bool_))
         elif shape[0] == "extend":
-            _, p = shape
+            _, g, p = shape
             fn = jax.jit(functools.partial(_extend, self.graphdef), donate_argnums=(1, 2, 3, 4))
-            args = (self.state, *cache, spec((), i32), spec((), i32), spec((), i32), spec((1, p), i32),
-                    spec((1, p), i32), spec((1, p), i32), spec((), i32))
+            args = (self.state, *cache, spec((g,), i32), spec((g,), i32), spec((g,), i32), spec((g, p), i32),
+                    spec((g, p), i32), spec((g, p), i32), spec((), i32))
         else:
             _, w = shape
             fn = jax.jit(functools.partial(_compact, w), donate_argnums=(0, 1, 2))
@@ -480,7 +484,7 @@ class Engine:
         free = [s for s in range(self.slots) if s not in self.active]
         plan = {id(j): s for j, s in zip(sorted(self.waiting, key=lambda j: -j.max_tokens)[:len(free)], free)}
         while self.waiting and len(self.active) < self.slots:
-            if self._extend_one(plan):
+            if self._extend_group(plan):
                 continue
             free = [s for s in range(self.slots) if s not in self.active]
             p = min(_fit(self.prompt_sizes, len(j.prompt)) for j in self.waiting)
@@ -545,15 +549,19 @@ class Engine:
         taken = {plan[id(j)] for j in self.waiting if id(j) in plan and j is not job}
         return next((s for s in free if s not in taken), free[0])
 
-    def _extend_one(self, plan: dict[int, int]) -> bool:
-        """Admits the first waiting job that shares PREFIX_MIN or more leading prompt tokens with a busy row into its
-        slot (`_slot_for`) by `_extend` from the row sharing the most; False if there is none."""
+    def _extend_group(self, plan: dict[int, int]) -> bool:
+        """Admits waiting jobs that share PREFIX_MIN or more leading prompt tokens with a busy row, each from the row
+        sharing the most, by one `_extend` of up to MAX_GROUP of them: those whose unshared rest fits the smallest
+        prompt bucket any of them needs (taken first, they become sources that leave the next ones shorter rests).
+        False if there is none. (One program per group rather than per job: the stalls mix's rounds ran 10-14
+        extends one at a time, 1.6 ms each on the tiny model, most of it the call itself.)"""
         if not self.prefix_reuse:
             return False
         rows: dict[tuple, list[int]] = {}
         for slot, job in self.active.items():
             if len(job.prompt) >= PREFIX_MIN:
                 rows.setdefault(tuple(job.prompt[:PREFIX_MIN]), []).append(slot)
+        found = []  # (bucket, job, src, shared tokens)
         for job in self.waiting:
             key = self._prefix_key(job)
             if key is None or key not in rows:
@@ -564,27 +572,40 @@ class Engine:
                 diff = np.flatnonzero(np.asarray(self.active[slot].prompt[:m]) != np.asarray(job.prompt[:m]))
                 if (n := int(diff[0]) if len(diff) else m) > best:
                     best, src = n, slot
-            n = best
+            s = _fit(self.prompt_sizes, len(job.prompt) - best)
+            if best >= PREFIX_MIN and best + s <= self.max_len:
+                found.append((s, job, src, best))
+        if not found:
+            return False
+        s = min(f[0] for f in found)
+        group = [f for f in found if f[0] == s][:min(self.slots - len(self.active), self.group_sizes[-1])]
+        g = _fit(self.group_sizes, len(group))
+        if g > 2 * len(group):  # more than half the rows would be padding: the largest full group now, the rest next
+            g = max(x for x in self.group_sizes if x <= len(group))
+            group = group[:g]
+        self.t = max(self.t, *(n + s for _, _, _, n in group))
+        ids, seg, pos = (np.zeros((g, s), np.int32) for _ in range(3))
+        src, n_shared = np.zeros(g, np.int32), np.zeros(g, np.int32)
+        dst = np.full(g, self.slots, np.int32)  # padding rows go nowhere
+        for r, (_, job, from_slot, n) in enumerate(group):
             rest = len(job.prompt) - n
-            s = _fit(self.prompt_sizes, rest)
-            if n < PREFIX_MIN or n + s > self.max_len:
-                continue
-            dst = self._slot_for(job, plan)
+            ids[r, s - rest:], seg[r, s - rest:], pos[r, s - rest:] = job.prompt[n:], 1, np.arange(n, n + rest)
+            src[r], n_shared[r] = from_slot, n
             self.waiting.remove(job)
-            self.t = max(self.t, n + s)
-            ids, seg, pos = (np.zeros((1, s), np.int32) for _ in range(3))
-            ids[0, s - rest:], seg[0, s - rest:], pos[0, s - rest:] = job.prompt[n:], 1, np.arange(n, n + rest)
-            self._take_slot(job, dst)
-            self.k, self.v, self.seg, self.logits = self._call(
-                ("extend", s), self.state, self.k, self.v, self.seg, self.logits, np.int32(src), np.int32(dst),
-                np.int32(n), ids, seg, pos, np.int32(self.t))
+            dst[r] = slot = self._slot_for(job, plan)
+            self._take_slot(job, slot)
+        ids[len(group):, -1] = seg[len(group):, -1] = 1  # padding rows: one token, so no row is all padding
+        self.k, self.v, self.seg, self.logits = self._call(
+            ("extend", g, s), self.state, self.k, self.v, self.seg, self.logits, src, dst, n_shared, ids, seg, pos,
+            np.int32(self.t))
+        self.stats["extend_calls"] += 1
+        for _, job, _, n in group:
             self.stats["extends"] += 1
             self.stats["reused_tokens"] += n
             self.stats["jobs"] += 1
             if job.max_tokens == 0:
                 self._hand_out(job, "length")
-            return True
-        return False
+        return True
 
     def _dropped(self, job: Job) -> bool:
         if job.cancelled:
