@@ -240,8 +240,8 @@ def test_warm_up_compiles_every_shape_before_models_answers(tiny_server, scripte
     assert any(h["status"] == "warming" and h["compiling"] for _, _, h in warming)
     ready = tiny_server.ready_health
     # 16 slots, 128 positions: admit 2 group sizes x 2 prompt buckets, decode 3 row counts x 1 window, compact 1,
-    # extend (prefix reuse) 2 group sizes x 2 prompt buckets.
-    assert ready["status"] == "ok" and ready["shapes"] == 12 and ready["compiles"] >= ready["shapes"]
+    # extend (prefix reuse) 2 group sizes x 1 prompt bucket (64: a 128-token rest leaves no room for a reused prefix).
+    assert ready["status"] == "ok" and ready["shapes"] == 10 and ready["compiles"] >= ready["shapes"]
     cache = request.config.cache.mkdir("phi1_jax_compile")  # the scripted server's persistent cache holds its programs
     assert scripted_server.ready_health["shapes"] > 0 and any(cache.iterdir())
 

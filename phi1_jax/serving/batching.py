@@ -21,9 +21,9 @@ nothing else, so traffic can never trigger a compile):
   decode (rows R, window W): R in 1, 4, 16, ... up to --slots, W in 128 x powers of two up to --max-len;
   compact (window W);
   extend (group G, prompt bucket P), with prefix reuse: prompts' tails prefilled on busy rows' copied prefixes
-         (`_extend`), G and P as for admit.
-(--slots=16 --max-len=2048: 12 + 15 + 5 + 12 = 44 programs; --max-len=512: 8 + 9 + 3 + 8 = 28; --max-len=128:
-4 + 3 + 1 + 4 = 12.)
+         (`_extend`), G and P as for admit but P below --max-len (PREFIX_MIN reused tokens come before the tail).
+(--slots=16 --max-len=2048: 12 + 15 + 5 + 10 = 42 programs; --max-len=512: 8 + 9 + 3 + 6 = 26; --max-len=128:
+4 + 3 + 1 + 2 = 10.)
 A group larger than a compiled G is admitted in several; a prompt goes to the smallest P that holds it; a chunk runs
 on the smallest R that covers the busy slots and the smallest W that covers `t` plus the chunk.
 
@@ -309,7 +309,8 @@ class Engine:
         return ([("admit", g, p) for g in self.group_sizes for p in self.prompt_sizes]
                 + [("decode", r, w) for r in self.row_sizes for w in self.windows]
                 + [("compact", w) for w in self.windows]
-                + [("extend", g, p) for g in self.group_sizes for p in self.prompt_sizes if self.prefix_reuse])
+                + [("extend", g, p) for g in self.group_sizes for p in self.prompt_sizes  # a rest of p tokens
+                   if self.prefix_reuse and p + PREFIX_MIN <= self.max_len])  # follows PREFIX_MIN or more reused
 
     def submit(self, job: Job) -> None:
         if len(job.prompt) + job.max_tokens > self.max_len:  # the server checks first; this is the engine's own guard
