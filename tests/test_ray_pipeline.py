@@ -182,3 +182,20 @@ def test_chunk_gram_counts_merge_to_the_exact_distinct_counts():
                 got_all, got_kept = got_all + d_all, got_kept + d_kept
             assert (got_all, got_kept) == (len(exact_all), len(exact_kept)), (chunks, n)
             assert sum(g[n - 1]["total_all"] for g in per_chunk) == sum(max(0, len(w) - n + 1) for w in words)
+
+
+def test_workers_never_import_datasketch():
+    """A Ray job starts its own worker processes; each imports the dedup module and runs `signatures` with the driver's
+    permutations: neither may import datasketch (it imports scipy, ~0.5 s per worker process)."""
+    code = ("import sys\nfrom phi1_jax.data_gen import dedup\n"
+            "assert 'datasketch' not in sys.modules and 'scipy' not in sys.modules, 'at import'\n"
+            "perms = tuple(map(__import__('numpy').asarray, sys.argv[1:3]))\n"
+            "sig, _ = dedup.signatures(['a text of more than five tokens here'], permutations=perms)\n"
+            "assert 'datasketch' not in sys.modules and 'scipy' not in sys.modules, 'in signatures'\n"
+            "print(sig[0, :3].tolist())\n")
+    a, b = dedup._permutations(128)
+    r = subprocess.run([sys.executable, "-c", code.replace("sys.argv[1:3]", f"[{a.tolist()}, {b.tolist()}]")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() and r.stdout.strip() == str(
+        dedup.signatures(["a text of more than five tokens here"])[0][0, :3].tolist())

@@ -24,8 +24,6 @@ import time
 import sys
 from pathlib import Path
 
-from datasketch import MinHash, MinHashLSH
-
 from phi1_jax import cli, files
 from phi1_jax.data_gen import engine
 from phi1_jax.data_gen.records import RecordsError, check_outputs
@@ -94,6 +92,8 @@ def shingle_hash32(shingle: bytes) -> int:
 
 def minhash(text: str, num_perm: int = 128, n: int = 5) -> MinHash:
     """datasketch's MinHash of the text's shingles, with `shingle_hash32` as its hash function."""
+    from datasketch import MinHash
+
     m = MinHash(num_perm=num_perm, seed=1, hashfunc=shingle_hash32)
     m.update_batch(list(shingles(text, n)))
     return m
@@ -105,6 +105,8 @@ class NearDuplicateIndex:
     def __init__(self, threshold: float = 0.8, num_perm: int = 128, shingle: int = 5):
         if not 0 < threshold <= 1:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        from datasketch import MinHashLSH
+
         self.num_perm, self.shingle = num_perm, shingle
         self._lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
         self._exact: dict[str, str] = {}
@@ -211,6 +213,8 @@ def _permutations(num_perm: int):
     import numpy as np
 
     if num_perm not in _PERMUTATIONS:
+        from datasketch import MinHash
+
         a, b = MinHash(num_perm=num_perm, seed=1).permutations  # datasketch's own (affine32: uint32 a, b)
         _PERMUTATIONS[num_perm] = np.asarray(a, np.uint32), np.asarray(b, np.uint32)
     return _PERMUTATIONS[num_perm]
@@ -240,13 +244,25 @@ def _token_hashes(buf):
     return _fmix64(np.add.reduceat(terms, starts))
 
 
-def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
+def _fmix32(h):
+    """MurmurHash3's 32-bit finaliser over a uint32 array: datasketch's pre-mix of each hash before its permutations."""
+    import numpy as np
+
+    h = h ^ (h >> np.uint32(16))
+    h = h * np.uint32(0x85EBCA6B)
+    h = h ^ (h >> np.uint32(13))
+    h = h * np.uint32(0xC2B2AE35)
+    return h ^ (h >> np.uint32(16))
+
+
+def signatures(texts: list[str], num_perm: int = 128, n: int = 5, permutations=None):
     """`minhash(text).hashvalues` for every text at once, bit for bit (tests/test_ray_pipeline.py checks it): the same
     shingles and `shingle_hash32`, datasketch's MurmurHash3 pre-mix and affine32 permutations, but a few numpy passes
     over the bytes of many records instead of a MinHash object per record. Returns (the signatures, a
-    [records, num_perm] uint32 array; each record's normalised text as bytes, the exact-text band's key)."""
+    [records, num_perm] uint32 array; each record's normalised text as bytes, the exact-text band's key).
+    `permutations`: `_permutations(num_perm)`, given by the driver so that Ray's workers never import datasketch
+    (it imports scipy: ~0.5 s more for every worker process a job starts)."""
     import numpy as np
-    from datasketch.minhash import _fmix
 
     norms, counts = [], []
     for text in texts:
@@ -273,8 +289,8 @@ def signatures(texts: list[str], num_perm: int = 128, n: int = 5):
         short = np.flatnonzero(counts == c)
         if len(short):
             hv[at[short]] = chains[c - 1][first[short]] if c else np.uint64(_fmix64_int(0))
-    hv = _fmix((hv & np.uint64(0xFFFFFFFF)).astype(np.uint32), 32)
-    a, b = _permutations(num_perm)
+    hv = _fmix32((hv & np.uint64(0xFFFFFFFF)).astype(np.uint32))
+    a, b = (np.asarray(x, np.uint32) for x in (permutations or _permutations(num_perm)))  # uint32: wraps mod 2^32
     offs = np.append(at, len(hv))
     sig = np.empty((len(texts), num_perm), np.uint32)
     d0 = 0
@@ -304,7 +320,8 @@ def bucket_keys(text: str, b: int, r: int, num_perm: int = 128) -> list[int]:
     return [*band_keys(sig, b, r)[0].tolist(), _h64(norms[0])]
 
 
-def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: int, parts: int) -> dict:
+def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: int, parts: int,
+                    permutations) -> dict:
     """Ray stage 1 (one chunk of lines per call): a row (part, band, bucket, doc) per record and band; `part`, a hash
     of (band, bucket) below `parts`, is what the shuffle groups by."""
     import numpy as np
@@ -314,7 +331,7 @@ def _signature_rows(batch: dict, *, text_field: str, b: int, r: int, num_perm: i
         recs = list(engine.read_chunk(chunk, text_field, RecordsError))
         if not recs:
             continue
-        sig, norms = signatures([rec[text_field] for _, _, rec in recs], num_perm)
+        sig, norms = signatures([rec[text_field] for _, _, rec in recs], num_perm, permutations=permutations)
         exact = np.asarray([_h64(x) for x in norms], np.int64)
         keys.append(np.concatenate([band_keys(sig, b, r), exact[:, None]], axis=1))  # [records, b + 1]
         docs.append(np.asarray([d for d, _, _ in recs], np.int64))
@@ -398,7 +415,8 @@ def find_duplicates(paths: list[Path], *, threshold: float, num_perm: int = 128,
     this = importlib.import_module(__spec__.name if __spec__ else __name__)  # not __main__: workers import by name
     ds = ray.data.from_items(chunks, override_num_blocks=len(chunks))
     sigs = ds.map_batches(this._signature_rows, batch_size=1, fn_kwargs={"text_field": text_field, "b": b, "r": r,
-                                                                     "num_perm": num_perm, "parts": parts})
+                                                                     "num_perm": num_perm, "parts": parts,
+                                                                     "permutations": _permutations(num_perm)})
     # grouped by partition, not by bucket: one call per partition sorts its rows once, where a call per bucket (one
     # per record and band) spent its time in Python
     edges = sigs.groupby("part", num_partitions=parts).map_groups(this._bucket_edges, batch_format="numpy")
