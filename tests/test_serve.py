@@ -523,6 +523,31 @@ def test_no_compilation_under_mixed_traffic(tiny_server):
     assert after["compiles"] == tiny_server.ready_health["compiles"], "the server compiled under traffic"
 
 
+def test_an_idle_engines_wave_ends_once_its_jobs_fill_every_slot(tok):
+    """The engine alone, in this process, 4 slots and a 30 s arrival wave: 4 jobs submitted at once fill every slot,
+    so they are admitted at once and finish long before the wave would have closed (before, the wave waited its whole
+    `wave_s` after the last job: nothing later could have joined)."""
+    import threading
+
+    from flax import nnx
+
+    from configs import tiny
+    from phi1_jax.model import Phi, PhiConfig
+    from phi1_jax.serving.batching import Engine, Job
+
+    engine = Engine(Phi(PhiConfig.from_dict(tiny.get_config().model), rngs=nnx.Rngs(0)), tok, slots=4, wave_ms=30_000)
+    engine.start()
+    try:
+        assert engine.ready.wait(600)
+        done = [threading.Event() for _ in range(4)]
+        for i, d in enumerate(done):
+            engine.submit(Job(prompt=tok.encode(PROMPTS[i]), max_tokens=4, temperature=0.0, top_p=1.0, seed=0, stop=(),
+                              emit=lambda ev, d=d: ev[0] != "text" and d.set()))
+        assert all(d.wait(20) for d in done), "the jobs waited for the wave to close"
+    finally:
+        engine.stop()
+
+
 def test_sigterm_finishes_requests_in_flight_then_exits(tiny_server):
     """Last: it stops the module's tiny server. 32 choices of 100 tokens need two waves of the 16 slots, so the
     request is still being generated when the signal comes."""
