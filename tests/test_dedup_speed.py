@@ -44,7 +44,17 @@ def test_a_run_on_a_running_cluster_finds_the_planted_copies_and_stops_the_clust
     assert row["pipeline_docs_per_s"] > row["docs_per_s"]  # the command's start left out
 
 
+def test_the_warm_way_times_a_second_run_in_one_job_and_stops_the_cluster(tmp_path):
+    out = tmp_path / "speed.json"
+    r = subprocess.run([sys.executable, "-m", "phi1_jax.bench.dedup_speed", "--docs=200", "--copies=20", "--workers=1",
+                        "--tools=ours", "--ray=warm", f"--json={out}"], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["ray"], row["workers"], row["recall"], row["others_removed"]) == ("warm", 1, 1.0, 0)
+    assert 0 < row["seconds"] and row["cluster_processes_left"] == []
+
+
 def test_a_bad_ray_choice_is_a_usage_error():
     r = subprocess.run([sys.executable, "-m", "phi1_jax.bench.dedup_speed", "--ray=remote"], capture_output=True,
                        text=True, timeout=120)
-    assert r.returncode == 2 and "--ray=remote: 'remote' is neither local nor cluster" in r.stderr
+    assert r.returncode == 2 and "--ray=remote: 'remote' is not local, cluster or warm" in r.stderr
