@@ -32,25 +32,26 @@ def test_ratios_are_per_way_of_running_ours_and_against_datatrove():
     assert "ours_cluster, 2 workers over 1, the pipeline's own docs/s" in text and ": 1.80x" in text
 
 
-def test_a_run_on_a_running_cluster_finds_the_planted_copies_and_stops_the_cluster(tmp_path):
+def _one_run(tmp_path, way: str) -> dict:
+    """The bench on 200 records at 1 worker, ours only, one way of getting Ray: its one row, checked for recall."""
     out = tmp_path / "speed.json"
     r = subprocess.run([sys.executable, "-m", "phi1_jax.bench.dedup_speed", "--docs=200", "--copies=20", "--workers=1",
-                        "--tools=ours", "--ray=cluster", f"--json={out}"], capture_output=True, text=True, timeout=900)
+                        "--tools=ours", f"--ray={way}", f"--json={out}"], capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
-    assert (row["ray"], row["workers"], row["recall"], row["others_removed"]) == ("cluster", 1, 1.0, 0)
+    assert (row["ray"], row["workers"], row["recall"], row["others_removed"]) == (way, 1, 1.0, 0)
+    return row
+
+
+def test_a_run_on_a_running_cluster_finds_the_planted_copies_and_stops_the_cluster(tmp_path):
+    row = _one_run(tmp_path, "cluster")
     assert row["peak_mb"] > 200  # the cluster's own processes are counted, not the command's alone
     assert row["cluster_processes_left"] == []
     assert row["pipeline_docs_per_s"] > row["docs_per_s"]  # the command's start left out
 
 
 def test_the_warm_way_times_a_second_run_in_one_job_and_stops_the_cluster(tmp_path):
-    out = tmp_path / "speed.json"
-    r = subprocess.run([sys.executable, "-m", "phi1_jax.bench.dedup_speed", "--docs=200", "--copies=20", "--workers=1",
-                        "--tools=ours", "--ray=warm", f"--json={out}"], capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    (row,) = json.loads(out.read_text())["rows"]
-    assert (row["ray"], row["workers"], row["recall"], row["others_removed"]) == ("warm", 1, 1.0, 0)
+    row = _one_run(tmp_path, "warm")
     assert 0 < row["seconds"] and row["cluster_processes_left"] == []
 
 
