@@ -135,7 +135,7 @@ async def drive(base_url: str, model: str, *, clients: int, requests: int, max_t
 def summarize(records: list[dict], *, clients: int, wall_s: float) -> dict:
     ok = [r for r in records if "error" not in r]
     tokens = [r["completion_tokens"] if r["completion_tokens"] is not None else r["text_chunks"] for r in ok]
-    out = {"clients": clients, "requests": len(records), "errors": len(records) - len(ok), "wall_s": round(wall_s, 3),
+    out = {"clients": clients, "requests": len(records), "errors": len(records) - len(ok), "wall_s": round(wall_s, 4),
            "req_per_s": round(len(ok) / wall_s, 3), "tok_per_s": round(sum(tokens) / wall_s, 2),
            "completion_tokens": sum(tokens), "usage_missing": sum(r["completion_tokens"] is None for r in ok)}
     if ok:
