@@ -28,6 +28,7 @@ tokenisers and hash functions differ.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -194,7 +195,7 @@ def _with_load(fn, *args) -> dict:
 def _ratios(rows: list[dict]) -> dict:
     """The issue's two bars: ours at 2 workers over ours at 1 (>= 1.6), and ours over datatrove at each worker
     count (>= 1), as throughput ratios (docs/s of the whole command). Ours at 2 over 1 also as the pipeline's own
-    throughput (`_pipeline`): the command's fixed start (Python, imports, joining or starting Ray) left out."""
+    throughput (`pipeline_docs_per_s`): the command's fixed start (Python, imports, joining or starting Ray) left out."""
     by = {(_name(r), r["workers"]): r["docs_per_s"] for r in rows}
     out = {}
     ws = sorted({w for _, w in by})
@@ -276,62 +277,60 @@ def _ours(src, work, w, n, planted, how="local"):
     if how == "local":
         m = _timed([*cmd, f"--num-cpus={w}"])
     else:  # a running one-node Ray of w CPUs, started before the clock and stopped after it
-        os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster's own processes run (read by Ray at import)
-        import ray
-
-        from phi1_jax.data_gen.ray_nodes import LocalCluster
-
-        cluster = LocalCluster(head_cpus=w)
-        try:
-            cluster.connect()
-            ray.shutdown()  # this process only waited for the head: the command is the cluster's one driver
+        with _running_ray(work, w) as (cluster, warm, box):
             # A running cluster has run Ray Data jobs before: Ray Data's detached actors (its stats and autoscaling
             # coordinator, ~4-8 s of process start here) are up, as after this untimed run on 20 records
-            warm = work / "warm.jsonl"
-            warm.write_text("".join(json.dumps({"id": f"w{i}", "text": f"warm up {i}"}) + "\n" for i in range(20)))
             subprocess.run([sys.executable, "-m", "phi1_jax.data_gen.dedup", str(warm), f"--out={work / 'warm'}",
                             "--no-progress", f"--ray-address={cluster.address}"], check=True, capture_output=True)
             m = _timed([*cmd, f"--ray-address={cluster.address}"],
                        also=lambda: [p.pid for p in cluster.procs] + sorted(cluster.descendants()))
-        finally:
-            ray.shutdown()
-            left = cluster.stop()
-        m["cluster_processes_left"] = left  # none, or the summary says so
+        m["cluster_processes_left"] = box["left"]  # none, or the summary says so
     report = json.loads((out / "dedup_report.json").read_text())
     removed = {int(r["id"][1:]) for r in report["removed"]}
     sec = report["seconds"]  # dedup: from the command's start (Ray's included) to the duplicates; then the writing
     pipeline = sec["dedup"] - sec["ray_start"] + sec["write_and_report"]
     return {"tool": "phi1_jax dedup (Ray Data)", "ray": how, "workers": w, **m, "pipeline_seconds": sec,
             "docs_per_s": round(n / m["seconds"], 1), "pipeline_docs_per_s": round(n / pipeline, 1),
-            "recall": round(len(removed & set(planted)) / len(planted), 4),
-            "others_removed": len(removed - set(planted))}
+            **_found(removed, planted)}
 
 
-def _ours_warm(src, work, w, n, planted, out):
-    os.environ["RAY_AUTH_MODE"] = "disabled"
+@contextlib.contextmanager
+def _running_ray(work: Path, w: int):
+    """A running one-node Ray of w CPUs for the `cluster` and `warm` ways, and 20 warm-up records: yields (the cluster,
+    the records' file, a box that holds the cluster's processes left after it stopped, under "left")."""
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # as the cluster's own processes run (read by Ray at import)
     import ray
 
     from phi1_jax.data_gen.ray_nodes import LocalCluster
 
     warm = work / "warm.jsonl"
     warm.write_text("".join(json.dumps({"id": f"w{i}", "text": f"warm up {i}"}) + "\n" for i in range(20)))
-    cluster = LocalCluster(head_cpus=w)
+    cluster, box = LocalCluster(head_cpus=w), {}
     try:
         cluster.connect()
+        ray.shutdown()  # this process only waited for the head: the benchmark's driver is the cluster's one driver
+        yield cluster, warm, box
+    finally:
         ray.shutdown()
+        box["left"] = cluster.stop()
+
+
+def _found(removed: set[int], planted: dict) -> dict:
+    return {"recall": round(len(removed & set(planted)) / len(planted), 4),
+            "others_removed": len(removed - set(planted))}
+
+
+def _ours_warm(src, work, w, n, planted, out):
+    with _running_ray(work, w) as (cluster, warm, box):
         code = (f"from phi1_jax.bench.dedup_speed import warm_driver; "
                 f"warm_driver({cluster.address!r}, {str(src / 'corpus.jsonl')!r}, {str(out)!r}, {str(warm)!r})")
         r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(f"the warm driver failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
         got = json.loads(r.stdout.strip().splitlines()[-1])
-    finally:
-        ray.shutdown()
-        left = cluster.stop()
-    removed = {int(i[1:]) for i in got["removed"]}
     return {"tool": "phi1_jax dedup (Ray Data)", "ray": "warm", "workers": w, "seconds": got["seconds"],
-            "docs_per_s": round(n / got["seconds"], 1), "recall": round(len(removed & set(planted)) / len(planted), 4),
-            "others_removed": len(removed - set(planted)), "cluster_processes_left": left}
+            "docs_per_s": round(n / got["seconds"], 1), **_found({int(i[1:]) for i in got["removed"]}, planted),
+            "cluster_processes_left": box["left"]}
 
 
 def _datatrove(python, src, work, w, n, planted):
@@ -343,9 +342,7 @@ def _datatrove(python, src, work, w, n, planted):
     for f in (dt / "removed").glob("*.jsonl*"):
         removed |= {int(json.loads(x)["id"][1:]) for x in f.read_text().splitlines()}
     return {"tool": "datatrove MinHash (LocalPipelineExecutor)", "workers": w, **m,
-            "docs_per_s": round(n / m["seconds"], 1),
-            "recall": round(len(removed & set(planted)) / len(planted), 4),
-            "others_removed": len(removed - set(planted))}
+            "docs_per_s": round(n / m["seconds"], 1), **_found(removed, planted)}
 
 
 if __name__ == "__main__":
