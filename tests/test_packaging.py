@@ -98,3 +98,15 @@ def test_the_environment_is_exactly_its_lock():
         if have.split("+")[0] != version:
             wrong[name] = (version, have)
     assert not wrong, f"installed versions differ from {lock.name} (pinned, installed): {wrong}"
+
+
+def test_ray_processes_do_not_build_a_grammar_on_import():
+    """`import ray` (every Ray process: the driver, each worker, Ray's agents) does not import rfc3987-syntax, whose
+    import builds a lark grammar: 1.2 s of CPU per process. jsonschema's format-nongpl extra, which jupyter-server asks
+    for, brings it from jsonschema 4.25 on; pyproject.toml holds jsonschema below that."""
+    code = "import sys, ray; print(sorted(m for m in ('rfc3987_syntax', 'lark') if m in sys.modules))"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[-2] == "[]", (
+        f"`import ray` imported {r.stdout.strip()} (jsonschema {importlib.metadata.version('jsonschema')}): reinstall "
+        "with scripts/setup.sh in a fresh venv, or `pip uninstall rfc3987-syntax`")

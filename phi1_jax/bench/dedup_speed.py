@@ -74,15 +74,17 @@ def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
     return records, planted
 
 
-def _peak_rss(proc: subprocess.Popen, box: dict, also=lambda: ()) -> None:
-    """Peak of the summed RSS of PROC, its descendants and the processes `also()` names (a running cluster's)."""
+def _peak_memory(proc: subprocess.Popen, box: dict, also=lambda: ()) -> None:
+    """Peak of the summed PSS of PROC, its descendants and the processes `also()` names (a running cluster's). PSS
+    splits each shared page among the processes that map it, so Ray's shared-memory object store and the shared
+    libraries count once; summed RSS (kept as peak_rss_mb) counts them once per process."""
     import psutil
 
-    peak = 0
+    peak = peak_rss = 0
     try:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
-            total = 0
+            total = total_rss = 0
             procs = [root, *root.children(recursive=True)]
             for pid in also():
                 try:
@@ -91,21 +93,23 @@ def _peak_rss(proc: subprocess.Popen, box: dict, also=lambda: ()) -> None:
                     pass
             for p in procs:
                 try:
-                    total += p.memory_info().rss
+                    m = p.memory_full_info()
                 except psutil.Error:
-                    pass
-            peak = max(peak, total)
+                    continue
+                total += m.pss
+                total_rss += m.rss
+            peak, peak_rss = max(peak, total), max(peak_rss, total_rss)
             time.sleep(0.2)
     except psutil.Error:
         pass
-    box["peak_mb"] = round(peak / 2**20)
+    box["peak_mb"], box["peak_rss_mb"] = round(peak / 2**20), round(peak_rss / 2**20)
 
 
 def _timed(cmd: list[str], also=lambda: ()) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     box: dict = {}
-    th = threading.Thread(target=_peak_rss, args=(proc, box, also))
+    th = threading.Thread(target=_peak_memory, args=(proc, box, also))
     th.start()
     log, _ = proc.communicate()
     th.join()
