@@ -6,41 +6,21 @@ One cluster serves the whole session (the `ray_cluster` fixture in conftest.py: 
 """
 
 import json
-import random
 import subprocess
 import sys
 
 import pytest
 from datasketch import MinHashLSH
 
+from phi1_jax.bench import dedup_speed
 from phi1_jax.data_gen import dedup
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
-def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
-    """Random-word documents (pairwise Jaccard ~0) and near-copies of some of them: one word changed (Jaccard of
-    5-shingles ~0.95), a line appended, or re-cased (the exact-text band). Returns (records, {copy index: original})."""
-    rng = random.Random(seed)
-    vocab = [f"w{i}{rng.choice('abcdefgh')}" for i in range(5000)]
-    docs = [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n_docs)]
-    planted = {}
-    for k in range(n_copies):
-        src = rng.randrange(len(docs))
-        text = docs[src].split()
-        kind = k % 3
-        if kind == 0:
-            text[rng.randrange(len(text))] = rng.choice(vocab)
-            copy = " ".join(text)
-        elif kind == 1:
-            copy = docs[src] + "\nSee also the next section."
-        else:
-            copy = docs[src].upper()
-        at = rng.randrange(src + 1, len(docs) + 1)  # after its original, so the original is the one kept
-        docs.insert(at, copy)
-        planted = {(i + 1 if i >= at else i): (s + 1 if s >= at else s) for i, s in planted.items()}
-        planted[at] = src
-    return [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)], planted
+def planted_corpus(n_docs: int, n_copies: int):
+    """The bench's corpus generator, each copy at a random place after its own original (not after all of them)."""
+    return dedup_speed.planted_corpus(n_docs, n_copies, interleave=True)
 
 
 def reference_dedup(texts, threshold=0.8, num_perm=128) -> dict[int, int]:

@@ -44,33 +44,35 @@ from pathlib import Path
 from phi1_jax import cli
 
 
-def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200):
+def planted_corpus(n_docs: int, n_copies: int, seed: int = 0, words: int = 200, interleave: bool = False):
     """Random-word documents (pairwise Jaccard ~0) and near-copies of some of them: one word changed (Jaccard of
-    5-shingles ~0.95), a line appended, or re-cased. Returns (records, {copy index: original index}); each copy comes
-    after its original, so the original is the one a keep-the-first rule keeps."""
+    5-shingles ~0.95), a line appended, or re-cased (the exact-text band). Returns (records, {copy index: original
+    index}); each copy comes after its original, so the original is the one a keep-the-first rule keeps: after every
+    original in a shuffled order, or (`interleave`, the tests') at a random place anywhere after its own."""
     rng = random.Random(seed)
     vocab = [f"w{i}{rng.choice('abcdefgh')}" for i in range(5000)]
     docs = [" ".join(rng.choice(vocab) for _ in range(words)) for _ in range(n_docs)]
-    copies = []
+    items = [(float(i), None, t) for i, t in enumerate(docs)]  # (place, original of a copy, text)
     for k in range(n_copies):
         src = rng.randrange(n_docs)
         text = docs[src].split()
         if k % 3 == 0:
             text[rng.randrange(len(text))] = rng.choice(vocab)
-            copies.append((src, " ".join(text)))
+            copy = " ".join(text)
         elif k % 3 == 1:
-            copies.append((src, docs[src] + "\nSee also the next section."))
+            copy = docs[src] + "\nSee also the next section."
         else:
-            copies.append((src, docs[src].upper()))
-    # copies go after every original, in a shuffled order: original i keeps index i
-    order = list(range(n_copies))
-    rng.shuffle(order)
-    records = [{"id": f"d{i}", "text": t} for i, t in enumerate(docs)]
-    planted = {}
-    for k in order:
-        src, text = copies[k]
-        planted[len(records)] = src
-        records.append({"id": f"d{len(records)}", "text": text})
+            copy = docs[src].upper()
+        items.append((max(rng.uniform(src, n_docs), src + 1e-9) if interleave else None, src, copy))
+    if not interleave:  # after every original, in a shuffled order
+        order = list(range(n_copies))
+        rng.shuffle(order)
+        for rank, k in enumerate(order):
+            items[n_docs + k] = (n_docs + rank, *items[n_docs + k][1:])
+    items.sort(key=lambda item: item[0])
+    new_index = {int(place): i for i, (place, src, _) in enumerate(items) if src is None}
+    records = [{"id": f"d{i}", "text": text} for i, (_, _, text) in enumerate(items)]
+    planted = {i: new_index[src] for i, (_, src, _) in enumerate(items) if src is not None}
     return records, planted
 
 
