@@ -13,7 +13,7 @@ import pytest
 from datasketch import MinHashLSH
 
 from phi1_jax.bench import dedup_speed
-from phi1_jax.data_gen import dedup
+from phi1_jax.data_gen import dedup, minhash
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -37,8 +37,8 @@ def reference_dedup(texts, threshold=0.8, num_perm=128) -> dict[int, int]:
         return x
 
     for d, t in enumerate(texts):
-        m = dedup.minhash(t, num_perm)
-        norm = " ".join(dedup._TOKEN.findall(t.lower()))
+        m = minhash.minhash(t, num_perm)
+        norm = " ".join(minhash.TOKEN.findall(t.lower()))
         for other in list(lsh.query(m)) + ([exact[norm]] if norm in exact else []):
             a, b = find(d), find(other)
             parent[max(a, b)] = min(a, b)
@@ -124,20 +124,20 @@ def test_signatures_are_datasketchs_minhash_bit_for_bit(monkeypatch):
     records, planted = planted_corpus(40, 10)
     texts = ["", " "] + [r["text"] for r in records] + ["", "   ", "a", "one two three four", "one two three four five",
                                             "Ünïcode 的 words, and: punctuation!! " * 3, "x\ny\tz " * 30]
-    monkeypatch.setattr(dedup, "_SHINGLES_PER_STEP", 300)  # several steps, records never split between them
+    monkeypatch.setattr(minhash, "_SHINGLES_PER_STEP", 300)  # several steps, records never split between them
     for num_perm in (128, 64):
-        sig, norms = dedup.signatures(texts, num_perm)
+        sig, norms = minhash.signatures(texts, num_perm)
         assert sig.dtype == np.uint32
-        assert (sig == np.stack([dedup.minhash(t, num_perm).hashvalues for t in texts])).all()
+        assert (sig == np.stack([minhash.minhash(t, num_perm).hashvalues for t in texts])).all()
     # band keys: equal exactly where the bands' hash values are (near-copies share some bands, not all)
-    b, r = dedup.bands(0.8, 128)
-    sig, _ = dedup.signatures(texts)
-    keys = dedup.band_keys(sig, b, r)
+    b, r = minhash.bands(0.8, 128)
+    sig, _ = minhash.signatures(texts)
+    keys = minhash.band_keys(sig, b, r)
     same_band = (sig[:, None, :b * r] == sig[None, :, :b * r]).reshape(len(texts), len(texts), b, r).all(-1)
     assert ((keys[:, None] == keys[None, :]) == same_band).all()
     shared = same_band[[i + 2 for i in planted], [i + 2 for i in planted.values()]]
     assert shared.any() and not shared.all()  # the check saw both equal and unequal bands of near-copies
-    assert dedup.bucket_keys(texts[2], b, r) == [*keys[2].tolist(), dedup._h64(" ".join(texts[2].lower().split()).encode())]
+    assert minhash.bucket_keys(texts[2], b, r) == [*keys[2].tolist(), minhash.text_key(" ".join(texts[2].lower().split()).encode())]
 
 
 def test_chunk_gram_counts_merge_to_the_exact_distinct_counts():
@@ -167,15 +167,15 @@ def test_chunk_gram_counts_merge_to_the_exact_distinct_counts():
 def test_workers_never_import_datasketch():
     """A Ray job starts its own worker processes; each imports the dedup module and runs `signatures` with the driver's
     permutations: neither may import datasketch (it imports scipy, ~0.5 s per worker process)."""
-    code = ("import sys\nfrom phi1_jax.data_gen import dedup\n"
+    code = ("import sys\nfrom phi1_jax.data_gen import dedup, minhash\n"
             "assert 'datasketch' not in sys.modules and 'scipy' not in sys.modules, 'at import'\n"
             "perms = tuple(map(__import__('numpy').asarray, sys.argv[1:3]))\n"
-            "sig, _ = dedup.signatures(['a text of more than five tokens here'], permutations=perms)\n"
+            "sig, _ = minhash.signatures(['a text of more than five tokens here'], permutations=perms)\n"
             "assert 'datasketch' not in sys.modules and 'scipy' not in sys.modules, 'in signatures'\n"
             "print(sig[0, :3].tolist())\n")
-    a, b = dedup._permutations(128)
+    a, b = minhash.datasketch_permutations(128)
     r = subprocess.run([sys.executable, "-c", code.replace("sys.argv[1:3]", f"[{a.tolist()}, {b.tolist()}]")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split() and r.stdout.strip() == str(
-        dedup.signatures(["a text of more than five tokens here"])[0][0, :3].tolist())
+        minhash.signatures(["a text of more than five tokens here"])[0][0, :3].tolist())
