@@ -16,7 +16,8 @@ def _row(tool, ray, workers, docs_per_s):
 def test_ratios_are_per_way_of_running_ours_and_against_datatrove():
     rows = [_row("phi1_jax dedup (Ray Data)", "local", 1, 100.0), _row("phi1_jax dedup (Ray Data)", "cluster", 1, 200.0),
             _row("datatrove MinHash", None, 1, 150.0), _row("phi1_jax dedup (Ray Data)", "local", 2, 150.0),
-            _row("phi1_jax dedup (Ray Data)", "cluster", 2, 340.0), _row("datatrove MinHash", None, 2, 200.0)]
+            _row("phi1_jax dedup (Ray Data)", "cluster", 2, 340.0), _row("datatrove MinHash", None, 2, 200.0),
+            _row("phi1_jax dedup (Ray Data)", "warm", 1, 300.0), _row("phi1_jax dedup (Ray Data)", "warm", 2, 450.0)]
     for r, pipe in zip([rows[1], rows[4]], [250.0, 450.0]):  # the command's own seconds, its start left out
         r["pipeline_docs_per_s"] = pipe
     ra = dedup_speed._ratios(rows)
@@ -24,10 +25,11 @@ def test_ratios_are_per_way_of_running_ours_and_against_datatrove():
                   "ours_local_over_datatrove_at_2": 0.75, "ours_cluster_2_over_1": 1.7,
                   "ours_cluster_pipeline_2_over_1": 1.8,
                   "ours_cluster_over_datatrove_at_1": 1.33, "ours_cluster_over_datatrove_at_2": 1.7,
-                  "datatrove_2_over_1": 1.33}
+                  "datatrove_2_over_1": 1.33, "ours_warm_2_over_1": 1.5}  # warm vs datatrove: not like for like
     text = dedup_speed.summary({"docs": 10, "planted": 1, "cores": 2, "started": "now", "rows": rows, "ratios": ra}, [])
-    assert "ours_cluster, 2 workers over 1: 1.70x  (bar >= 1.6: MET)" in text
-    assert "ours_local, 2 workers over 1: 1.50x  (bar >= 1.6: not met)" in text
+    assert "ours_warm, 2 workers over 1: 1.50x  (the pipeline's throughput; bar >= 1.6: not met)" in text
+    assert "ours_cluster, 2 workers over 1: 1.70x  (a whole command: its imports, Ray's start and the job's start" in text
+    assert "bar >= 1.6" not in text.replace("ours_warm, 2 workers over 1: 1.50x  (the pipeline's throughput; bar", "")
     assert "ours_local over datatrove at 1 worker(s): 0.67x  (bar >= 1: not met)" in text
     assert "ours_cluster, 2 workers over 1, the pipeline's own docs/s" in text and ": 1.80x" in text
 
